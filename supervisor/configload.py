@@ -1,0 +1,309 @@
+"""Loading the YAML configuration into the schema of config.py, with errors for people.
+
+Every problem is reported as `file:line: field.path: what is wrong (what would be valid)`,
+and every problem in every file is collected before ConfigError is raised, so that
+`watchkeeper check-config` shows them all at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import zoneinfo
+from pathlib import Path
+
+import msgspec
+import yaml
+
+from .config import AgentSpec, Job, Settings
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+CONFIG_ENV = "WATCHKEEPER_CONFIG"
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigIssue:
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A fully validated configuration: the main settings and every agent by name."""
+
+    path: Path
+    settings: Settings
+    agents: dict[str, AgentSpec]
+    agent_files: dict[str, Path]
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.settings.state_dir)
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.settings.control_socket or self.state_dir / "control.sock")
+
+
+class _Document:
+    """One YAML file: its data and the line of every field path in it."""
+
+    def __init__(self, path: Path, issues: list[ConfigIssue]) -> None:
+        self.path = path
+        self.lines: dict[str, int] = {}
+        self.data = None
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            issues.append(ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}"))
+            return
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            self.data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark else None
+            problem = getattr(exc, "problem", None) or str(exc)
+            issues.append(ConfigIssue(str(path), line, "", f"invalid YAML: {problem}"))
+            return
+        if node is not None:
+            self._index(node, "", issues)
+
+    def _index(self, node, path: str, issues: list[ConfigIssue]) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                child = f"{path}.{key}" if path else key
+                if key in seen:
+                    issues.append(ConfigIssue(str(self.path), key_node.start_mark.line + 1, child,
+                                              "duplicate key (the later one would silently win)"))
+                seen.add(key)
+                self.lines[child] = key_node.start_mark.line + 1
+                self._index(value_node, child, issues)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._index(item, f"{path}[{index}]", issues)
+
+    def line_of(self, field: str) -> int | None:
+        """Line of `field`, or of its closest enclosing field that the file has."""
+        while field:
+            if field in self.lines:
+                return self.lines[field]
+            field = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
+        return self.lines.get("", 1)
+
+    def issue(self, field: str, message: str) -> ConfigIssue:
+        return ConfigIssue(str(self.path), self.line_of(field), field, message)
+
+
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]+)`")
+
+
+def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[ConfigIssue]):
+    """msgspec.convert with its error turned into a ConfigIssue naming file, line and field."""
+    try:
+        return msgspec.convert(data, struct)
+    except msgspec.ValidationError as exc:
+        match = _MSGSPEC_PATH.match(str(exc))
+        message, sub = match["msg"], (match["path"] or "").lstrip(".")
+        field = ".".join(p for p in (prefix, sub) if p).replace(".[", "[")
+        unknown = _UNKNOWN.match(message)
+        if unknown:
+            field = f"{field}.{unknown['key']}" if field else unknown["key"]
+            target = _struct_at(struct, sub)
+            valid = ", ".join(target.__struct_fields__) if target else "see docs/configuration.md"
+            message = f"unknown key (valid keys here: {valid})"
+        issues.append(doc.issue(field, message))
+        return None
+
+
+def _struct_at(struct: type, sub: str) -> type | None:
+    """The Struct type found by following a msgspec path like `schedule` or `jobs[0].retries`."""
+    import typing
+
+    current = struct
+    for part in re.findall(r"[^.\[\]]+", sub):
+        if part.isdigit():
+            continue
+        hints = typing.get_type_hints(current)
+        hint = hints.get(part)
+        args = [hint, *typing.get_args(hint)] if hint is not None else []
+        found = None
+        for candidate in args:
+            for inner in [candidate, *typing.get_args(candidate)]:
+                if isinstance(inner, type) and issubclass(inner, msgspec.Struct):
+                    found = inner
+        if found is None:
+            return None
+        current = found
+    return current
+
+
+def _check_job(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
+    if not NAME_RE.match(job.id):
+        issues.append(doc.issue(f"{at}.id", f"{job.id!r} is not a valid id "
+                                "(lowercase letters, digits, '-' and '_', at most 64)"))
+    if isinstance(job.command, str) and not job.shell:
+        issues.append(doc.issue(f"{at}.command", "a string command needs `shell: true`; "
+                                "give an argv list instead, e.g. [python3, agent.py]"))
+    if isinstance(job.command, list) and not job.command:
+        issues.append(doc.issue(f"{at}.command", "the argv list is empty"))
+    _check_schedule(doc, job, f"{at}.schedule", issues)
+    for name, value in (("jitter_s", job.jitter_s), ("misfire_grace_s", job.misfire_grace_s),
+                        ("timeout_s", job.timeout_s), ("stop_grace_s", job.stop_grace_s)):
+        if value is not None and value < 0:
+            issues.append(doc.issue(f"{at}.{name}", f"{value} is negative (must be >= 0)"))
+    if job.retries.max_attempts < 0:
+        issues.append(doc.issue(f"{at}.retries.max_attempts", "must be >= 0"))
+    if not 0 <= job.retries.jitter <= 1:
+        issues.append(doc.issue(f"{at}.retries.jitter", "must be between 0 and 1"))
+
+
+def _check_schedule(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
+    sched = job.schedule
+    chosen = [k for k, v in (("cron", sched.cron), ("every_s", sched.every_s),
+                             ("after", sched.after), ("always", sched.always or None))
+              if v is not None]
+    if len(chosen) != 1:
+        got = ", ".join(chosen) or "none"
+        issues.append(doc.issue(at, f"exactly one of cron, every_s, after, always is needed "
+                                f"(got: {got})"))
+        return
+    try:
+        zoneinfo.ZoneInfo(sched.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        issues.append(doc.issue(f"{at}.timezone", f"{sched.timezone!r} is not a known time zone "
+                                "(an IANA name such as UTC or Europe/Berlin)"))
+        return
+    if sched.cron is not None:
+        from apscheduler.triggers.cron import CronTrigger
+
+        from .scheduler import cron_fields
+
+        try:
+            if len(sched.cron.split()) != 5:
+                raise ValueError(f"{len(sched.cron.split())} fields")
+            CronTrigger(**cron_fields(sched.cron), timezone=sched.timezone)
+        except ValueError as exc:
+            issues.append(doc.issue(f"{at}.cron", f"{sched.cron!r} is not a valid cron "
+                                    f"expression ({exc}; five fields: minute hour day month "
+                                    "weekday)"))
+    if sched.every_s is not None and sched.every_s <= 0:
+        issues.append(doc.issue(f"{at}.every_s", f"{sched.every_s} must be > 0"))
+    if sched.after is not None and not sched.after:
+        issues.append(doc.issue(f"{at}.after", "names no agent"))
+
+
+def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
+    doc = _Document(path, issues)
+    if doc.data is None:
+        if not any(i.file == str(path) for i in issues):
+            issues.append(ConfigIssue(str(path), 1, "", "the file is empty (an agent needs jobs)"))
+        return None
+    if not isinstance(doc.data, dict):
+        issues.append(doc.issue("", "the file must be a mapping (agent:, jobs:, ...)"))
+        return None
+    raw = dict(doc.data)
+    raw_jobs = raw.pop("jobs", None)
+    spec = _convert(doc, raw, AgentSpec, "", issues)
+    jobs: list[Job] = []
+    if not isinstance(raw_jobs, list) or not raw_jobs:
+        issues.append(doc.issue("jobs", "an agent needs a list of at least one job"))
+    else:
+        for index, raw_job in enumerate(raw_jobs):
+            job = _convert(doc, raw_job, Job, f"jobs[{index}]", issues)
+            if job is not None:
+                _check_job(doc, job, f"jobs[{index}]", issues)
+                jobs.append(job)
+    if spec is None:
+        return None
+    name = spec.agent or path.stem
+    if not NAME_RE.match(name):
+        issues.append(doc.issue("agent", f"{name!r} is not a valid agent name "
+                                "(lowercase letters, digits, '-' and '_', at most 64)"))
+    ids = [j.id for j in jobs]
+    for dup in sorted({i for i in ids if ids.count(i) > 1}):
+        issues.append(doc.issue("jobs", f"job id {dup!r} appears more than once"))
+    return msgspec.structs.replace(spec, agent=name, jobs=jobs)
+
+
+def _check_references(agents: dict[str, AgentSpec], files: dict[str, Path],
+                      issues: list[ConfigIssue]) -> None:
+    for name, spec in agents.items():
+        doc = _Document(files[name], [])
+        for index, dep in enumerate(spec.depends_on):
+            if dep not in agents:
+                issues.append(doc.issue(f"depends_on[{index}]", f"unknown agent {dep!r} "
+                                        f"(known: {', '.join(sorted(agents))})"))
+        for j, job in enumerate(spec.jobs):
+            for index, up in enumerate(job.schedule.after or []):
+                if up not in agents:
+                    issues.append(doc.issue(f"jobs[{j}].schedule.after[{index}]",
+                                            f"unknown agent {up!r} (known: "
+                                            f"{', '.join(sorted(agents))})"))
+
+
+def _resolve(base: Path, value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or "/etc/watchkeeper/watchkeeper.yaml")
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Read and validate the main file and every agent file; raise ConfigError listing all."""
+    path = Path(path) if path else default_config_path()
+    issues: list[ConfigIssue] = []
+    doc = _Document(path, issues)
+    if issues:
+        raise ConfigError(issues)
+    data = doc.data if doc.data is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError([doc.issue("", "the file must be a mapping of settings")])
+    settings = _convert(doc, data, Settings, "", issues)
+    if settings is None:
+        raise ConfigError(issues)
+    base = path.resolve().parent
+    settings = msgspec.structs.replace(
+        settings,
+        state_dir=_resolve(base, settings.state_dir),
+        agents_dir=_resolve(base, settings.agents_dir),
+        working_dir=_resolve(base, settings.working_dir) or str(base),
+        control_socket=_resolve(base, settings.control_socket),
+    )
+    agents: dict[str, AgentSpec] = {}
+    files: dict[str, Path] = {}
+    agents_dir = Path(settings.agents_dir)
+    if not agents_dir.is_dir():
+        issues.append(doc.issue("agents_dir", f"{agents_dir} is not a directory"))
+    else:
+        for agent_file in sorted(agents_dir.glob("*.yaml")) + sorted(agents_dir.glob("*.yml")):
+            spec = _load_agent(agent_file, issues)
+            if spec is None:
+                continue
+            if spec.name in agents:
+                issues.append(ConfigIssue(str(agent_file), 1, "agent",
+                                          f"agent {spec.name!r} is also defined in "
+                                          f"{files[spec.name]}"))
+                continue
+            agents[spec.name] = spec
+            files[spec.name] = agent_file
+        _check_references(agents, files, issues)
+    if issues:
+        raise ConfigError(issues)
+    return Config(path=path, settings=settings, agents=agents, agent_files=files)

@@ -1,0 +1,263 @@
+"""Control commands: who may call them, and what they do to the daemon.
+
+Three kinds of caller, told apart by SO_PEERCRED and the run token:
+- admin: the daemon's own user, root, or a member of `socket_group` (pause, reload, ...);
+- a run: carries run_id + token of a live run, and its peer pid belongs to that run;
+  it may act only as its own agent (heartbeat, lock, emit, memory writes);
+- anyone who can open the socket (0660): read-only commands (ping, status).
+"""
+
+from __future__ import annotations
+
+import grp
+import hmac
+import os
+import time
+from collections.abc import Callable
+
+import structlog
+
+from .. import __version__
+from ..errors import LockBusy
+from ..locks import acquire, list_locks, validate_task_id
+from ..proctree import read_environ
+from ..runner import Run
+from ..scheduler import Fire
+from .protocol import Request, error, ok
+from .server import Connection
+
+log = structlog.get_logger("watchkeeper.control")
+
+Handler = Callable[["Handlers", Connection, Request], bytes | None]
+READ_ONLY: dict[str, Handler] = {}
+ADMIN: dict[str, Handler] = {}
+AGENT: dict[str, Handler] = {}
+
+
+def command(table: dict[str, Handler], name: str):
+    def register(fn: Handler) -> Handler:
+        table[name] = fn
+        return fn
+    return register
+
+
+class Handlers:
+    def __init__(self, daemon) -> None:
+        self.daemon = daemon
+        self.held_locks: dict[str, list] = {}  # run id -> locks held on the run's behalf
+        daemon.pipeline.on_run_finished.append(lambda run, record: self.run_ended(run))
+
+    # -- dispatch -----------------------------------------------------------------------------
+    def dispatch(self, conn: Connection, req: Request) -> bytes | None:
+        if req.cmd in READ_ONLY:
+            return READ_ONLY[req.cmd](self, conn, req)
+        if req.cmd in AGENT:
+            run = self.authenticate_run(conn, req)
+            if isinstance(run, bytes):
+                return run
+            return AGENT[req.cmd](self, conn, req, run)
+        if req.cmd in ADMIN:
+            if not self.is_admin(conn):
+                log.warning("control_denied", cmd=req.cmd, peer_uid=conn.peer.uid,
+                            peer_pid=conn.peer.pid)
+                return error(req.id, f"permission denied: {req.cmd!r} needs the daemon's user, "
+                                     "root or the socket group")
+            return ADMIN[req.cmd](self, conn, req)
+        known = ", ".join(sorted({*READ_ONLY, *ADMIN, *AGENT}))
+        return error(req.id, f"unknown command {req.cmd!r} (known: {known})")
+
+    def is_admin(self, conn: Connection) -> bool:
+        peer = conn.peer
+        if peer.uid in (0, os.getuid()):
+            return True
+        group = self.daemon.config.settings.socket_group
+        if not group:
+            return False
+        gid = grp.getgrnam(group).gr_gid
+        return peer.gid == gid or gid in _supplementary_groups(peer.pid)
+
+    def authenticate_run(self, conn: Connection, req: Request) -> Run | bytes:
+        """The run named by run_id, if the token matches and the peer is one of its
+        processes; an error reply otherwise."""
+        run = self.daemon.pipeline.runs.get(req.run_id or "")
+        if run is None or not req.token or not hmac.compare_digest(run.token, req.token):
+            return error(req.id, "not a live run: this command needs WATCHKEEPER_RUN_ID and "
+                                 "WATCHKEEPER_RUN_TOKEN of a running agent")
+        if not self._peer_belongs_to(conn.peer.pid, run):
+            log.warning("control_impersonation_refused", run_id=run.run_id,
+                        peer_pid=conn.peer.pid)
+            return error(req.id, "permission denied: the calling process is not part of "
+                                 f"run {run.run_id}")
+        return run
+
+    def _peer_belongs_to(self, pid: int, run: Run) -> bool:
+        if read_environ(pid).get("WATCHKEEPER_RUN_ID") == run.run_id:
+            return True
+        try:
+            while pid > 1:
+                if pid == run.pid:
+                    return True
+                with open(f"/proc/{pid}/stat") as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        return False
+
+    def run_ended(self, run: Run) -> None:
+        for held in self.held_locks.pop(run.run_id, []):
+            held.release()
+
+
+def _supplementary_groups(pid: int) -> set[int]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+def _agent_names(h: Handlers, req: Request) -> list[str] | bytes:
+    name = req.args.get("agent")
+    agents = h.daemon.pipeline.agents
+    if name is None:
+        return list(agents)
+    if name not in agents:
+        return error(req.id, f"unknown agent {name!r} (known: {', '.join(sorted(agents))})")
+    return [name]
+
+
+# -- read-only -------------------------------------------------------------------------------
+@command(READ_ONLY, "ping")
+def _ping(h: Handlers, conn, req):
+    return ok(req.id, {"pid": os.getpid(), "version": __version__})
+
+
+@command(READ_ONLY, "status")
+def _status(h: Handlers, conn, req):
+    return ok(req.id, status_snapshot(h.daemon))
+
+
+@command(READ_ONLY, "runs")
+def _runs(h: Handlers, conn, req):
+    limit = req.args.get("limit", 20)
+    if not isinstance(limit, int) or not 0 < limit <= 1000:
+        return error(req.id, "limit must be an integer from 1 to 1000")
+    records = h.daemon.store.recent_runs(req.args.get("agent"), limit)
+    return ok(req.id, [r.__dict__ for r in records])
+
+
+@command(READ_ONLY, "locks")
+def _locks(h: Handlers, conn, req):
+    return ok(req.id, [{"task": t, "held": held, "owner": o.__dict__ if o else None}
+                       for t, o, held in list_locks(h.daemon.state_dir)])
+
+
+def status_snapshot(daemon) -> dict:
+    agents = []
+    for name, rt in sorted(daemon.pipeline.agents.items()):
+        nexts = [daemon.scheduler.next_fire(name, j.id) for j in rt.spec.jobs]
+        nexts = [n for n in nexts if n is not None]
+        agents.append({
+            "agent": name,
+            "state": rt.state.value,
+            "paused": rt.paused,
+            "degraded": rt.degraded,
+            "run_id": rt.run.run_id if rt.run else None,
+            "pid": rt.run.pid if rt.run else None,
+            "job": rt.run.job.id if rt.run else None,
+            "failures": rt.failures,
+            "last_outcome": rt.last_outcome,
+            "last_exit": rt.last_exit,
+            "last_ended": rt.last_ended,
+            "next_run": min(nexts).timestamp() if nexts else None,
+        })
+    return {
+        "daemon": {"pid": os.getpid(), "version": __version__, "state": daemon.state.value,
+                   "uptime_s": round(daemon.uptime_s(), 1), "state_dir": str(daemon.state_dir),
+                   "halted": daemon.pipeline.halted,
+                   "cgroups": str(daemon.cgroups.base) if daemon.cgroups else None},
+        "agents": agents,
+        "extensions": {ext.name: ext.status() for ext in daemon.extensions
+                       if hasattr(ext, "status")},
+    }
+
+
+# -- admin ---------------------------------------------------------------------------------
+@command(ADMIN, "start-now")
+def _start_now(h: Handlers, conn, req):
+    names = _agent_names(h, req)
+    if isinstance(names, bytes):
+        return names
+    if req.args.get("agent") is None:
+        return error(req.id, "start-now needs an agent")
+    rt = h.daemon.pipeline.agents[names[0]]
+    job_id = req.args.get("job") or rt.spec.jobs[0].id
+    if rt.job(job_id) is None:
+        return error(req.id, f"agent {rt.name!r} has no job {job_id!r} "
+                             f"(jobs: {', '.join(j.id for j in rt.spec.jobs)})")
+    result = h.daemon.pipeline.fire(Fire(rt.name, job_id, "manual", time.time()))
+    run = rt.run
+    return ok(req.id, {"result": result, "run_id": run.run_id if run else None})
+
+
+@command(ADMIN, "pause")
+def _pause(h: Handlers, conn, req):
+    names = _agent_names(h, req)
+    if isinstance(names, bytes):
+        return names
+    return ok(req.id, {"paused": h.daemon.pipeline.set_paused(names, True)})
+
+
+@command(ADMIN, "resume")
+def _resume(h: Handlers, conn, req):
+    names = _agent_names(h, req)
+    if isinstance(names, bytes):
+        return names
+    return ok(req.id, {"resumed": h.daemon.pipeline.set_paused(names, False)})
+
+
+@command(ADMIN, "reload")
+def _reload(h: Handlers, conn, req):
+    errors = h.daemon.reload()
+    if errors:
+        return error(req.id, "reload rejected; still running the previous configuration",
+                     errors=errors)
+    return ok(req.id, {"agents": len(h.daemon.config.agents)})
+
+
+@command(ADMIN, "stop")
+def _stop(h: Handlers, conn, req):
+    h.daemon.request_stop("control")
+    return ok(req.id, {"stopping": True})
+
+
+# -- agents, as themselves ----------------------------------------------------------------------
+@command(AGENT, "lock")
+def _lock(h: Handlers, conn, req, run: Run):
+    task = req.args.get("task")
+    try:
+        validate_task_id(task if isinstance(task, str) else "")
+        held = acquire(h.daemon.state_dir, task, agent=run.agent, run_id=run.run_id,
+                       pid=run.pid)
+    except ValueError as exc:
+        return error(req.id, str(exc))
+    except LockBusy as exc:
+        return error(req.id, str(exc), busy=True)
+    h.held_locks.setdefault(run.run_id, []).append(held)
+    log.info("lock_acquired", agent=run.agent, run_id=run.run_id, task=task)
+    return ok(req.id, {"task": task})
+
+
+@command(AGENT, "unlock")
+def _unlock(h: Handlers, conn, req, run: Run):
+    task = req.args.get("task")
+    held = h.held_locks.get(run.run_id, [])
+    for lock in held:
+        if lock.path.name == f"{task}.lock":
+            lock.release()
+            held.remove(lock)
+            return ok(req.id, {"task": task})
+    return error(req.id, f"run {run.run_id} does not hold task {task!r}")

@@ -1,0 +1,195 @@
+"""The control socket server, driven by the daemon's selector (no thread of its own).
+
+Bad input never costs more than an error reply: a malformed frame gets an error and the
+connection stays; an oversized frame gets an error and the connection is closed (its
+remaining bytes cannot be framed); a slow reader whose replies pile up is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import grp
+import os
+import selectors
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from .protocol import MAX_FRAME_BYTES, ProtocolError, Request, decode_request, error
+
+log = structlog.get_logger("watchkeeper.control")
+
+MAX_CONNECTIONS = 256
+MAX_PENDING_OUT_BYTES = 8 * MAX_FRAME_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+class Connection:
+    __slots__ = ("sock", "peer", "inbuf", "outbuf", "closed", "server")
+
+    def __init__(self, sock: socket.socket, peer: Peer, server: ControlServer) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.inbuf = bytearray()
+        self.outbuf = bytearray()
+        self.closed = False
+        self.server = server
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.outbuf += data
+        self.server.flush(self)
+
+
+Dispatch = Callable[[Connection, Request], bytes | None]
+
+
+class ControlServer:
+    def __init__(self, path: Path, selector: selectors.BaseSelector, dispatch: Dispatch,
+                 group: str | None = None) -> None:
+        self.path = Path(path)
+        self.selector = selector
+        self.dispatch = dispatch
+        self.group = group
+        self.sock: socket.socket | None = None
+        self.connections: set[Connection] = set()
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.unlink()  # a stale socket of a dead daemon (the state-dir lock is ours)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o117)  # born 0660: never a window where others could connect
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.path, 0o660)
+        if self.group:
+            os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
+        sock.listen(64)
+        sock.setblocking(False)
+        self.sock = sock
+        self.selector.register(sock, selectors.EVENT_READ, self._accept)
+
+    def close(self) -> None:
+        for conn in list(self.connections):
+            self._drop(conn)
+        if self.sock is not None:
+            self.selector.unregister(self.sock)
+            self.sock.close()
+            self.sock = None
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _accept(self, _mask: int) -> None:
+        while True:
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            if len(self.connections) >= MAX_CONNECTIONS:
+                sock.close()
+                log.warning("control_connection_refused", reason="too many connections")
+                continue
+            sock.setblocking(False)
+            pid, uid, gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            conn = Connection(sock, Peer(pid, uid, gid), self)
+            self.connections.add(conn)
+            self.selector.register(sock, selectors.EVENT_READ,
+                                   lambda mask, c=conn: self._on_event(c, mask))
+
+    def _on_event(self, conn: Connection, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self.flush(conn)
+        if mask & selectors.EVENT_READ and not conn.closed:
+            self._read(conn)
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(conn)
+            return
+        conn.inbuf += data
+        while not conn.closed:
+            nl = conn.inbuf.find(b"\n")
+            if nl < 0:
+                if len(conn.inbuf) > MAX_FRAME_BYTES:
+                    conn.send(error(None, f"frame too large (max {MAX_FRAME_BYTES} bytes)"))
+                    log.warning("control_frame_too_large", peer_pid=conn.peer.pid)
+                    self._drop(conn)
+                return
+            frame = bytes(conn.inbuf[:nl])
+            del conn.inbuf[:nl + 1]
+            if len(frame) > MAX_FRAME_BYTES:
+                conn.send(error(None, f"frame too large (max {MAX_FRAME_BYTES} bytes)"))
+                continue
+            if frame.strip():
+                self._handle(conn, frame)
+
+    def _handle(self, conn: Connection, frame: bytes) -> None:
+        try:
+            request = decode_request(frame)
+        except ProtocolError as exc:
+            conn.send(error(None, str(exc)))
+            return
+        try:
+            reply = self.dispatch(conn, request)
+        except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the daemon
+            log.exception("control_handler_crashed", cmd=request.cmd)
+            reply = error(request.id, f"internal error: {type(exc).__name__}: {exc}")
+        if reply is not None:
+            conn.send(reply)
+
+    def flush(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        try:
+            while conn.outbuf:
+                sent = conn.sock.send(conn.outbuf)
+                del conn.outbuf[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop(conn)
+            return
+        if len(conn.outbuf) > MAX_PENDING_OUT_BYTES:
+            log.warning("control_slow_reader_dropped", peer_pid=conn.peer.pid)
+            self._drop(conn)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
+        try:
+            self.selector.modify(conn.sock, events, self.selector.get_key(conn.sock).data)
+        except (KeyError, ValueError):
+            pass
+
+    def _drop(self, conn: Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self.connections.discard(conn)
+        try:
+            self.selector.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()

@@ -1,0 +1,367 @@
+"""The daemon: one loop that owns all state.
+
+Signals, scheduler firings, control requests and child output all arrive as events on one
+selector; the loop handles them in order, runs due timers and does its periodic duties.
+No other thread changes state: the scheduler thread only posts Fire events.
+
+Signals (handled in handle_signal, never in the signal handler itself):
+    SIGTERM, SIGINT  warm stop: stop scheduling, SIGTERM every run, SIGKILL after the
+                     grace period; a second one skips to SIGKILL at once
+    SIGHUP           reload the configuration (validated completely before anything changes)
+    SIGCHLD          reap every exited child (runs and reparented orphans)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import queue
+import selectors
+import signal
+import time
+from collections.abc import Callable
+
+import structlog
+
+from . import __version__
+from .cgroups import RunCgroups
+from .configload import Config, load_config
+from .control.handlers import Handlers
+from .control.server import ControlServer
+from .errors import AlreadyRunning, ConfigError
+from .locks import break_stale
+from .pipeline import Pipeline
+from .proctree import (
+    become_subreaper,
+    descendants,
+    is_alive,
+    processes_of_state_dir,
+    reap_children,
+    send_signal,
+)
+from .scheduler import Fire, Scheduler, missed_firing
+from .states import DAEMON_TRANSITIONS, DaemonState, Outcome, StopReason, check_transition
+from .store import Store
+from .timers import Timers
+
+log = structlog.get_logger("watchkeeper.daemon")
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.state = DaemonState.STARTING
+        self.state_dir = config.state_dir
+        self.timers = Timers()
+        self.selector = selectors.DefaultSelector()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.started_mono = time.monotonic()
+        self.exit_code = 0
+        self.stop_deadline: float | None = None
+        self.extensions: list = []        # features plugged into the loop (health, breaker...)
+        self.after_batch: list[Callable[[], None]] = []  # run after each loop turn
+        self.on_tick: list[Callable[[float], None]] = []
+        self.on_state: list[Callable[[], None]] = []
+        self._lock_fd = -1
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._next_tick = 0.0
+        self._next_lock_check = 0.0
+        self._next_prune = 0.0
+        self.store: Store | None = None
+        self.pipeline: Pipeline | None = None
+        self.scheduler: Scheduler | None = None
+        self.control: ControlServer | None = None
+        self.cgroups: RunCgroups | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def transition(self, target: DaemonState) -> None:
+        check_transition(DAEMON_TRANSITIONS, self.state, target)
+        log.info("daemon_state", old=self.state.value, new=target.value)
+        self.state = target
+        for hook in self.on_state:
+            hook()
+
+    def run(self) -> int:
+        """Start, loop until stopped, clean up; return the process exit code."""
+        self._open_state_dir()
+        try:
+            self._start()
+            while self.state != DaemonState.STOPPED:
+                self._turn()
+        finally:
+            self._cleanup()
+        return self.exit_code
+
+    def _open_state_dir(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("tasks", "status", "logs"):
+            (self.state_dir / sub).mkdir(exist_ok=True)
+        fd = os.open(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyRunning(f"another watchkeeper (pid {holder}) already runs on "
+                                 f"{self.state_dir}; stop it first or use another state_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _start(self) -> None:
+        cfg = self.config
+        become_subreaper()
+        self._install_signals()
+        self.store = Store(self.state_dir / "state.db")
+        self._stop_previous_leftovers()
+        closed = self.store.close_dangling_runs(Outcome.FAILED.value, time.time())
+        if closed:
+            log.warning("runs_lost_with_previous_daemon", count=closed)
+        self.cgroups = RunCgroups.setup(cfg.settings.cgroups,
+                                        f"watchkeeper-{os.getpid()}")
+        self.scheduler = Scheduler(self.post, time.time)
+        self.pipeline = Pipeline(
+            settings=cfg.settings, state_dir=self.state_dir, socket_path=cfg.socket_path,
+            store=self.store, timers=self.timers, scheduler=self.scheduler,
+            cgroups=self.cgroups, watch_fd=self._watch_fd, unwatch_fd=self._unwatch_fd)
+        self.control = ControlServer(cfg.socket_path, self.selector, Handlers(self).dispatch,
+                                     group=cfg.settings.socket_group)
+        self.control.open()
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
+        self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain_signals)
+        for ext in self.extensions:
+            ext.start(self)
+        self.scheduler.start()
+        self.pipeline.set_agents(cfg.agents)
+        self._catch_up()
+        log.info("daemon_started", version=__version__, pid=os.getpid(),
+                 state_dir=str(self.state_dir), agents=len(cfg.agents),
+                 cgroups=str(self.cgroups.base) if self.cgroups else None,
+                 socket=str(cfg.socket_path))
+        self.transition(DaemonState.RUNNING)
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            # The C-level handler writes the signal number to the wakeup pipe; the
+            # Python handler does nothing. All handling happens in the loop.
+            signal.signal(sig, _ignore_in_handler)
+
+    def _stop_previous_leftovers(self) -> None:
+        """Processes of a previous daemon on this state dir that died without stopping
+        them (SIGKILL, OOM): they are unsupervised now, so stop them before starting."""
+        pids = processes_of_state_dir(str(self.state_dir), {os.getpid()})
+        if not pids:
+            return
+        log.warning("previous_leftovers_stopping", pids=pids[:20], count=len(pids))
+        for pid in pids:
+            send_signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.settings.stop_grace_s
+        while time.monotonic() < deadline and any(is_alive(p) for p in pids):
+            reap_children()
+            time.sleep(0.05)  # start-up only: nothing else is running yet
+        for pid in pids:
+            if is_alive(pid):
+                send_signal(pid, signal.SIGKILL)
+        reap_children()
+
+    def _catch_up(self) -> None:
+        now = time.time()
+        for name, spec in self.config.agents.items():
+            for job in spec.jobs:
+                if job.enabled and job.catch_up and missed_firing(
+                        job, self.store.last_fire(name, job.id), now):
+                    log.info("catch_up_firing", agent=name, job=job.id)
+                    self.pipeline.fire(Fire(name, job.id, "catch_up", now))
+                    self.store.record_fire(name, job.id, now)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _turn(self) -> None:
+        timeout = self._select_timeout()
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
+        self.timers.run_due()
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + self.config.settings.tick_s
+            self._tick(now)
+        for hook in self.after_batch:
+            hook()
+        if self.state == DaemonState.STOPPING:
+            self._check_stopped()
+
+    def _select_timeout(self) -> float:
+        timeout = max(0.0, self._next_tick - time.monotonic())
+        pending = self.timers.time_until_next()
+        if pending is not None:
+            timeout = min(timeout, pending)
+        return timeout
+
+    def _tick(self, now: float) -> None:
+        """Periodic duties: wake the scheduler (it misses clock jumps), break stale locks,
+        prune history, let extensions do theirs."""
+        self.scheduler.wakeup()
+        settings = self.config.settings
+        if now >= self._next_lock_check:
+            self._next_lock_check = now + settings.locks.check_interval_s
+            break_stale(self.state_dir, settings.locks.stale_after_s)
+        if now >= self._next_prune:
+            self._next_prune = now + 3600
+            self.store.prune_runs(settings.run_history_days * 86400)
+        for hook in self.on_tick:
+            try:
+                hook(now)
+            except Exception:  # noqa: BLE001 - a failing duty must not stop supervision
+                log.exception("tick_hook_failed", hook=getattr(hook, "__qualname__", str(hook)))
+
+    def post(self, fire: Fire) -> None:
+        """Thread-safe: called by the scheduler thread."""
+        self.events.put(fire)
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full, so the loop is already due to wake
+
+    def _drain_wake(self, _mask: int) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                fire = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if self.state in (DaemonState.RUNNING, DaemonState.RELOADING):
+                self.pipeline.fire(fire)
+
+    def _drain_signals(self, _mask: int) -> None:
+        try:
+            data = os.read(self._sig_r, 4096)
+        except BlockingIOError:
+            return
+        for signum in data:
+            self.handle_signal(signum)
+
+    def handle_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self.reap()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.request_stop(signal.Signals(signum).name)
+        elif signum == signal.SIGHUP:
+            self.reload()
+
+    def reap(self) -> None:
+        for pid, status in reap_children():
+            if not self.pipeline.child_exited(pid, status):
+                log.debug("orphan_reaped", pid=pid)
+
+    # -- control actions ---------------------------------------------------------------------
+    def request_stop(self, why: str = "request") -> None:
+        if self.state == DaemonState.STOPPING:
+            log.warning("daemon_stop_forced", signal=why,
+                        hint="second stop request: skipping to SIGKILL")
+            self.pipeline.kill_all()
+            self._kill_descendants()
+            return
+        log.info("daemon_stopping", signal=why, grace_s=self.config.settings.stop_grace_s,
+                 hint="send the signal again (Ctrl+C) to skip the grace period")
+        self.transition(DaemonState.STOPPING)
+        self.scheduler.shutdown()
+        self.pipeline.accepting = False
+        self.pipeline.stop_all(StopReason.SHUTDOWN)
+        self._signal_untracked(signal.SIGTERM)
+        self.stop_deadline = time.monotonic() + self.config.settings.stop_grace_s
+        self.timers.call_later(self.config.settings.stop_grace_s, self._grace_expired)
+
+    def _grace_expired(self) -> None:
+        self.pipeline.kill_all()
+        self._kill_descendants()
+
+    def _signal_untracked(self, sig: int) -> None:
+        """Leftovers kept (leftovers: keep) or of ended runs: every descendant gets it."""
+        for pid in descendants(os.getpid()):
+            send_signal(pid, sig)
+
+    def _kill_descendants(self) -> None:
+        for pid in descendants(os.getpid()):
+            send_signal(pid, signal.SIGKILL)
+
+    def _check_stopped(self) -> None:
+        if self.pipeline.runs or descendants(os.getpid()):
+            if self.stop_deadline is not None and time.monotonic() > self.stop_deadline + 5:
+                self._kill_descendants()  # something keeps spawning: keep killing
+            return
+        self.transition(DaemonState.STOPPED)
+
+    def reload(self) -> list[str]:
+        """Validate the new configuration completely; apply it only if it has no error."""
+        if self.state != DaemonState.RUNNING:
+            return ["the daemon is not running (stopping or already reloading)"]
+        self.transition(DaemonState.RELOADING)
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            for issue in exc.issues:
+                log.error("reload_config_error", error=str(issue))
+            log.error("reload_rejected", errors=len(exc.issues),
+                      hint="still running the previous configuration")
+            self.transition(DaemonState.RUNNING)
+            return [str(i) for i in exc.issues]
+        for field in ("state_dir", "control_socket", "cgroups", "socket_group"):
+            if getattr(new.settings, field) != getattr(self.config.settings, field):
+                log.warning("reload_needs_restart", field=field,
+                            hint="this setting takes effect at the next start")
+        self.config = new
+        self.pipeline.settings = new.settings
+        self.pipeline.set_agents(new.agents)
+        for ext in self.extensions:
+            reload_hook = getattr(ext, "reload", None)
+            if reload_hook:
+                reload_hook(self)
+        log.info("reload_applied", agents=len(new.agents))
+        self.transition(DaemonState.RUNNING)
+        return []
+
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_mono
+
+    # -- fd plumbing for the pipeline --------------------------------------------------------------
+    def _watch_fd(self, fd: int, callback: Callable[[int], None]) -> None:
+        self.selector.register(fd, selectors.EVENT_READ, callback)
+
+    def _unwatch_fd(self, fd: int) -> None:
+        try:
+            self.selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def _cleanup(self) -> None:
+        for ext in reversed(self.extensions):
+            try:
+                ext.stop(self)
+            except Exception:  # noqa: BLE001
+                log.exception("extension_stop_failed", extension=type(ext).__name__)
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
+        if self.pipeline is not None and self.pipeline.runs:
+            self._kill_descendants()
+        if self.control is not None:
+            self.control.close()
+        if self.cgroups is not None:
+            self.cgroups.close()
+        if self.store is not None:
+            self.store.close()
+        signal.set_wakeup_fd(-1)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+        log.info("daemon_stopped", exit_code=self.exit_code)
+
+
+def _ignore_in_handler(signum, frame) -> None:
+    """Signal handler - no logging, no state: the wakeup pipe already queued the signal."""
+

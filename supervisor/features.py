@@ -1,0 +1,13 @@
+"""The features plugged into the daemon's loop, in the order they start.
+
+An extension is an object with `name`, `start(daemon)` and `stop(daemon)`, and optionally
+`reload(daemon)` and `status() -> dict`. It hooks itself into the loop through
+daemon.on_tick, daemon.after_batch, daemon.on_state and the pipeline's hooks, and adds
+control commands to the tables in control/handlers.py.
+"""
+
+from __future__ import annotations
+
+
+def install_features(daemon) -> None:
+    """Attach every feature to a daemon that has not started yet."""

@@ -1,0 +1,210 @@
+"""Task lockfiles: `STATE_DIR/tasks/{task_id}.lock`, the first to create it wins.
+
+A holder keeps an flock on the file for as long as it holds the lock, so "the owner is
+dead" is proved by the kernel having released the flock, not guessed from a pid that may
+have been reused. A lock whose owner is provably dead is removed at once; any other lock
+is removed once older than the staleness limit (30 min by default).
+
+Two races are closed here (lock libraries have had both):
+- A new lock file is written and flocked under a temporary name and only then link()ed
+  into place, so nobody can see a lock file that is not yet flocked and take it for stale.
+- Breakers hold `tasks/.breaker` exclusively and break a lock only while the path still
+  names the inode they inspected, so a breaker never unlinks a newer holder's file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import secrets
+import socket
+import time
+from pathlib import Path
+
+import structlog
+
+from .errors import LockBusy
+
+log = structlog.get_logger("watchkeeper.locks")
+
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def validate_task_id(task_id: str) -> str:
+    if not TASK_ID_RE.match(task_id) or ".." in task_id:
+        raise ValueError(f"invalid task id {task_id!r}: letters, digits, '.', '_' and '-', "
+                         "at most 128, no '..'")
+    return task_id
+
+
+@dataclasses.dataclass(frozen=True)
+class LockOwner:
+    pid: int
+    host: str
+    run_id: str
+    agent: str
+    started: float  # wall clock, for people and for the age rule
+
+
+class HeldLock:
+    """A lock this process holds; release() (or process death) frees it."""
+
+    def __init__(self, path: Path, fd: int, owner: LockOwner) -> None:
+        self.path = path
+        self.fd = fd
+        self.owner = owner
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            # Unlink while still holding the flock: a breaker that opened the old inode
+            # sees it is no longer the file at `path` and leaves the path alone.
+            if _same_inode(self.path, self.fd):
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> HeldLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _same_inode(path: Path, fd: int) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
+
+
+def lock_path(state_dir: Path, task_id: str) -> Path:
+    return Path(state_dir) / "tasks" / f"{validate_task_id(task_id)}.lock"
+
+
+def acquire(state_dir: Path, task_id: str, *, agent: str = "", run_id: str = "",
+            pid: int | None = None) -> HeldLock:
+    """Take the lock or raise LockBusy naming its holder."""
+    path = lock_path(state_dir, task_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    owner = LockOwner(pid=pid or os.getpid(), host=socket.gethostname(), run_id=run_id,
+                      agent=agent, started=time.time())
+    tmp = path.parent / f".{task_id}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, json.dumps(dataclasses.asdict(owner)).encode() + b"\n")
+        try:
+            os.link(tmp, path)  # atomic: fails if the lock exists
+        except FileExistsError:
+            os.close(fd)
+            fd = -1
+            raise LockBusy(f"task {task_id!r} is locked by {describe(read_owner(path))}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return HeldLock(path, fd, owner)
+
+
+def read_owner(path: Path) -> LockOwner | None:
+    """The owner written in a lock file; None for garbage (e.g. a lock made with `touch`)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return LockOwner(pid=int(data["pid"]), host=str(data["host"]),
+                         run_id=str(data.get("run_id", "")), agent=str(data.get("agent", "")),
+                         started=float(data["started"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def describe(owner: LockOwner | None) -> str:
+    if owner is None:
+        return "an unknown owner"
+    return f"agent {owner.agent or '?'} (pid {owner.pid} on {owner.host}, run {owner.run_id or '?'})"
+
+
+@dataclasses.dataclass(frozen=True)
+class BrokenLock:
+    task_id: str
+    owner: LockOwner | None
+    reason: str  # "owner_dead" or "stale"
+    age_s: float
+
+
+def break_stale(state_dir: Path, stale_after_s: float, now: float | None = None) -> list[BrokenLock]:
+    """Remove locks whose owner is provably dead, or older than `stale_after_s`."""
+    tasks = Path(state_dir) / "tasks"
+    if not tasks.is_dir():
+        return []
+    now = time.time() if now is None else now
+    broken: list[BrokenLock] = []
+    guard = os.open(tasks / ".breaker", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        for path in tasks.glob("*.lock"):
+            result = _maybe_break(path, stale_after_s, now)
+            if result is not None:
+                broken.append(result)
+                log.warning("lock_broken", task=result.task_id, reason=result.reason,
+                            age_s=round(result.age_s, 1), owner=describe(result.owner))
+    finally:
+        os.close(guard)
+    return broken
+
+
+def _maybe_break(path: Path, stale_after_s: float, now: float) -> BrokenLock | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        owner = read_owner(path)
+        age_s = now - (owner.started if owner else os.fstat(fd).st_mtime)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            unheld = True
+        except BlockingIOError:
+            unheld = False
+        # Dead is proved only for a lock written by a flock-holding owner on this host:
+        # a `touch`ed lock never had an flock, so it only ages out.
+        dead = unheld and owner is not None and owner.host == socket.gethostname()
+        if not dead and age_s < stale_after_s:
+            return None
+        if not _same_inode(path, fd):
+            return None
+        path.unlink()
+        return BrokenLock(path.name[:-len(".lock")], owner,
+                          "owner_dead" if dead else "stale", age_s)
+    finally:
+        os.close(fd)
+
+
+def list_locks(state_dir: Path) -> list[tuple[str, LockOwner | None, bool]]:
+    """Every lock as (task_id, owner, held): held means an flock is still on it."""
+    tasks = Path(state_dir) / "tasks"
+    out = []
+    for path in sorted(tasks.glob("*.lock")) if tasks.is_dir() else []:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                held = False
+            except BlockingIOError:
+                held = True
+        finally:
+            os.close(fd)
+        out.append((path.name[:-len(".lock")], read_owner(path), held))
+    return out

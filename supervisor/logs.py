@@ -1,0 +1,49 @@
+"""Logging setup: readable lines in a terminal, JSON lines otherwise, journald fields under
+systemd. Configured once by the command that needs it, never at import time."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+          "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def choose_format(requested: str) -> str:
+    """`auto` picks journal under systemd, console on a terminal and JSON otherwise."""
+    if requested != "auto":
+        return requested
+    try:
+        from .journal import journal_stream_matches
+    except ImportError:  # pragma: no cover - journal support is optional
+        journal_stream_matches = None
+    if journal_stream_matches is not None and journal_stream_matches():
+        return "journal"
+    return "console" if sys.stderr.isatty() else "json"
+
+
+def configure(fmt: str = "auto", level: str = "info") -> str:
+    fmt = choose_format(fmt)
+    processors: list = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    if fmt == "journal":
+        from .journal import JournalRenderer
+
+        processors.append(JournalRenderer())
+    elif fmt == "console":
+        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    else:
+        processors.append(structlog.processors.JSONRenderer())
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    return fmt

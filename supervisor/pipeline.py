@@ -1,0 +1,473 @@
+"""Supervision of every agent: firings become runs, exits become retries, backoffs, crash
+loops and downstream firings. Driven only by the daemon's loop (the single writer).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+from .agents import AgentRuntime, backoff_delay_s, cooldown_s
+from .cgroups import RunCgroups
+from .config import AgentSpec, Job, Overlap, Settings
+from .proctree import attribute, descendants, describe_status, signal_name
+from .runner import LineRateLimiter, Run, build_env, read_pipe, spawn
+from .scheduler import Fire, Scheduler
+from .states import AgentState, Outcome, RunState, StopReason
+from .store import RunRecord, Store
+from .timers import Timers
+
+log = structlog.get_logger("watchkeeper.pipeline")
+
+NO_RESTART_REASONS = {StopReason.SHUTDOWN, StopReason.REMOVED, StopReason.BREAKER,
+                      StopReason.REPLACED, StopReason.MANUAL}
+
+
+class Pipeline:
+    def __init__(self, *, settings: Settings, state_dir: Path, socket_path: Path, store: Store,
+                 timers: Timers, scheduler: Scheduler, cgroups: RunCgroups | None,
+                 watch_fd: Callable[[int, Callable[[int], None]], None],
+                 unwatch_fd: Callable[[int], None]) -> None:
+        self.settings = settings
+        self.state_dir = state_dir
+        self.socket_path = socket_path
+        self.store = store
+        self.timers = timers
+        self.scheduler = scheduler
+        self.cgroups = cgroups
+        self._watch_fd = watch_fd
+        self._unwatch_fd = unwatch_fd
+        self.agents: dict[str, AgentRuntime] = {}
+        self.runs: dict[str, Run] = {}          # live runs by run id
+        self.runs_by_pid: dict[int, Run] = {}
+        self.owners: dict[int, str] = {}        # descendant pid -> run id it came from
+        self.ended_runs: dict[str, Run] = {}    # ended runs whose leftovers are being stopped
+        self.limiters: dict[str, LineRateLimiter] = {}
+        self.halted = False                     # the breaker stopped the pipeline
+        self.accepting = True                   # False once shutdown began
+        self.degraded_upstreams: Callable[[AgentSpec], list[str]] = self._failed_upstreams
+        self.on_run_finished: list[Callable[[Run, RunRecord], None]] = []
+        self.on_run_started: list[Callable[[Run], None]] = []
+        self.launch_gate: Callable[[str], str | None] = lambda agent: None
+        self.base_env = dict(os.environ)
+
+    # -- configuration --------------------------------------------------------------------
+    def set_agents(self, specs: dict[str, AgentSpec]) -> None:
+        """Apply a (re)loaded set of agents: add, update and remove without touching the
+        running runs of agents that did not change."""
+        for name in [n for n in self.agents if n not in specs]:
+            self._remove_agent(name)
+        paused = self.store.paused_agents()
+        for name, spec in specs.items():
+            rt = self.agents.get(name)
+            if rt is None:
+                rt = self.agents[name] = AgentRuntime(spec)
+                rt.paused = name in paused
+                last = self.store.last_run(name)
+                if last is not None and last.ended is not None:
+                    rt.last_outcome, rt.last_ended = last.outcome, last.ended
+                    rt.last_exit = _exit_text(last.exit_code, last.signal)
+                log.info("agent_added", agent=name, jobs=len(spec.jobs))
+            elif rt.spec != spec:
+                old_always = rt.always_jobs()
+                rt.spec = spec
+                log.info("agent_changed", agent=name)
+                if rt.run is not None and rt.run.job.schedule.always and rt.always_jobs() != old_always:
+                    self.stop_run(rt.run, StopReason.REMOVED)
+                    rt.queued = None
+            self.scheduler.set_agent(spec)
+            if self.accepting:
+                self._ensure_always(rt)
+
+    def _remove_agent(self, name: str) -> None:
+        rt = self.agents[name]
+        self.scheduler.remove_agent(name)
+        rt.cancel_retry()
+        rt.queued = None
+        log.info("agent_removed", agent=name)
+        if rt.run is not None:
+            self.stop_run(rt.run, StopReason.REMOVED)  # finished in _finish_run
+        else:
+            rt.transition(AgentState.REMOVED)
+            del self.agents[name]
+
+    # -- firings ----------------------------------------------------------------------------
+    def fire(self, fire: Fire) -> str:
+        """Handle one firing; return what happened (for logs, tests and `start-now`)."""
+        rt = self.agents.get(fire.agent)
+        job = rt.job(fire.job) if rt else None
+        if rt is None or job is None or rt.state == AgentState.REMOVED:
+            return "unknown"
+        if fire.trigger in ("cron", "every"):
+            self.store.record_fire(rt.name, job.id, fire.at)
+        verdict = self._blocked(rt, fire)
+        if verdict:
+            log.info("firing_skipped", agent=rt.name, job=job.id, trigger=fire.trigger,
+                     reason=verdict)
+            return verdict
+        if rt.run is not None:
+            return self._overlap(rt, job, fire)
+        rt.cancel_retry()
+        self.start_run(rt, job, trigger=fire.trigger, attempt=0)
+        return "started"
+
+    def _blocked(self, rt: AgentRuntime, fire: Fire) -> str:
+        if not self.accepting:
+            return "shutting down"
+        if self.halted:
+            return "pipeline halted by the circuit breaker"
+        if rt.paused and fire.trigger != "manual":
+            return "paused"
+        if rt.state == AgentState.FAILED and fire.trigger != "manual":
+            return "crash loop cool-down"
+        if rt.state == AgentState.BACKOFF and fire.trigger != "manual":
+            return "retry pending"
+        return ""
+
+    def _overlap(self, rt: AgentRuntime, job: Job, fire: Fire) -> str:
+        if job.overlap == Overlap.QUEUE:
+            rt.queued = fire
+            log.info("firing_queued", agent=rt.name, job=job.id, run_id=rt.run.run_id)
+            return "queued"
+        if job.overlap == Overlap.REPLACE:
+            rt.queued = fire
+            self.stop_run(rt.run, StopReason.REPLACED)
+            return "replacing"
+        log.info("firing_skipped", agent=rt.name, job=job.id, reason="already running",
+                 run_id=rt.run.run_id)
+        return "already running"
+
+    def _ensure_always(self, rt: AgentRuntime) -> None:
+        jobs = rt.always_jobs()
+        if jobs and rt.run is None and rt.state == AgentState.IDLE:
+            self.fire(Fire(rt.name, jobs[0].id, "always", time.time()))
+
+    # -- runs -------------------------------------------------------------------------------
+    def start_run(self, rt: AgentRuntime, job: Job, *, trigger: str, attempt: int) -> Run | None:
+        refusal = self.launch_gate(rt.name)
+        if refusal:
+            log.warning("run_refused", agent=rt.name, job=job.id, reason=refusal)
+            return None
+        degraded = self.degraded_upstreams(rt.spec)
+        run = Run(rt.spec, job, attempt=attempt, trigger=trigger, degraded=degraded)
+        env = build_env(run, rt.spec, job, state_dir=self.state_dir,
+                        socket_path=self.socket_path, base_env=self.base_env)
+        record = RunRecord(run_id=run.run_id, agent=rt.name, job=job.id, attempt=attempt,
+                           trigger=trigger, pid=None, started=run.started_wall,
+                           degraded=",".join(degraded), host=os.uname().nodename)
+        try:
+            spawn(run, rt.spec, cwd=self.settings.working_dir or ".", env=env)
+        except OSError as exc:
+            log.error("run_spawn_failed", agent=rt.name, job=job.id, run_id=run.run_id,
+                      error=str(exc), command=_head(job))
+            record.ended, record.outcome = time.time(), Outcome.SPAWN_FAILED.value
+            self.store.run_started(record)
+            rt.transition(AgentState.RUNNING)
+            self._after_failure(rt, run, record)
+            return None
+        if self.cgroups is not None:
+            run.cgroup = self.cgroups.create(run.run_id)
+            self.cgroups.add(run.cgroup, run.pid)
+            self.cgroups.adopt_session(run.cgroup, run.pid)
+        record.pid = run.pid
+        self.store.run_started(record)
+        self.runs[run.run_id] = run
+        self.runs_by_pid[run.pid] = run
+        rt.run = run
+        rt.degraded = degraded
+        rt.transition(AgentState.RUNNING, run_id=run.run_id)
+        for fd in run.pipes:
+            self._watch_fd(fd, lambda mask, r=run, f=fd: self._on_output(r, f))
+        if job.timeout_s is not None:
+            run.timers.append(self.timers.call_later(
+                job.timeout_s, lambda r=run: self.stop_run(r, StopReason.TIMEOUT)))
+        log.info("run_started", agent=rt.name, job=job.id, run_id=run.run_id, pid=run.pid,
+                 trigger=trigger, attempt=attempt, degraded=",".join(degraded) or None)
+        for hook in self.on_run_started:
+            hook(run)
+        return run
+
+    def stop_run(self, run: Run, reason: StopReason) -> None:
+        """SIGTERM the run's processes, then SIGKILL after its grace period. A second stop
+        while the first is in its grace period escalates to SIGKILL at once."""
+        if run.state == RunState.EXITED:
+            return
+        if run.state == RunState.RUNNING:
+            run.stop_reason = reason
+            run.transition(RunState.STOPPING)
+            run.stop_signal = "SIGTERM"
+            run.signal(signal.SIGTERM, self._tracked(run))
+            grace = run.grace_s if run.grace_s is not None else self.settings.stop_grace_s
+            log.info("run_stopping", agent=run.agent, run_id=run.run_id, reason=reason.value,
+                     grace_s=grace)
+            run.timers.append(self.timers.call_later(grace, lambda: self.kill_run(run)))
+            rt = self.agents.get(run.agent)
+            if rt is not None and rt.state == AgentState.RUNNING:
+                rt.transition(AgentState.STOPPING, reason=reason.value)
+        elif run.state == RunState.STOPPING:
+            self.kill_run(run)
+
+    def kill_run(self, run: Run) -> None:
+        if run.state in (RunState.EXITED, RunState.KILLING):
+            return
+        run.transition(RunState.KILLING)
+        run.stop_signal = "SIGKILL"
+        log.warning("run_killed", agent=run.agent, run_id=run.run_id,
+                    reason=(run.stop_reason or StopReason.MANUAL).value,
+                    hint="did not exit within its grace period after SIGTERM")
+        run.signal(signal.SIGKILL, self._tracked(run))
+
+    def _tracked(self, run: Run) -> list[int]:
+        """Descendants attributed to this run (refreshing the ownership map first)."""
+        self.refresh_owners()
+        return [pid for pid, rid in self.owners.items() if rid == run.run_id and pid != run.pid]
+
+    def refresh_owners(self) -> None:
+        roots = {r.pid: r.run_id for r in self.runs.values()}
+        roots.update({r.pid: r.run_id for r in self.ended_runs.values()})
+        self.owners = attribute(descendants(os.getpid()), roots, self.owners)
+
+    def _on_output(self, run: Run, fd: int) -> None:
+        lines, eof = read_pipe(run, fd, self.settings.log_line_max_bytes)
+        stream = run.pipes[fd][0]
+        limiter = self.limiters.setdefault(run.agent,
+                                           LineRateLimiter(self.settings.log_lines_per_s))
+        now = time.monotonic()
+        for line in lines:
+            allowed, suppressed = limiter.allow(now)
+            if suppressed:
+                log.warning("agent_output_suppressed", agent=run.agent, run_id=run.run_id,
+                            lines=suppressed, limit_per_s=limiter.per_s)
+            if allowed:
+                log.info("agent_output", agent=run.agent, run_id=run.run_id, stream=stream,
+                         line=line)
+        if eof:
+            self._unwatch_fd(fd)
+            del run.pipes[fd]
+            os.close(fd)
+
+    def child_exited(self, pid: int, status: int) -> bool:
+        """A reaped child: finish its run if it was a run's root. False for orphans."""
+        self.owners.pop(pid, None)
+        run = self.runs_by_pid.pop(pid, None)
+        if run is None:
+            return False
+        run.exit_status = status
+        if run.popen is not None:
+            run.popen.returncode = status  # we reaped it; Popen must never wait on it
+        self._finish_run(run)
+        return True
+
+    def _finish_run(self, run: Run) -> None:
+        run.cancel_timers()
+        run.transition(RunState.EXITED)
+        self.runs.pop(run.run_id, None)
+        exit_code, sig = describe_status(run.exit_status)
+        outcome = _outcome(run, exit_code)
+        record = RunRecord(run_id=run.run_id, agent=run.agent, job=run.job.id,
+                           attempt=run.attempt, trigger=run.trigger, pid=run.pid,
+                           started=run.started_wall, ended=time.time(), exit_code=exit_code,
+                           signal=sig, outcome=outcome.value,
+                           stop_reason=run.stop_reason.value if run.stop_reason else "",
+                           stop_signal=run.stop_signal)
+        self.store.run_ended(record)
+        duration_s = time.monotonic() - run.started_mono
+        hint = " (perhaps out of memory?)" if sig == signal.SIGKILL and not run.stop_signal else ""
+        log_fn = log.warning if outcome in (Outcome.FAILED, Outcome.TIMED_OUT) else log.info
+        log_fn("run_finished", agent=run.agent, job=run.job.id, run_id=run.run_id,
+               outcome=outcome.value, exit=_exit_text(exit_code, sig) + hint,
+               duration_s=round(duration_s, 3), stop_reason=record.stop_reason or None,
+               stop_signal=run.stop_signal or None)
+        self._stop_leftovers(run)
+        for hook in self.on_run_finished:
+            hook(run, record)
+        rt = self.agents.get(run.agent)
+        if rt is None or rt.run is not run:
+            return
+        rt.run = None
+        rt.last_outcome, rt.last_ended = outcome.value, record.ended
+        rt.last_exit = _exit_text(exit_code, sig)
+        if run.stop_reason == StopReason.REMOVED and run.agent not in self._configured():
+            rt.transition(AgentState.REMOVED)
+            del self.agents[run.agent]
+            return
+        if outcome == Outcome.SUCCEEDED or (run.job.schedule.always and
+                                            duration_s >= rt.spec.healthy_after_s and
+                                            run.stop_reason is None):
+            self._after_success(rt, run)
+        elif run.stop_reason in NO_RESTART_REASONS:
+            rt.transition(AgentState.IDLE)
+            self._start_queued(rt)
+        else:
+            self._after_failure(rt, run, record)
+
+    def _configured(self) -> set[str]:
+        return {n for n, rt in self.agents.items() if rt.state != AgentState.REMOVED
+                and not (rt.run and rt.run.stop_reason == StopReason.REMOVED)}
+
+    def _after_success(self, rt: AgentRuntime, run: Run) -> None:
+        rt.failures = 0
+        rt.cooldowns = 0
+        rt.transition(AgentState.IDLE)
+        if self.accepting and not self.halted:
+            for other in self.agents.values():
+                for job in other.spec.jobs:
+                    if job.enabled and rt.name in (job.schedule.after or []):
+                        self.fire(Fire(other.name, job.id, f"after:{rt.name}", time.time()))
+        if rt.queued is not None:
+            self._start_queued(rt)
+        elif run.job.schedule.always:
+            self._ensure_always(rt)  # a healthy `always` run that exits restarts at once
+
+    def _after_failure(self, rt: AgentRuntime, run: Run, record: RunRecord) -> None:
+        rt.failures += 1
+        threshold = self.settings.crash_loop.failures
+        if rt.failures >= threshold:
+            rt.cooldowns += 1
+            delay = cooldown_s(self.settings.crash_loop, rt.cooldowns)
+            rt.transition(AgentState.FAILED, failures=rt.failures, cooldown_s=delay)
+            log.error("agent_crash_loop", agent=rt.name, failures=rt.failures,
+                      cooldown_s=delay, last_exit=_exit_text(record.exit_code, record.signal))
+            rt.queued = None
+            rt.retry_timer = self.timers.call_later(delay, lambda: self._cooled_down(rt))
+            return
+        retries = run.job.retries
+        if run.attempt < retries.max_attempts or run.job.schedule.always:
+            delay = backoff_delay_s(retries, min(run.attempt, 20))
+            rt.transition(AgentState.BACKOFF, retry_in_s=round(delay, 2))
+            attempt = run.attempt + 1
+            rt.retry_fire = Fire(rt.name, run.job.id, "retry", time.time())
+            rt.retry_timer = self.timers.call_later(
+                delay, lambda: self._retry(rt, run.job.id, attempt))
+            return
+        rt.transition(AgentState.IDLE)
+        self._start_queued(rt)
+
+    def _retry(self, rt: AgentRuntime, job_id: str, attempt: int) -> None:
+        rt.retry_timer = rt.retry_fire = None
+        job = rt.job(job_id)
+        if rt.state != AgentState.BACKOFF:
+            return
+        if job is None or not self.accepting or self.halted or rt.paused:
+            rt.transition(AgentState.IDLE)
+            return
+        self.start_run(rt, job, trigger="retry", attempt=attempt)
+        if rt.run is None and rt.state == AgentState.BACKOFF:
+            rt.transition(AgentState.IDLE)
+
+    def _cooled_down(self, rt: AgentRuntime) -> None:
+        rt.retry_timer = None
+        if rt.state != AgentState.FAILED:
+            return
+        rt.failures = 0
+        rt.transition(AgentState.IDLE, reason="cool-down over")
+        if self.accepting and not self.halted:
+            self._ensure_always(rt)
+
+    def _start_queued(self, rt: AgentRuntime) -> None:
+        fire, rt.queued = rt.queued, None
+        if fire is not None and rt.state == AgentState.IDLE:
+            self.fire(fire)
+
+    def _stop_leftovers(self, run: Run) -> None:
+        """Whatever the run left behind is stopped too (like systemd for a finished service),
+        unless the job says `leftovers: keep`."""
+        if run.job.leftovers.value == "keep":
+            return
+        left = self._tracked(run)
+        cg_left = self.cgroups.pids(run.cgroup) if run.cgroup else []
+        if not left and not cg_left:
+            self._release_cgroup(run)
+            return
+        log.info("run_leftovers_stopping", agent=run.agent, run_id=run.run_id,
+                 pids=sorted(set(left) | set(cg_left))[:20])
+        self.ended_runs[run.run_id] = run
+        run.signal(signal.SIGTERM, left)
+        grace = run.grace_s if run.grace_s is not None else self.settings.stop_grace_s
+        self.timers.call_later(grace, lambda: self._kill_leftovers(run))
+
+    def _kill_leftovers(self, run: Run) -> None:
+        left = self._tracked(run)
+        if left or (run.cgroup and self.cgroups.pids(run.cgroup)):
+            log.warning("run_leftovers_killed", agent=run.agent, run_id=run.run_id,
+                        pids=left[:20])
+            run.signal(signal.SIGKILL, left)
+        self.ended_runs.pop(run.run_id, None)
+        self._release_cgroup(run)
+
+    def _release_cgroup(self, run: Run) -> None:
+        if run.cgroup is not None and self.cgroups is not None:
+            if not self.cgroups.remove(run.cgroup):
+                self.timers.call_later(1.0, lambda: self.cgroups.remove(run.cgroup))
+
+    # -- control ---------------------------------------------------------------------------
+    def set_paused(self, names: list[str], paused: bool) -> list[str]:
+        changed = []
+        for name in names:
+            rt = self.agents[name]
+            if rt.paused != paused:
+                rt.paused = paused
+                self.store.set_paused(name, paused)
+                changed.append(name)
+                log.info("agent_paused" if paused else "agent_resumed", agent=name)
+            if not paused:
+                self._ensure_always(rt)
+        return changed
+
+    def stop_all(self, reason: StopReason) -> None:
+        for run in list(self.runs.values()):
+            self.stop_run(run, reason)
+
+    def kill_all(self) -> None:
+        for run in list(self.runs.values()):
+            self.kill_run(run)
+
+    def halt(self) -> None:
+        """The breaker tripped: no new run starts, every run is stopped."""
+        self.halted = True
+        for rt in self.agents.values():
+            rt.cancel_retry()
+            rt.queued = None
+            if rt.state == AgentState.BACKOFF:
+                rt.transition(AgentState.IDLE)
+        self.stop_all(StopReason.BREAKER)
+
+    def unhalt(self) -> None:
+        self.halted = False
+        for rt in self.agents.values():
+            if not rt.paused:
+                self._ensure_always(rt)
+
+    # -- health hook default ----------------------------------------------------------------
+    def _failed_upstreams(self, spec: AgentSpec) -> list[str]:
+        bad = []
+        for upstream in spec.depends_on:
+            rt = self.agents.get(upstream)
+            if rt is None or rt.state == AgentState.FAILED or rt.last_outcome not in (
+                    None, Outcome.SUCCEEDED.value):
+                bad.append(upstream)
+        return bad
+
+
+def _outcome(run: Run, exit_code: int | None) -> Outcome:
+    if run.stop_reason == StopReason.TIMEOUT:
+        return Outcome.TIMED_OUT
+    if run.stop_reason is not None:
+        return Outcome.STOPPED
+    return Outcome.SUCCEEDED if exit_code == 0 else Outcome.FAILED
+
+
+def _exit_text(exit_code: int | None, sig: int | None) -> str:
+    if sig is not None:
+        return f"signal {signal_name(sig)}"
+    return "" if exit_code is None else f"exit {exit_code}"
+
+
+def _head(job: Job) -> str:
+    cmd = job.command if isinstance(job.command, str) else " ".join(job.command)
+    return cmd[:120]

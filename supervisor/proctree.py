@@ -1,0 +1,148 @@
+"""The daemon's view of the processes it started: subreaper, reaping, and attribution of
+every descendant to the run it came from.
+
+Agents' children may escape their process group (Puppeteer starts Chrome in a session
+of its own) and lose their parent link once reparented, so a descendant is attributed by
+the WATCHKEEPER_RUN_ID it inherited in its environment first, and by ancestry second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+import psutil
+
+PR_SET_CHILD_SUBREAPER = 36
+RUN_ID_ENV = "WATCHKEEPER_RUN_ID"
+STATE_DIR_ENV = "WATCHKEEPER_STATE_DIR"
+
+
+def become_subreaper() -> bool:
+    """Orphans of our descendants get reparented to us instead of init, so we reap them."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_children() -> list[tuple[int, int]]:
+    """waitpid(-1, WNOHANG) until nothing is left to reap: [(pid, raw status)]."""
+    reaped = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        reaped.append((pid, status))
+    return reaped
+
+
+def read_environ(pid: int) -> dict[str, str]:
+    """A process's environment, or {} when it is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return {}
+    env = {}
+    for item in raw.split(b"\0"):
+        key, sep, value = item.partition(b"=")
+        if sep and key in (b"WATCHKEEPER_RUN_ID", b"WATCHKEEPER_STATE_DIR",
+                           b"WATCHKEEPER_AGENT"):
+            env[key.decode()] = value.decode(errors="replace")
+    return env
+
+
+def descendants(root_pid: int) -> list[int]:
+    """Every live descendant of root_pid (not root_pid itself), from one /proc scan."""
+    children: dict[int, list[int]] = {}
+    for proc in psutil.process_iter(["ppid"]):
+        ppid = proc.info["ppid"]
+        if ppid is not None:
+            children.setdefault(ppid, []).append(proc.pid)
+    out, stack = [], list(children.get(root_pid, []))
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(children.get(pid, []))
+    return out
+
+
+def attribute(pids: list[int], run_roots: dict[int, str], known: dict[int, str]) -> dict[int, str]:
+    """Map each pid to a run id: inherited env first, then a known root or earlier sighting."""
+    owners: dict[int, str] = {}
+    for pid in pids:
+        run_id = read_environ(pid).get(RUN_ID_ENV) or run_roots.get(pid) or known.get(pid)
+        if run_id is None:
+            try:
+                for parent in psutil.Process(pid).parents():
+                    run_id = run_roots.get(parent.pid) or owners.get(parent.pid)
+                    if run_id:
+                        break
+            except psutil.Error:
+                pass
+        if run_id:
+            owners[pid] = run_id
+    return owners
+
+
+def processes_of_state_dir(state_dir: str, exclude: set[int]) -> list[int]:
+    """Processes anywhere on the machine started for this state dir (leftovers of a daemon
+    that died): they carry WATCHKEEPER_STATE_DIR in their environment."""
+    found = []
+    for pid in psutil.pids():
+        if pid in exclude:
+            continue
+        if read_environ(pid).get(STATE_DIR_ENV) == state_dir:
+            found.append(pid)
+    return found
+
+
+def send_signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+
+
+def send_group_signal(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def is_alive(pid: int) -> bool:
+    """True for a live process that is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def describe_status(status: int) -> tuple[int | None, int | None]:
+    """(exit code, signal) from a raw waitpid status."""
+    if os.WIFSIGNALED(status):
+        return None, os.WTERMSIG(status)
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status), None
+    return None, None
+
+
+def signal_name(sig: int | None) -> str:
+    if sig is None:
+        return ""
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return str(sig)
+

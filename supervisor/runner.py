@@ -1,0 +1,220 @@
+"""Spawn, signal and read one run: a child process in its own session.
+
+The loop owns reaping (proctree.reap_children) and timers; this module only starts the
+process, carries its bookkeeping and turns its output into bounded log lines.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import structlog
+
+from .cgroups import RunCgroups
+from .config import AgentSpec, Job
+from .proctree import send_group_signal, send_signal
+from .states import RUN_TRANSITIONS, RunState, StopReason, check_transition
+
+log = structlog.get_logger("watchkeeper.runner")
+
+READ_CHUNK = 65536
+
+
+def new_run_id(agent: str) -> str:
+    return f"{agent}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+class LineBuffer:
+    """Splits a byte stream into lines, never holding more than `max_line_bytes`: a child
+    writing 100 MB without a newline costs the daemon one line's worth of memory."""
+
+    __slots__ = ("max_line_bytes", "_partial", "_truncated")
+
+    def __init__(self, max_line_bytes: int) -> None:
+        self.max_line_bytes = max_line_bytes
+        self._partial = bytearray()
+        self._truncated = False
+
+    def feed(self, data: bytes) -> list[str]:
+        lines = []
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            chunk = data[start:] if nl < 0 else data[start:nl]
+            room = self.max_line_bytes - len(self._partial)
+            if len(chunk) > room:
+                self._partial += chunk[:max(0, room)]
+                self._truncated = True
+            else:
+                self._partial += chunk
+            if nl < 0:
+                return lines
+            lines.append(self._take())
+            start = nl + 1
+
+    def flush(self) -> list[str]:
+        return [self._take()] if self._partial or self._truncated else []
+
+    def _take(self) -> str:
+        line = self._partial.decode(errors="replace")
+        if self._truncated:
+            line += " …[truncated]"
+        self._partial = bytearray()
+        self._truncated = False
+        return line
+
+
+class LineRateLimiter:
+    """At most `per_s` lines a second per agent reach the log; the rest are counted and
+    reported once a second, so one flooding agent cannot push the daemon's own events out
+    of journald's rate limit."""
+
+    __slots__ = ("per_s", "window_start", "count", "suppressed")
+
+    def __init__(self, per_s: int) -> None:
+        self.per_s = per_s
+        self.window_start = 0.0
+        self.count = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> tuple[bool, int]:
+        """(log this line?, lines suppressed in the window that just closed)."""
+        closed = 0
+        if now - self.window_start >= 1.0:
+            closed, self.suppressed = self.suppressed, 0
+            self.window_start, self.count = now, 0
+        self.count += 1
+        if self.count > self.per_s:
+            self.suppressed += 1
+            return False, closed
+        return True, closed
+
+
+class Run:
+    """One execution of one job of one agent."""
+
+    def __init__(self, agent: AgentSpec, job: Job, *, attempt: int, trigger: str,
+                 degraded: list[str]) -> None:
+        self.agent = agent.name
+        self.job = job
+        self.run_id = new_run_id(agent.name)
+        self.token = secrets.token_hex(16)
+        self.attempt = attempt
+        self.trigger = trigger
+        self.degraded = degraded
+        self.state = RunState.RUNNING
+        self.stop_reason: StopReason | None = None
+        self.stop_signal = ""
+        self.pid = 0
+        self.popen: subprocess.Popen | None = None
+        self.cgroup: Path | None = None
+        self.started_mono = time.monotonic()
+        self.started_wall = time.time()
+        self.timers: list = []
+        self.pipes: dict[int, tuple[str, LineBuffer]] = {}
+        self.exit_status: int | None = None
+
+    def transition(self, target: RunState) -> None:
+        check_transition(RUN_TRANSITIONS, self.state, target)
+        log.debug("run_state", agent=self.agent, run_id=self.run_id, old=self.state.value,
+                  new=target.value)
+        self.state = target
+
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers.clear()
+
+    @property
+    def grace_s(self) -> float | None:
+        return self.job.stop_grace_s
+
+    def signal(self, sig: int, tracked: list[int]) -> None:
+        """Deliver `sig` to everything of this run: its cgroup, or its process group plus
+        every descendant attributed to it (those that left the group)."""
+        if self.cgroup is not None:
+            RunCgroups.signal(self.cgroup, sig)
+        if self.exit_status is None:
+            send_group_signal(self.pid, sig)
+        for pid in tracked:
+            send_signal(pid, sig)
+
+
+def build_env(run: Run, agent: AgentSpec, job: Job, *, state_dir: Path, socket_path: Path,
+              base_env: dict[str, str]) -> dict[str, str]:
+    env = dict(base_env)
+    env.update(job.env)
+    env.update({
+        "WATCHKEEPER_AGENT": run.agent,
+        "WATCHKEEPER_JOB": job.id,
+        "WATCHKEEPER_RUN_ID": run.run_id,
+        "WATCHKEEPER_RUN_TOKEN": run.token,
+        "WATCHKEEPER_STATE_DIR": str(state_dir),
+        "WATCHKEEPER_SOCKET": str(socket_path),
+        "WATCHKEEPER_ATTEMPT": str(run.attempt),
+        "WATCHKEEPER_HOST": socket.gethostname(),
+        "WATCHKEEPER_HEARTBEAT_INTERVAL_S": str(agent.heartbeat.interval_s),
+    })
+    if run.degraded:
+        env["WATCHKEEPER_DEGRADED"] = "1"
+        env["WATCHKEEPER_DEGRADED_UPSTREAMS"] = ",".join(run.degraded)
+    else:
+        env.pop("WATCHKEEPER_DEGRADED", None)
+        env.pop("WATCHKEEPER_DEGRADED_UPSTREAMS", None)
+    return env
+
+
+def build_argv(job: Job) -> list[str] | str:
+    if isinstance(job.command, str):
+        return job.command  # only reachable with shell: true (configload enforces it)
+    argv = list(job.command)
+    if argv and argv[0] == "{python}":
+        argv[0] = sys.executable
+    return argv
+
+
+def spawn(run: Run, agent: AgentSpec, *, cwd: str, env: dict[str, str]) -> None:
+    """Start the run's process in a session of its own with piped, non-blocking output."""
+    job = run.job
+    popen = subprocess.Popen(
+        build_argv(job),
+        cwd=job.cwd and os.path.join(cwd, job.cwd) or cwd,
+        env=env,
+        shell=job.shell,  # noqa: S602 - only when the job file says `shell: true`
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+    )
+    run.popen = popen
+    run.pid = popen.pid
+    for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
+        fd = pipe.fileno()
+        os.set_blocking(fd, False)
+        run.pipes[fd] = (stream, LineBuffer(0))
+
+
+def read_pipe(run: Run, fd: int, max_line_bytes: int) -> tuple[list[str], bool]:
+    """Read what is available on one of the run's pipes: (lines, reached end of file)."""
+    stream, buf = run.pipes[fd]
+    buf.max_line_bytes = max_line_bytes
+    try:
+        data = os.read(fd, READ_CHUNK)
+    except BlockingIOError:
+        return [], False
+    except OSError:
+        data = b""
+    if not data:
+        return buf.flush(), True
+    return buf.feed(data), False
+
+
+TERM_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGKILL: "SIGKILL"}

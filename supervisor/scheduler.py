@@ -1,0 +1,149 @@
+"""The APScheduler adapter: turns cron and interval schedules into firings for the loop.
+
+APScheduler only decides *when*. Its job function does nothing but post a Fire event to
+the daemon's loop, which alone decides whether and how a run starts (overlap, pause,
+breaker, crash loop). APScheduler never kills a hung job and sleeps on an event that does
+not notice suspend or clock jumps: the loop enforces timeouts itself and calls wakeup()
+on every tick.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Callable
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from .config import AgentSpec, Job
+
+
+@dataclasses.dataclass(frozen=True)
+class Fire:
+    """A scheduled firing, posted from the scheduler thread to the loop."""
+
+    agent: str
+    job: str
+    trigger: str  # "cron", "every", "after:<agent>", "catch_up", "manual", "always", "retry"
+    at: float     # wall clock of the firing
+
+
+def make_trigger(job: Job) -> BaseTrigger | None:
+    """The APScheduler trigger of a cron or interval job; None for after/always jobs."""
+    sched = job.schedule
+    jitter = int(job.jitter_s) or None
+    if sched.cron is not None:
+        return CronTrigger(**cron_fields(sched.cron), timezone=sched.timezone, jitter=jitter)
+    if sched.every_s is not None:
+        return IntervalTrigger(seconds=sched.every_s, timezone="UTC", jitter=jitter)
+    return None
+
+
+DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def cron_fields(expr: str) -> dict[str, str]:
+    """Crontab fields as APScheduler keywords. APScheduler 3 numbers weekdays from Monday=0
+    while cron uses Sunday=0 (or 7), so numeric weekdays are rewritten as names."""
+    minute, hour, day, month, day_of_week = expr.split()
+    return {"minute": minute, "hour": hour, "day": day, "month": month,
+            "day_of_week": _weekday_names(day_of_week)}
+
+
+def _weekday_names(spec: str) -> str:
+    names: list[str] = []
+    for part in spec.split(","):
+        base, _, step = part.partition("/")
+        if base == "*":
+            lo, hi = 0, 6
+        elif "-" in base and base.replace("-", "").isdigit():
+            lo, hi = (int(x) for x in base.split("-"))
+        elif base.isdigit():
+            lo = hi = int(base)
+            if step:
+                hi = 6
+        else:
+            return spec  # names (mon-fri) mean the same to both
+        if not (0 <= lo <= 7 and 0 <= hi <= 7) or lo > hi:
+            return spec  # let APScheduler report it
+        for value in range(lo, hi + 1, int(step) if step else 1):
+            if DAY_NAMES[value] not in names:
+                names.append(DAY_NAMES[value])
+    return ",".join(names) if names else spec
+
+
+def missed_firing(job: Job, last_fire: float | None, now: float) -> bool:
+    """True when the job's schedule had a slot between its last firing and now (catch-up
+    runs once for any number of missed slots)."""
+    trigger = make_trigger(job)
+    if trigger is None or last_fire is None:
+        return False
+    last = dt.datetime.fromtimestamp(last_fire, dt.UTC)
+    if isinstance(trigger, IntervalTrigger):
+        return now - last_fire > job.schedule.every_s
+    nxt = trigger.get_next_fire_time(None, last + dt.timedelta(seconds=1))
+    return nxt is not None and nxt.timestamp() <= now
+
+
+class Scheduler:
+    def __init__(self, post: Callable[[Fire], None], clock: Callable[[], float]) -> None:
+        self._post = post
+        self._clock = clock
+        self._aps = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=1)},
+            job_defaults={"coalesce": True, "max_instances": 1},
+            timezone="UTC",
+        )
+        self._jobs: dict[str, Job] = {}
+
+    @staticmethod
+    def key(agent: str, job: str) -> str:
+        return f"{agent}/{job}"
+
+    def start(self) -> None:
+        self._aps.start()
+
+    def shutdown(self) -> None:
+        if self._aps.running:
+            self._aps.shutdown(wait=False)
+
+    def wakeup(self) -> None:
+        if self._aps.running:
+            self._aps.wakeup()
+
+    def set_agent(self, spec: AgentSpec) -> None:
+        """(Re)install every timed job of an agent; jobs it no longer has are removed."""
+        wanted = {self.key(spec.name, j.id): j for j in spec.jobs
+                  if j.enabled and make_trigger(j) is not None}
+        for key in [k for k in self._jobs if k.startswith(f"{spec.name}/") and k not in wanted]:
+            self._remove(key)
+        for key, job in wanted.items():
+            if self._jobs.get(key) == job:
+                continue  # unchanged: keep its next fire time
+            self._remove(key)
+            self._aps.add_job(self._fire, trigger=make_trigger(job), id=key,
+                              args=(spec.name, job.id, job.schedule.kind()),
+                              misfire_grace_time=max(1, int(job.misfire_grace_s)))
+            self._jobs[key] = job
+
+    def remove_agent(self, agent: str) -> None:
+        for key in [k for k in self._jobs if k.startswith(f"{agent}/")]:
+            self._remove(key)
+
+    def _remove(self, key: str) -> None:
+        if self._jobs.pop(key, None) is not None:
+            try:
+                self._aps.remove_job(key)
+            except Exception:  # noqa: BLE001 - already gone is fine
+                pass
+
+    def next_fire(self, agent: str, job: str) -> dt.datetime | None:
+        aps_job = self._aps.get_job(self.key(agent, job))
+        return aps_job.next_run_time if aps_job else None
+
+    def _fire(self, agent: str, job: str, kind: str) -> None:
+        self._post(Fire(agent, job, kind, self._clock()))
