@@ -38,7 +38,8 @@ class Schedule(_Section, kw_only=True):
     """When a job fires: exactly one of cron, every_s, after, always."""
 
     cron: str | None = None
-    """Five-field cron expression, evaluated in `timezone`."""
+    """Cron expression evaluated in `timezone`: five fields (minute hour day month weekday),
+    or six with seconds first."""
     timezone: str = "UTC"
     every_s: float | None = None
     """Fixed interval in seconds."""

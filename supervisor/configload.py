@@ -192,13 +192,13 @@ def _check_schedule(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]
         from .scheduler import cron_fields
 
         try:
-            if len(sched.cron.split()) != 5:
+            if len(sched.cron.split()) not in (5, 6):
                 raise ValueError(f"{len(sched.cron.split())} fields")
             CronTrigger(**cron_fields(sched.cron), timezone=sched.timezone)
         except ValueError as exc:
             issues.append(doc.issue(f"{at}.cron", f"{sched.cron!r} is not a valid cron "
                                     f"expression ({exc}; five fields: minute hour day month "
-                                    "weekday)"))
+                                    "weekday, or six with seconds first)"))
     if sched.every_s is not None and sched.every_s <= 0:
         issues.append(doc.issue(f"{at}.every_s", f"{sched.every_s} must be > 0"))
     if sched.after is not None and not sched.after:

@@ -182,8 +182,8 @@ class Daemon:
     def _turn(self) -> None:
         timeout = self._select_timeout()
         for key, mask in self.selector.select(timeout):
-            key.data(mask)
-        self.timers.run_due()
+            self._guarded(key.data, mask)
+        self.timers.run_due(self._guarded)
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + self.config.settings.tick_s
@@ -192,6 +192,14 @@ class Daemon:
             hook()
         if self.state == DaemonState.STOPPING:
             self._check_stopped()
+
+    def _guarded(self, callback: Callable, *args) -> None:
+        """One failing callback is logged; supervision of everything else goes on."""
+        try:
+            callback(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("loop_callback_failed",
+                          callback=getattr(callback, "__qualname__", repr(callback)))
 
     def _select_timeout(self) -> float:
         timeout = max(0.0, self._next_tick - time.monotonic())

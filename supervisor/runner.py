@@ -183,21 +183,32 @@ def build_argv(job: Job) -> list[str] | str:
 def spawn(run: Run, agent: AgentSpec, *, cwd: str, env: dict[str, str]) -> None:
     """Start the run's process in a session of its own with piped, non-blocking output."""
     job = run.job
-    popen = subprocess.Popen(
-        build_argv(job),
-        cwd=job.cwd and os.path.join(cwd, job.cwd) or cwd,
-        env=env,
-        shell=job.shell,  # noqa: S602 - only when the job file says `shell: true`
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        close_fds=True,
-    )
+    # Our own pipes, not Popen's file objects: those close their fd when the Popen is
+    # collected, and a reused fd number would then alias a pipe the selector still watches.
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        popen = subprocess.Popen(
+            build_argv(job),
+            cwd=job.cwd and os.path.join(cwd, job.cwd) or cwd,
+            env=env,
+            shell=job.shell,  # noqa: S602 - only when the job file says `shell: true`
+            stdin=subprocess.DEVNULL,
+            stdout=out_w,
+            stderr=err_w,
+            start_new_session=True,
+            close_fds=True,
+        )
+    except BaseException:
+        for fd in (out_r, err_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
     run.popen = popen
     run.pid = popen.pid
-    for stream, pipe in (("stdout", popen.stdout), ("stderr", popen.stderr)):
-        fd = pipe.fileno()
+    for stream, fd in (("stdout", out_r), ("stderr", err_r)):
         os.set_blocking(fd, False)
         run.pipes[fd] = (stream, LineBuffer(0))
 

@@ -47,10 +47,13 @@ DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 def cron_fields(expr: str) -> dict[str, str]:
-    """Crontab fields as APScheduler keywords. APScheduler 3 numbers weekdays from Monday=0
-    while cron uses Sunday=0 (or 7), so numeric weekdays are rewritten as names."""
-    minute, hour, day, month, day_of_week = expr.split()
-    return {"minute": minute, "hour": hour, "day": day, "month": month,
+    """Crontab fields as APScheduler keywords: five fields, or six with seconds first.
+    APScheduler 3 numbers weekdays from Monday=0 while cron uses Sunday=0 (or 7), so
+    numeric weekdays are rewritten as names."""
+    fields = expr.split()
+    second = fields.pop(0) if len(fields) == 6 else "0"
+    minute, hour, day, month, day_of_week = fields
+    return {"second": second, "minute": minute, "hour": hour, "day": day, "month": month,
             "day_of_week": _weekday_names(day_of_week)}
 
 
