@@ -25,6 +25,7 @@ class AgentRuntime:
         self.retry_timer = None
         self.retry_fire: Fire | None = None
         self.paused = False
+        self.pending_removal = False  # removed by a reload; goes once its run has ended
         self.degraded: list[str] = []
         self.last_outcome: str | None = None
         self.last_exit: str = ""

@@ -73,7 +73,8 @@ class Pipeline:
                     rt.last_outcome, rt.last_ended = last.outcome, last.ended
                     rt.last_exit = _exit_text(last.exit_code, last.signal)
                 log.info("agent_added", agent=name, jobs=len(spec.jobs))
-            elif rt.spec != spec:
+            elif rt.pending_removal or rt.spec != spec:
+                rt.pending_removal = False
                 old_always = rt.always_jobs()
                 rt.spec = spec
                 log.info("agent_changed", agent=name)
@@ -91,6 +92,7 @@ class Pipeline:
         rt.queued = None
         log.info("agent_removed", agent=name)
         if rt.run is not None:
+            rt.pending_removal = True
             self.stop_run(rt.run, StopReason.REMOVED)  # finished in _finish_run
         else:
             rt.transition(AgentState.REMOVED)
@@ -292,7 +294,7 @@ class Pipeline:
         rt.run = None
         rt.last_outcome, rt.last_ended = outcome.value, record.ended
         rt.last_exit = _exit_text(exit_code, sig)
-        if run.stop_reason == StopReason.REMOVED and run.agent not in self._configured():
+        if rt.pending_removal:
             rt.transition(AgentState.REMOVED)
             del self.agents[run.agent]
             return
@@ -305,10 +307,6 @@ class Pipeline:
             self._start_queued(rt)
         else:
             self._after_failure(rt, run, record)
-
-    def _configured(self) -> set[str]:
-        return {n for n, rt in self.agents.items() if rt.state != AgentState.REMOVED
-                and not (rt.run and rt.run.stop_reason == StopReason.REMOVED)}
 
     def _after_success(self, rt: AgentRuntime, run: Run) -> None:
         rt.failures = 0

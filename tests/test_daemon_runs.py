@@ -9,7 +9,7 @@ import time
 
 import psutil
 import pytest
-from harness import DaemonProc, py, wk
+from harness import DaemonProc, py
 from support import wait_until
 
 
