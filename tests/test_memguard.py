@@ -10,6 +10,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +33,7 @@ from supervisor.memguard import (
     next_level,
 )
 from supervisor.procscan import (
+    HostMemorySource,
     LiveRun,
     Owner,
     ProcInfo,
@@ -627,3 +629,70 @@ def test_real_memory_hog_over_its_max_gets_stop_action(tmp_path):
     assert (stop.run_id, stop.reason, stop.limit_mb) == ("hog", StopReason.MEMORY, 120)
     assert 120 < stop.memory_mb < 400
 
+
+
+def own_memory_cgroup() -> tuple[Path, str] | None:
+    """Our memory cgroup directory and its version, where we may create child cgroups."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hierarchy, controllers, rel = line.split(":", 2)
+        rel = rel.lstrip("/")
+        if hierarchy == "0":
+            for mount in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+                control = mount / rel / "cgroup.subtree_control"
+                if control.exists() and "memory" in control.read_text().split():
+                    return mount / rel, "v2"
+        elif "memory" in controllers.split(","):
+            path = Path("/sys/fs/cgroup/memory") / rel
+            if path.is_dir():
+                return path, "v1"
+    return None
+
+
+@pytest.fixture
+def small_cgroup():
+    """A child memory cgroup limited to 256 MB, removed afterwards."""
+    found = own_memory_cgroup()
+    require(found is not None and os.access(found[0], os.W_OK),
+            "no writable memory cgroup (need cgroup v1 memory or v2 with memory delegated)")
+    parent, version = found
+    path = parent / f"wk-test-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir()
+        limit_file = "memory.max" if version == "v2" else "memory.limit_in_bytes"
+        (path / limit_file).write_text(str(256 << 20))
+    except OSError as err:
+        require(False, f"cannot create a limited memory cgroup under {parent}: {err}")
+    yield path, version
+    wait_until(lambda: not (path / "cgroup.procs").read_text().strip(), 10)
+    path.rmdir()
+
+
+def oom_kills(path: Path, version: str) -> int:
+    text = (path / ("memory.events" if version == "v2" else "memory.oom_control")).read_text()
+    counts = dict(line.split() for line in text.splitlines())
+    return int(counts.get("oom_kill", 0))
+
+
+def test_real_pressure_in_cgroup_stops_low_priority_run_before_oom(small_cgroup, tmp_path):
+    """A low-priority run filling a 256 MB cgroup is asked to stop before the OOM killer acts."""
+    path, version = small_cgroup
+    hog = start_hog("hog", 1, 1000, tmp_path)  # ~50 MB/s: the limit is ~5 s away
+    try:
+        (path / "cgroup.procs").write_text(str(hog.pid))
+        hog.stdin.write("go\n")
+        hog.stdin.flush()
+        live = {"hog": LiveRun("agent-hog", hog.pid, str(path))}
+        agents = {"agent-hog": AgentMemorySettings(memory_priority=MemoryPriority.LOW)}
+        guard = real_guard(os.getpid(), tmp_path, live, agents, scope_cgroup=str(path),
+                           clear_percent=50, warn_percent=60, slow_interval_s=0.5,
+                           fast_interval_s=0.05)
+        actions = drive(guard, lambda acts: acts, timeout_s=30)
+        assert hog.poll() is None, "the OOM killer was faster than the guard"
+        usage = HostMemorySource(str(path)).system().percent_used
+    finally:
+        hog.terminate()
+        hog.wait()
+    [stop] = actions
+    assert (stop.run_id, stop.reason) == ("hog", StopReason.MEMORY_PRESSURE)
+    assert 87 <= usage < 100 and 0.87 * 256 <= stop.memory_mb <= 256
+    assert oom_kills(path, version) == 0
