@@ -61,7 +61,9 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     act_percent: float = 87.0
     # Leave pressure only below this, so usage hovering at the threshold does not flap.
     clear_percent: float = 75.0
-    slow_interval_s: float = 5.0
+    # One memory reading costs ~0.05 ms, so even the slow interval can be short: at 5 s a
+    # sudden spike went unseen for up to 5 s, missing the 1 s orphan-kill target (bench).
+    slow_interval_s: float = 1.0
     fast_interval_s: float = 0.25
     # Per-run memory_max_mb checks walk the daemon's process tree; they need not run each tick.
     run_check_interval_s: float = 5.0

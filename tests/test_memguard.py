@@ -151,10 +151,10 @@ def make_guard(source, *, live=None, agents=None, **kw):
 
 
 def test_settings_defaults_suit_a_small_vps():
-    """The defaults are warn 80 %, act 87 %, clear 75 %, 5 s / 0.25 s intervals, 2 s grace."""
+    """The defaults are warn 80 %, act 87 %, clear 75 %, 1 s / 0.25 s intervals, 2 s grace."""
     s = msgspec.convert({}, MemoryGuardSettings)
     assert (s.warn_percent, s.act_percent, s.clear_percent) == (80, 87, 75)
-    assert (s.slow_interval_s, s.fast_interval_s, s.kill_grace_s) == (5, 0.25, 2)
+    assert (s.slow_interval_s, s.fast_interval_s, s.kill_grace_s) == (1, 0.25, 2)
     assert s.include_foreign is False
 
 
@@ -182,7 +182,7 @@ def test_levels_hold_until_below_clear():
 def test_interval_is_slow_when_plentiful_and_fast_near_threshold():
     """The next tick is slow_interval_s away at 50 % and fast_interval_s away at 82 %."""
     source = ScriptedSource(50)
-    guard, _ = make_guard(source)
+    guard, _ = make_guard(source, slow_interval_s=5)
     guard.tick(1000.0)
     assert guard.next_tick_at == 1005.0
     source.percent = 82
@@ -527,14 +527,17 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture
 def page_url(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     (site / "index.html").write_text(PAGE)
-    handler = partial(SimpleHTTPRequestHandler, directory=str(site))
-    handler.log_message = lambda *a: None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
