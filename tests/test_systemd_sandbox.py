@@ -278,3 +278,12 @@ def test_deploy_unit_keeps_chrome_sandbox_working(sandbox, deployed):
     assert deployed["chrome"] is not None
     assert "<p>sandboxed</p>" in deployed["chrome"]["dom"], deployed["chrome"]["stderr"]
 
+
+
+def test_deploy_unit_exposure_ok():
+    """deploy/systemd/security_score.py rates the shipped unit's exposure at 3.0 ("OK") or less."""
+    require(*SystemdSandbox.available())  # the script boots a sandbox of its own
+    script = ROOT / "deploy" / "systemd" / "security_score.py"
+    result = subprocess.run([PYTHON, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Overall exposure level for watchkeeper.service" in result.stdout
