@@ -28,9 +28,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import psutil
 
@@ -54,6 +54,8 @@ MASKED_UNITS = (
 # Device nodes bind-mounted from the host into the sandbox's /dev (as systemd-nspawn does).
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 CLONE_NEWCGROUP = 0x02000000
+
+T = TypeVar("T")
 
 
 class SandboxError(RuntimeError):
@@ -247,7 +249,7 @@ class SystemdSandbox:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _wait(self, condition, timeout_s: float, what: str):
+    def _wait(self, condition: Callable[[], T], timeout_s: float, what: str) -> T:
         deadline = time.monotonic() + timeout_s
         while True:
             value = condition()
