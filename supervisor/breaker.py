@@ -22,6 +22,7 @@ verdict needs, so memory per key is bounded by its limit and not by the event ra
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
 import time
 from collections import OrderedDict, deque
@@ -250,6 +251,12 @@ class _Snapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pipeline_spend: list[list[float]] = []
     summaries: dict[str, list[str]] = {}
     probes: dict[str, int] = {}
+
+
+def content_hash(text: str) -> str:
+    """Hash for the duplicate rule; case and whitespace changes still count as the same post."""
+    normal = " ".join(text.casefold().split())
+    return hashlib.blake2b(normal.encode(), digest_size=16).hexdigest()
 
 
 def _is_amount(value: object) -> bool:

@@ -21,6 +21,7 @@ from supervisor.breaker import (
     Rule,
     SnapshotError,
     SpendBudget,
+    content_hash,
 )
 
 
@@ -179,6 +180,12 @@ def test_same_content_more_than_d_times_trips():
         clock.advance(60)
     assert [d.allowed for d in decisions] == [True, True, True, False]
     assert (decisions[-1].trip.rule, decisions[-1].trip.count) == (Rule.DUPLICATES, 4)
+
+
+def test_content_hash_ignores_case_and_whitespace():
+    """Reposts differing only in case or whitespace hash alike; different text does not."""
+    assert content_hash("Big  news!\n") == content_hash("big news!")
+    assert content_hash("Big news!") != content_hash("Big news?")
 
 
 def test_duplicate_override_per_agent():
