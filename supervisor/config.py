@@ -12,6 +12,11 @@ from typing import Literal
 
 import msgspec
 
+from .alerts import AlertSettings
+from .breaker import AgentLimits, BreakerSettings
+from .heartbeat import HeartbeatSettings
+from .memguard import MemoryGuardSettings, MemoryPriority
+
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """Base of every config section: unknown keys are errors, fields are keyword-only."""
@@ -26,12 +31,6 @@ class Overlap(enum.StrEnum):
 class Leftovers(enum.StrEnum):
     STOP = "stop"  # processes a run leaves behind are stopped when it ends (like systemd)
     KEEP = "keep"  # left alone; the memory guard is the second net
-
-
-class StalePolicy(enum.StrEnum):
-    LOG = "log"
-    RESTART = "restart"
-    KILL = "kill"
 
 
 class Schedule(_Section, kw_only=True):
@@ -93,14 +92,6 @@ class Job(_Section, kw_only=True):
     leftovers: Leftovers = Leftovers.STOP
 
 
-class HeartbeatSpec(_Section, kw_only=True):
-    interval_s: float = 300.0
-    stale_multiple: float = 3.0
-    """The heartbeat is stale once older than interval_s * stale_multiple."""
-    on_stale: StalePolicy = StalePolicy.LOG
-    """What to do when a running agent's heartbeat goes stale."""
-
-
 class AgentSpec(_Section, kw_only=True):
     """One file in agents.d: an agent (the identity) and its jobs."""
 
@@ -110,15 +101,18 @@ class AgentSpec(_Section, kw_only=True):
     jobs: list[Job] = []
     depends_on: list[str] = []
     """Upstream agents: stale or failed upstreams make a run start degraded."""
-    heartbeat: HeartbeatSpec = HeartbeatSpec()
+    heartbeat: HeartbeatSettings = HeartbeatSettings()
+    """interval_s (300), stale_multiple (3) and on_stale: log | restart | kill."""
     healthy_after_s: float = 10.0
     """An `always` run that lived this long counts as healthy: its exit restarts at once."""
-    memory_max_mb: int | None = None
-    memory_priority: Literal["low", "normal", "high"] = "normal"
+    memory_max_mb: float | None = None
+    """A run whose process tree uses more than this is stopped (reason: memory)."""
+    memory_priority: MemoryPriority = MemoryPriority.NORMAL
+    """`low`: the first run stopped under memory pressure, after orphaned Chrome."""
     memory_write: list[str] | None = None
     """Namespaces (glob patterns) this agent may write in the steward; default: its name."""
-    max_processes: int | None = 256
-    """Processes one run may have at once; a fork bomb past it is stopped."""
+    limits: AgentLimits | None = None
+    """Circuit-breaker limits for this agent (outputs, kinds, launches, duplicates, spend)."""
 
     @property
     def name(self) -> str:
@@ -170,3 +164,6 @@ class Settings(_Section, kw_only=True):
     locks: LockSettings = LockSettings()
     crash_loop: CrashLoopSettings = CrashLoopSettings()
     metrics: MetricsSettings = MetricsSettings()
+    memory_guard: MemoryGuardSettings = MemoryGuardSettings()
+    breaker: BreakerSettings = BreakerSettings()
+    alerts: AlertSettings = AlertSettings()

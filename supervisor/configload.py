@@ -304,6 +304,10 @@ def load_config(path: Path | str | None = None) -> Config:
             agents[spec.name] = spec
             files[spec.name] = agent_file
         _check_references(agents, files, issues)
+        try:
+            settings.breaker.check_agents(agents)
+        except ValueError as exc:
+            issues.append(doc.issue("breaker.agents", str(exc)))
     if issues:
         raise ConfigError(issues)
     return Config(path=path, settings=settings, agents=agents, agent_files=files)

@@ -11,3 +11,10 @@ from __future__ import annotations
 
 def install_features(daemon) -> None:
     """Attach every feature to a daemon that has not started yet."""
+    from .health import Health
+    from .metrics import Metrics
+    from .output_gate import OutputGate
+    from .systemd_service import SystemdService
+
+    # The output gate first: it creates the alerter the others send through.
+    daemon.extensions.extend([OutputGate(), Health(), Metrics(), SystemdService()])

@@ -53,6 +53,7 @@ class Pipeline:
         self.degraded_upstreams: Callable[[AgentSpec], list[str]] = self._failed_upstreams
         self.on_run_finished: list[Callable[[Run, RunRecord], None]] = []
         self.on_run_started: list[Callable[[Run], None]] = []
+        self.on_crash_loop: list[Callable[[AgentRuntime], None]] = []
         self.launch_gate: Callable[[str], str | None] = lambda agent: None
         self.base_env = dict(os.environ)
 
@@ -333,6 +334,8 @@ class Pipeline:
                       cooldown_s=delay, last_exit=_exit_text(record.exit_code, record.signal))
             rt.queued = None
             rt.retry_timer = self.timers.call_later(delay, lambda: self._cooled_down(rt))
+            for hook in self.on_crash_loop:
+                hook(rt)
             return
         retries = run.job.retries
         if run.attempt < retries.max_attempts or run.job.schedule.always:

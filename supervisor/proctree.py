@@ -74,20 +74,24 @@ def descendants(root_pid: int) -> list[int]:
 
 
 def attribute(pids: list[int], run_roots: dict[int, str], known: dict[int, str]) -> dict[int, str]:
-    """Map each pid to a run id: inherited env first, then a known root or earlier sighting."""
+    """Map each pid to a run id: the nearest marker up its parent chain wins, where a
+    marker is a run's root pid, an inherited WATCHKEEPER_RUN_ID, or an earlier sighting.
+    Chrome overwrites /proc/PID/environ of its zygotes and renderers when it sets their
+    process titles, so their own environment often carries no marker, their parent's does."""
     owners: dict[int, str] = {}
     for pid in pids:
-        run_id = read_environ(pid).get(RUN_ID_ENV) or run_roots.get(pid) or known.get(pid)
-        if run_id is None:
-            try:
-                for parent in psutil.Process(pid).parents():
-                    run_id = run_roots.get(parent.pid) or owners.get(parent.pid)
-                    if run_id:
-                        break
-            except psutil.Error:
-                pass
-        if run_id:
-            owners[pid] = run_id
+        chain = [pid]
+        try:
+            chain += [p.pid for p in psutil.Process(pid).parents()]
+        except psutil.Error:
+            pass
+        me = os.getpid()
+        for link in chain[:chain.index(me)] if me in chain else chain:
+            run_id = (run_roots.get(link) or owners.get(link) or
+                      read_environ(link).get(RUN_ID_ENV) or known.get(link))
+            if run_id:
+                owners[pid] = run_id
+                break
     return owners
 
 

@@ -114,6 +114,11 @@ class Scheduler:
         if self._aps.running:
             self._aps.shutdown(wait=False)
 
+    def alive(self) -> bool:
+        """False once the scheduler thread has died (the watchdog stops pinging then)."""
+        thread = getattr(self._aps, "_thread", None)
+        return bool(self._aps.running and thread is not None and thread.is_alive())
+
     def wakeup(self) -> None:
         if self._aps.running:
             self._aps.wakeup()

@@ -41,6 +41,26 @@ CREATE TABLE IF NOT EXISTS agent_flags (
     agent  TEXT PRIMARY KEY,
     paused INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS outputs (
+    id       INTEGER PRIMARY KEY,
+    agent    TEXT NOT NULL,
+    run_id   TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    time     REAL NOT NULL,
+    hash     TEXT NOT NULL,
+    summary  TEXT NOT NULL,
+    allowed  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outputs_agent_time ON outputs(agent, time);
+CREATE TABLE IF NOT EXISTS usage (
+    id      INTEGER PRIMARY KEY,
+    agent   TEXT NOT NULL,
+    run_id  TEXT NOT NULL,
+    time    REAL NOT NULL,
+    tokens  INTEGER NOT NULL,
+    cost    REAL NOT NULL,
+    model   TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS kv (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -123,6 +143,8 @@ class Store:
 
     def prune_runs(self, older_than_s: float, now: float | None = None) -> int:
         cutoff = (time.time() if now is None else now) - older_than_s
+        self.db.execute("DELETE FROM outputs WHERE time < ?", (cutoff,))
+        self.db.execute("DELETE FROM usage WHERE time < ?", (cutoff,))
         return self.db.execute("DELETE FROM runs WHERE ended IS NOT NULL AND ended < ?",
                                (cutoff,)).rowcount
 
@@ -136,6 +158,29 @@ class Store:
         row = self.db.execute("SELECT last_fire FROM job_state WHERE agent=? AND job=?",
                               (agent, job)).fetchone()
         return row[0] if row else None
+
+    # -- outputs and spend -------------------------------------------------------------------
+    def record_output(self, agent: str, run_id: str, kind: str, when: float, digest: str,
+                      summary: str, allowed: bool) -> None:
+        self.db.execute("INSERT INTO outputs(agent, run_id, kind, time, hash, summary, allowed) "
+                        "VALUES (?,?,?,?,?,?,?)",
+                        (agent, run_id, kind, when, digest, summary, int(allowed)))
+
+    def recent_outputs(self, agent: str | None = None, limit: int = 50) -> list[dict]:
+        sql = "SELECT * FROM outputs" + (" WHERE agent=?" if agent else "") + \
+              " ORDER BY id DESC LIMIT ?"
+        rows = self.db.execute(sql, (agent, limit) if agent else (limit,))
+        return [dict(r) for r in rows]
+
+    def record_usage(self, agent: str, run_id: str, when: float, tokens: int, cost: float,
+                     model: str) -> None:
+        self.db.execute("INSERT INTO usage(agent, run_id, time, tokens, cost, model) "
+                        "VALUES (?,?,?,?,?,?)", (agent, run_id, when, tokens, cost, model))
+
+    def usage_totals(self, since: float) -> dict[str, dict]:
+        rows = self.db.execute("SELECT agent, SUM(tokens), SUM(cost), COUNT(*) FROM usage "
+                               "WHERE time >= ? GROUP BY agent", (since,))
+        return {r[0]: {"tokens": r[1], "cost": r[2], "calls": r[3]} for r in rows}
 
     # -- flags and small values ------------------------------------------------------------
     def set_paused(self, agent: str, paused: bool) -> None:

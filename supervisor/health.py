@@ -1,0 +1,176 @@
+"""Health in the loop: heartbeats (stale policy, degraded downstreams) and the memory guard.
+
+The pure parts live in heartbeat.py and memguard.py; this module connects them to the
+pipeline: it decides a run's degraded upstreams before it starts, applies the stale policy
+to running agents, performs the guard's actions, and serves the `heartbeat` command.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import structlog
+
+from .alerts import Alert, AlertKind
+from .config import AgentSpec
+from .control.handlers import AGENT, command
+from .control.protocol import error, ok
+from .heartbeat import (
+    DegradationTracker,
+    OnStale,
+    Verdict,
+    heartbeat_path,
+    heartbeat_verdict,
+    load_heartbeat,
+    upstream_status,
+    write_heartbeat,
+)
+from .memguard import AgentMemorySettings, MemoryGuard, StopRun
+from .memguard import Alert as GuardAlert
+from .procscan import LiveRun
+from .scheduler import Fire
+from .states import Outcome, StopReason
+
+log = structlog.get_logger("watchkeeper.health")
+
+DEGRADED_CHECK_INTERVAL_S = 5.0
+
+
+class Health:
+    name = "health"
+
+    def __init__(self) -> None:
+        self.daemon = None
+        self.tracker = DegradationTracker()
+        self.guard: MemoryGuard | None = None
+        self._guard_timer = None
+        self._stale_runs: set[str] = set()  # runs whose stale heartbeat was already handled
+        self._next_degraded_check = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self, daemon) -> None:
+        self.daemon = daemon
+        daemon.pipeline.degraded_upstreams = self.degraded_upstreams
+        daemon.on_tick.append(self._tick)
+        self._make_guard()
+
+    def reload(self, daemon) -> None:
+        self._make_guard()
+
+    def stop(self, daemon) -> None:
+        if self._guard_timer is not None:
+            self._guard_timer.cancel()
+
+    def _make_guard(self) -> None:
+        daemon = self.daemon
+        if self._guard_timer is not None:
+            self._guard_timer.cancel()
+        self.guard = MemoryGuard(
+            daemon.config.settings.memory_guard, daemon_pid=os.getpid(), state_dir=str(daemon.state_dir),
+            live_runs=self._live_runs, agent_settings=self._agent_memory)
+        self._guard_timer = daemon.timers.call_later(0, self._guard_tick)
+
+    def _live_runs(self) -> dict[str, LiveRun]:
+        return {r.run_id: LiveRun(r.agent, r.pid, str(r.cgroup) if r.cgroup else None)
+                for r in self.daemon.pipeline.runs.values()}
+
+    def _agent_memory(self, agent: str) -> AgentMemorySettings:
+        rt = self.daemon.pipeline.agents.get(agent)
+        if rt is None:
+            return AgentMemorySettings()
+        return AgentMemorySettings(memory_priority=rt.spec.memory_priority,
+                                   memory_max_mb=rt.spec.memory_max_mb)
+
+    # -- the memory guard ----------------------------------------------------------------------
+    def _guard_tick(self) -> None:
+        now = time.monotonic()
+        try:
+            actions = self.guard.tick(now)
+        finally:
+            delay = max(0.0, self.guard.next_tick_at - time.monotonic())
+            self._guard_timer = self.daemon.timers.call_later(delay, self._guard_tick)
+        for action in actions:
+            if isinstance(action, StopRun):
+                run = self.daemon.pipeline.runs.get(action.run_id)
+                if run is not None:
+                    log.warning("memory_stop_run", agent=action.agent, run_id=action.run_id,
+                                memory_mb=round(action.memory_mb, 1), limit_mb=action.limit_mb,
+                                reason=action.reason.value)
+                    self.daemon.pipeline.stop_run(run, StopReason.MEMORY)
+                    self._alert(AlertKind.MEMORY_KILL, action.agent,
+                                f"run {action.run_id} stopped: {action.memory_mb:.0f} MB "
+                                f"({action.reason.value})")
+            elif isinstance(action, GuardAlert):
+                self._alert(AlertKind.MEMORY_KILL, None, action.message)
+
+    def _alert(self, kind: AlertKind, agent: str | None, text: str) -> None:
+        alerter = getattr(self.daemon, "alerter", None)
+        if alerter is not None:
+            alerter.send(Alert(kind=kind, title=f"watchkeeper: {kind.value}", text=text,
+                               agent=agent))
+
+    # -- heartbeats --------------------------------------------------------------------------
+    def degraded_upstreams(self, spec: AgentSpec) -> list[str]:
+        """Upstreams of `spec` that are stale, missing or whose last run failed."""
+        statuses = self._upstreams(spec)
+        self.tracker.observe(spec.name, statuses)
+        return sorted(name for name, st in statuses.items() if st.degraded)
+
+    def _upstreams(self, spec: AgentSpec):
+        agents = self.daemon.pipeline.agents
+        settings = {n: agents[n].spec.heartbeat for n in spec.depends_on if n in agents}
+        last_ok = {n: (None if agents[n].last_outcome is None else
+                       agents[n].last_outcome == Outcome.SUCCEEDED.value)
+                   for n in spec.depends_on if n in agents}
+        return upstream_status(self.daemon.state_dir, spec.depends_on, settings, last_ok,
+                               time.time())
+
+    def _tick(self, now_mono: float) -> None:
+        now = time.time()
+        pipeline = self.daemon.pipeline
+        for run in list(pipeline.runs.values()):
+            rt = pipeline.agents.get(run.agent)
+            if rt is None or run.run_id in self._stale_runs:
+                continue
+            settings = rt.spec.heartbeat
+            reading = load_heartbeat(heartbeat_path(self.daemon.state_dir, run.agent))
+            verdict = heartbeat_verdict(reading, settings, now, started_at=run.started_wall)
+            if verdict in (Verdict.FRESH,):
+                continue
+            self._stale_runs.add(run.run_id)
+            self._on_stale(rt, run, verdict, settings.on_stale)
+        self._stale_runs &= set(pipeline.runs)
+        if now_mono >= self._next_degraded_check:
+            self._next_degraded_check = now_mono + DEGRADED_CHECK_INTERVAL_S
+            for rt in pipeline.agents.values():
+                if rt.spec.depends_on:
+                    rt.degraded = self.degraded_upstreams(rt.spec)
+
+    def _on_stale(self, rt, run, verdict: Verdict, policy: OnStale) -> None:
+        log.warning("heartbeat_stale", agent=run.agent, run_id=run.run_id,
+                    verdict=verdict.value, policy=policy.value)
+        self._alert(AlertKind.STALE_HEARTBEAT, run.agent,
+                    f"run {run.run_id}: heartbeat {verdict.value}; policy {policy.value}")
+        if policy == OnStale.LOG:
+            return
+        if policy == OnStale.RESTART:
+            rt.queued = Fire(rt.name, run.job.id, "restart", time.time())
+        self.daemon.pipeline.stop_run(run, StopReason.STALE_HEARTBEAT)
+
+    def status(self) -> dict:
+        degraded = sorted(a for a, rt in self.daemon.pipeline.agents.items() if rt.degraded)
+        guard = self.guard
+        return {"degraded": degraded, "memory_level": guard.level.value if guard else None,
+                "summary": f"memory {guard.level.value}" if guard else None}
+
+
+@command(AGENT, "heartbeat")
+def _heartbeat(h, conn, req, run):
+    """Write the calling run's heartbeat (a run can heartbeat only as its own agent)."""
+    try:
+        path = write_heartbeat(h.daemon.state_dir, run.agent, pid=conn.peer.pid,
+                               run_id=run.run_id)
+    except OSError as exc:
+        return error(req.id, f"cannot write heartbeat: {exc}")
+    return ok(req.id, {"path": str(path)})

@@ -1,0 +1,112 @@
+"""Prometheus metrics on 127.0.0.1:<metrics.port>, through prometheus-client.
+
+prometheus-client is imported only when a port is configured: the exporter's thread and
+registry cost a few MB that a daemon without metrics should not pay on a 4 GB box.
+Gauges that need a scan (heartbeat age, run memory) are refreshed on the loop's tick.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import structlog
+
+from .heartbeat import heartbeat_path, load_heartbeat
+
+log = structlog.get_logger("watchkeeper.metrics")
+
+REFRESH_INTERVAL_S = 5.0
+BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+
+
+class Metrics:
+    name = "metrics"
+
+    def __init__(self) -> None:
+        self.daemon = None
+        self.server = None
+        self.registry = None
+        self._next_refresh = 0.0
+
+    def start(self, daemon) -> None:
+        settings = daemon.config.settings.metrics
+        if settings.port is None:
+            return
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            start_http_server,
+        )
+
+        self.daemon = daemon
+        reg = self.registry = CollectorRegistry()
+        self.runs = Counter("watchkeeper_runs", "Finished runs", ["agent", "outcome"], registry=reg)
+        self.duration = Histogram("watchkeeper_run_duration_seconds", "Run duration", ["agent"],
+                                  buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600), registry=reg)
+        self.restarts = Counter("watchkeeper_restarts", "Runs started by retry, restart or "
+                                "an always agent", ["agent"], registry=reg)
+        self.hb_age = Gauge("watchkeeper_heartbeat_age_seconds", "Age of the agent's heartbeat",
+                            ["agent"], registry=reg)
+        self.rss = Gauge("watchkeeper_agent_rss_bytes", "RSS of the agent's running processes",
+                         ["agent"], registry=reg)
+        self.breaker = Gauge("watchkeeper_breaker_state", "0 closed, 1 half-open, 2 open",
+                             registry=reg)
+        self.queue = Gauge("watchkeeper_steward_queue_depth", "Memory updates waiting for the "
+                           "steward", registry=reg)
+        self.running = Gauge("watchkeeper_agents_running", "Agents with a live run", registry=reg)
+        self.server, _thread = start_http_server(settings.port, addr=settings.address,
+                                                 registry=reg)
+        daemon.pipeline.on_run_finished.append(self._run_finished)
+        daemon.pipeline.on_run_started.append(self._run_started)
+        daemon.on_tick.append(self._tick)
+        log.info("metrics_listening", address=settings.address, port=settings.port)
+
+    def stop(self, daemon) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+
+    def _run_started(self, run) -> None:
+        if run.trigger in ("retry", "always", "restart"):
+            self.restarts.labels(run.agent).inc()
+
+    def _run_finished(self, run, record) -> None:
+        self.runs.labels(run.agent, record.outcome).inc()
+        if record.ended is not None:
+            self.duration.labels(run.agent).observe(max(0.0, record.ended - record.started))
+
+    def _tick(self, now_mono: float) -> None:
+        if now_mono < self._next_refresh:
+            return
+        self._next_refresh = now_mono + REFRESH_INTERVAL_S
+        pipeline = self.daemon.pipeline
+        now = time.time()
+        self.running.set(len(pipeline.runs))
+        for name in pipeline.agents:
+            hb = load_heartbeat(heartbeat_path(self.daemon.state_dir, name)).heartbeat
+            if hb is not None:
+                self.hb_age.labels(name).set(max(0.0, now - hb.ts))
+        rss: dict[str, int] = dict.fromkeys(pipeline.agents, 0)
+        for pid, run_id in pipeline.owners.items():
+            run = pipeline.runs.get(run_id)
+            if run is not None:
+                rss[run.agent] = rss.get(run.agent, 0) + _rss(pid)
+        for run in pipeline.runs.values():
+            rss[run.agent] = rss.get(run.agent, 0) + _rss(run.pid)
+        for name, value in rss.items():
+            self.rss.labels(name).set(value)
+        gate = getattr(self.daemon, "output_gate", None)
+        if gate is not None:
+            self.breaker.set(BREAKER_VALUES.get(gate.breaker.state.value, 0))
+        steward = getattr(self.daemon, "steward", None)
+        if steward is not None:
+            self.queue.set(steward.queue_depth())
+
+
+def _rss(pid: int) -> int:
+    try:
+        return psutil.Process(pid).memory_info().rss
+    except psutil.Error:
+        return 0

@@ -1,0 +1,171 @@
+"""The output gate: every output an agent publishes is announced here first.
+
+Each `emit` is recorded and checked by the circuit breaker (breaker.py). The (N+1)th output
+in the window is denied and trips the breaker: the whole pipeline halts (no run starts,
+every run is stopped) and exactly one alert goes out (alerts.py). The breaker's state is
+persisted, so a restarted daemon comes back halted.
+"""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import structlog
+
+from .alerts import Alert, Alerter, AlertKind, trip_alert
+from .breaker import Breaker, BreakerSettings, BreakerState, Decision, SnapshotError, content_hash
+from .control.handlers import ADMIN, AGENT, READ_ONLY, command
+from .control.protocol import error, ok
+
+log = structlog.get_logger("watchkeeper.outputs")
+
+MAX_SUMMARY_CHARS = 500
+SNAPSHOT_KEY = "breaker"
+
+
+def merged_breaker_settings(config) -> BreakerSettings:
+    """The main file's breaker section with each agent file's `limits:` folded in."""
+    settings = config.settings.breaker
+    agents = dict(settings.agents)
+    for name, spec in config.agents.items():
+        if spec.limits is not None:
+            agents[name] = spec.limits
+    return msgspec.structs.replace(settings, agents=agents)
+
+
+class OutputGate:
+    name = "breaker"
+
+    def __init__(self) -> None:
+        self.daemon = None
+        self.breaker: Breaker | None = None
+        self.alerter: Alerter | None = None
+
+    def start(self, daemon) -> None:
+        self.daemon = daemon
+        daemon.output_gate = self
+        self.alerter = Alerter(daemon.config.settings.alerts)
+        daemon.alerter = self.alerter
+        self.breaker = Breaker(merged_breaker_settings(daemon.config), persist=self._persist)
+        snapshot = daemon.store.get_value(SNAPSHOT_KEY)
+        if snapshot:
+            try:
+                self.breaker.restore(snapshot)
+            except SnapshotError as exc:
+                log.error("breaker_snapshot_unreadable", error=str(exc),
+                          hint="starting with a closed breaker")
+        if self.breaker.state == BreakerState.OPEN:
+            trip = self.breaker.last_trip
+            log.critical("pipeline_halted_at_start", agent=trip.agent if trip else None,
+                         hint="`watchkeeper breaker reset --reason ...` resumes the pipeline")
+            daemon.pipeline.halted = True
+        daemon.pipeline.launch_gate = self._launch_gate
+        daemon.pipeline.on_crash_loop.append(self._crash_loop_alert)
+        daemon.on_tick.append(self._tick)
+
+    def reload(self, daemon) -> None:
+        self.breaker.apply_settings(merged_breaker_settings(daemon.config))
+
+    def stop(self, daemon) -> None:
+        self._persist(self.breaker.snapshot())
+        self.alerter.close(timeout_s=5.0)
+
+    def _persist(self, snapshot: dict) -> None:
+        self.daemon.store.put_value(SNAPSHOT_KEY, snapshot)
+
+    # -- decisions -------------------------------------------------------------------------
+    def handle(self, decision: Decision) -> Decision:
+        """Act on a decision: a trip halts the pipeline and sends the one alert."""
+        if decision.trip is not None:
+            trip = decision.trip
+            log.critical("breaker_tripped", agent=trip.agent, rule=trip.rule.value,
+                         limit=trip.limit, count=trip.count, window_s=trip.window_s)
+            self.daemon.pipeline.halt()
+            self.alerter.send(trip_alert(trip))
+        return decision
+
+    def _launch_gate(self, agent: str) -> str | None:
+        decision = self.handle(self.breaker.check_launch(agent))
+        return None if decision.allowed else decision.reason
+
+    def _tick(self, now_mono: float) -> None:
+        changed = self.breaker.tick()
+        if changed == BreakerState.HALF_OPEN:
+            log.warning("breaker_half_open", hint="scheduling resumes with a probe budget")
+            self.daemon.pipeline.unhalt()
+
+    def _crash_loop_alert(self, rt) -> None:
+        self.alerter.send(Alert(kind=AlertKind.CRASH_LOOP, agent=rt.name,
+                                title=f"watchkeeper: {rt.name} is crash looping",
+                                text=f"{rt.failures} consecutive failures; last {rt.last_exit}"))
+
+    def reset(self, by: str, reason: str) -> bool:
+        was_open = self.breaker.reset(by, reason)
+        log.warning("breaker_reset", by=by, reason=reason, was_open=was_open)
+        if was_open:
+            self.alerter.send(Alert(kind=AlertKind.BREAKER_RESET, title="watchkeeper: breaker "
+                                    "reset", text=f"reset by {by}: {reason}"))
+        self.daemon.pipeline.unhalt()
+        return was_open
+
+    def status(self) -> dict:
+        trip = self.breaker.last_trip
+        return {"state": self.breaker.state.value, "trips_total": self.breaker.trips_total,
+                "last_trip": msgspec.to_builtins(trip) if trip else None,
+                "summary": f"breaker {self.breaker.state.value}"}
+
+
+def _gate(h):
+    return h.daemon.output_gate
+
+
+@command(AGENT, "emit")
+def _emit(h, conn, req, run):
+    args = req.args
+    kind = args.get("kind")
+    summary = args.get("summary", "")
+    content = args.get("content")
+    if not isinstance(kind, str) or not kind or len(kind) > 64:
+        return error(req.id, "emit needs `kind`: a string of 1 to 64 characters")
+    if not isinstance(summary, str) or (content is not None and not isinstance(content, str)):
+        return error(req.id, "`summary` and `content` must be strings")
+    digest = args.get("content_hash") or content_hash(content if content is not None else summary)
+    gate = _gate(h)
+    decision = gate.handle(gate.breaker.check_output(run.agent, kind, digest,
+                                                     summary[:MAX_SUMMARY_CHARS]))
+    h.daemon.store.record_output(run.agent, run.run_id, kind, time.time(), digest,
+                                 summary[:MAX_SUMMARY_CHARS], decision.allowed)
+    log.info("output_emitted" if decision.allowed else "output_denied", agent=run.agent,
+             run_id=run.run_id, kind=kind, summary=summary[:120], reason=decision.reason or None)
+    if not decision.allowed:
+        return error(req.id, f"denied: {decision.reason}", denied=True, reason=decision.reason)
+    return ok(req.id, {"allowed": True})
+
+
+@command(AGENT, "usage")
+def _usage(h, conn, req, run):
+    tokens, cost = req.args.get("tokens", 0), req.args.get("cost", 0.0)
+    if not isinstance(tokens, int) or not isinstance(cost, int | float):
+        return error(req.id, "usage needs integer `tokens` and numeric `cost`")
+    gate = _gate(h)
+    decision = gate.handle(gate.breaker.report_usage(run.agent, tokens, float(cost)))
+    h.daemon.store.record_usage(run.agent, run.run_id, time.time(), tokens, float(cost),
+                                str(req.args.get("model", ""))[:64])
+    if not decision.allowed:
+        return error(req.id, f"denied: {decision.reason}", denied=True, reason=decision.reason)
+    return ok(req.id, {"allowed": True})
+
+
+@command(READ_ONLY, "breaker-status")
+def _breaker_status(h, conn, req):
+    return ok(req.id, _gate(h).status())
+
+
+@command(ADMIN, "breaker-reset")
+def _breaker_reset(h, conn, req):
+    reason = req.args.get("reason")
+    if not isinstance(reason, str) or not reason.strip():
+        return error(req.id, "breaker reset needs a --reason (it is logged and alerted)")
+    who = f"uid {conn.peer.uid} pid {conn.peer.pid}"
+    return ok(req.id, {"was_open": _gate(h).reset(who, reason.strip())})
