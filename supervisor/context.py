@@ -102,8 +102,13 @@ def fts_query(terms: Sequence[str]) -> str:
 
 
 class Fts5Backend:
-    """BM25 over the store's `entries_fts` table; the key column weighs twice the body."""
+    """BM25 over the store's `entries_fts` table; a match in the key weighs twice the others.
 
+    The namespace is indexed too: tasks name the kind of entry they need ("the research
+    notes", "the analytics report"), and entries rarely repeat their namespace in their text.
+    """
+
+    NAMESPACE_WEIGHT = 3.0
     KEY_WEIGHT = 2.0
     BODY_WEIGHT = 1.0
 
@@ -128,7 +133,7 @@ class Fts5Backend:
             params = list(namespaces)
         rows = self._conn.execute(
             f"select e.namespace, e.key, e.version, e.value, "
-            f"bm25(entries_fts, 0.0, {self.KEY_WEIGHT}, {self.BODY_WEIGHT}) as rank "
+            f"bm25(entries_fts, {self.NAMESPACE_WEIGHT}, {self.KEY_WEIGHT}, {self.BODY_WEIGHT}) as rank "
             f"from entries_fts join entries e on e.id = entries_fts.rowid "
             f"where entries_fts match ? and e.value is not null {scope} "
             f"order by rank limit ?", (fts_query(terms), *params, limit)).fetchall()

@@ -368,7 +368,7 @@ create index if not exists idempotency_by_age on idempotency (created_at);
 -- Full-text index for lazy context retrieval (supervisor/context.py). Triggers keep it in the
 -- same transaction as every write path (apply, revert, import), so it can never drift.
 create virtual table if not exists entries_fts using fts5(
-    namespace unindexed, key, body, tokenize = 'porter unicode61'
+    namespace, key, body, tokenize = 'porter unicode61'
 );
 create trigger if not exists entries_fts_insert after insert on entries
 when new.value is not null begin
