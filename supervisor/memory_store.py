@@ -484,6 +484,10 @@ class MemoryStore(_Reads):
         self._conn.executescript(
             f"begin immediate; {_DDL} pragma user_version = {_SCHEMA_VERSION}; commit;")
 
+    def integrity_check(self) -> str:
+        """SQLite's `pragma integrity_check`: "ok", or the problems it found, one per line."""
+        return "\n".join(row[0] for row in self._conn.execute("pragma integrity_check"))
+
     def reader(self) -> MemoryReader:
         """A new read-only connection to this store, for use beside the writer."""
         return MemoryReader(self.path, self.settings)
@@ -554,7 +558,10 @@ class MemoryStore(_Reads):
         new, problem = _new_value(update, old, old_text is not None)
         if problem:
             return rejected(update, Reason.MALFORMED, problem)
-        new_text = None if update.op is Op.DELETE else _encode(new)
+        try:
+            new_text = None if update.op is Op.DELETE else _encode(new)
+        except TypeError as exc:  # a Python caller passed a non-JSON value; agents cannot
+            return rejected(update, Reason.MALFORMED, f"value is not JSON: {exc}")
         problem = self._limits_error(update.namespace, new_text, new)
         if problem:
             return rejected(update, *problem)

@@ -26,6 +26,7 @@ from supervisor.memory_store import (
     allowed,
     merge_patch,
     parse_update,
+    schema_error,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,10 +158,37 @@ def test_schema_rejects_a_nonconforming_value(tmp_path: Path) -> None:
     assert "$.title" in results[1].detail and "title" in results[2].detail
 
 
+def test_schema_subset_checks_items_enum_and_closed_objects() -> None:
+    """The subset validator checks items, maxItems, enum, integer and additionalProperties."""
+    schema = {"type": "object", "additionalProperties": False,
+              "properties": {"tags": {"type": "array", "maxItems": 2, "items": {"type": "string"}},
+                             "state": {"enum": ["draft", "done"]}, "n": {"type": "integer"}}}
+    assert schema_error({"tags": ["a"], "state": "done", "n": 2.0}, schema) is None
+    assert "$.tags[1]" in schema_error({"tags": ["a", 1]}, schema)
+    assert "maxItems" in schema_error({"tags": ["a", "b", "c"]}, schema)
+    assert "not one of" in schema_error({"state": "late"}, schema)
+    assert "integer" in schema_error({"n": True}, schema)
+    assert "'extra' is not allowed" in schema_error({"extra": 1}, schema)
+
+
 def test_settings_refuse_unsupported_schema_keywords() -> None:
     """A schema keyword outside the subset is a config error that lists the supported ones."""
     with pytest.raises(ValueError, match="unsupported keyword.*pattern.*supported"):
         StewardSettings(schemas={"seo": {"type": "string", "pattern": "^a"}})
+
+
+def test_settings_defaults() -> None:
+    """The steward section's defaults: 256 KiB values, 30 days of history, 1 day of retry keys."""
+    defaults = StewardSettings()
+    assert msgspec.structs.asdict(defaults) == {
+        "db_file": "memory.sqlite3", "max_value_bytes": 262144, "schemas": {},
+        "history_retention_s": 2592000.0, "idempotency_ttl_s": 86400.0, "busy_timeout_ms": 5000}
+
+
+def test_non_json_value_is_malformed_and_spares_the_batch(store: MemoryStore) -> None:
+    """A value that cannot be encoded as JSON is rejected without aborting the batch."""
+    bad, good = store.apply_batch([upd("put", "k", object()), upd("put", "j", 1)])
+    assert bad.reason is Reason.MALFORMED and good.ok
 
 
 def test_settings_refuse_unknown_fields() -> None:
@@ -383,7 +411,7 @@ def test_every_acknowledged_update_survives_sigkill(tmp_path: Path) -> None:
                  if line.startswith("ack "))
     assert len(acked) >= 150
     with MemoryStore(tmp_path) as reopened:
-        assert reopened._conn.execute("pragma integrity_check").fetchone() == ("ok",)
+        assert reopened.integrity_check() == "ok"
         for i in acked:
             for j in range(3):
                 assert reopened.get("crash", f"k{i + j}").value["i"] == i + j
