@@ -1,0 +1,177 @@
+"""Lazy context retrieval: FTS5 ranking, token budgets, and query sanitising."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from pathlib import Path
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor.context import (
+    ContextRetriever,
+    Fts5Backend,
+    estimate_tokens,
+    fts_query,
+    query_terms,
+    render,
+    total_tokens,
+)
+from supervisor.memory_store import MemoryStore, Op, Update
+
+GRANTS = {"t": ["*"]}
+
+
+def put(store: MemoryStore, ns: str, key: str, value: object) -> None:
+    [result] = store.apply_batch([Update(op=Op.PUT, namespace=ns, key=key, value=value,
+                                         agent="t", run_id="r")], grants=GRANTS)
+    assert result.ok
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> MemoryStore:
+    with MemoryStore(tmp_path) as opened:
+        put(opened, "research", "solar-batteries/note-1",
+            {"title": "Lithium iron phosphate cycles", "text": "LFP home batteries last 6000 cycles."})
+        put(opened, "research", "solar-batteries/note-2",
+            {"title": "Inverter sizing", "text": "Size the hybrid inverter to peak household load."})
+        put(opened, "research", "sourdough/note-1",
+            {"title": "Starter hydration", "text": "A 100% hydration starter peaks in 6 hours."})
+        put(opened, "seo", "sourdough", {"slug": "sourdough-starter", "keywords": ["starter"]})
+        put(opened, "analytics", "sourdough/2024-05-01", {"views": 1200, "note": "starter post"})
+        yield opened
+
+
+@pytest.fixture
+def retriever(store: MemoryStore) -> ContextRetriever:
+    backend = Fts5Backend.open(store.path)
+    yield ContextRetriever(backend)
+    backend.close()
+
+
+def test_best_match_ranks_first(retriever: ContextRetriever) -> None:
+    """The entry sharing the most query terms ranks first."""
+    hits = retriever.search("how many cycles do LFP batteries last?")
+    assert hits[0].key == "solar-batteries/note-1"
+    assert hits[0].score > 0
+
+
+def test_key_words_count_towards_relevance(retriever: ContextRetriever) -> None:
+    """Words of the key (split on / and -) match, so an entry can be found by its name."""
+    keys = {hit.key for hit in retriever.search("solar batteries")}
+    assert keys == {"solar-batteries/note-1", "solar-batteries/note-2"}
+
+
+def test_stemming_matches_word_forms(retriever: ContextRetriever) -> None:
+    """The porter tokenizer matches plural and inflected forms of a query word."""
+    assert retriever.search("inverters")[0].key == "solar-batteries/note-2"
+
+
+def test_k_limits_the_number_of_hits(retriever: ContextRetriever) -> None:
+    """search returns at most k hits, best first."""
+    hits = retriever.search("starter sourdough batteries inverter", k=2)
+    assert len(hits) == 2 and hits[0].score >= hits[1].score
+
+
+def test_hits_fit_the_token_budget(retriever: ContextRetriever) -> None:
+    """The hits' estimated tokens never exceed the budget."""
+    unbounded = retriever.search("starter sourdough hydration", k=8)
+    budget = unbounded[0].tokens + 1
+    hits = retriever.search("starter sourdough hydration", k=8, token_budget=budget)
+    assert hits and total_tokens(hits) <= budget
+
+
+def test_budget_skips_an_oversized_hit_for_a_smaller_one(store: MemoryStore,
+                                                        retriever: ContextRetriever) -> None:
+    """A better-ranked entry too big for the remaining budget gives way to a smaller one."""
+    put(store, "research", "kombucha/big", {"text": "kombucha scoby " * 200})
+    put(store, "research", "kombucha/small", {"text": "kombucha"})
+    hits = retriever.search("kombucha scoby", token_budget=40)
+    assert [hit.key for hit in hits] == ["kombucha/small"]
+
+
+def test_zero_budget_returns_nothing(retriever: ContextRetriever) -> None:
+    """A budget of zero tokens fits no entry."""
+    assert retriever.search("starter", token_budget=0) == []
+
+
+def test_token_estimate_is_ceil_chars_over_four_of_the_rendered_entry(
+        retriever: ContextRetriever, store: MemoryStore) -> None:
+    """Each hit's tokens are ceil(len(render(entry)) / 4) and its text is that rendering."""
+    [hit] = retriever.search("hydration starter peaks", k=1)
+    value_json = msgspec.json.encode(store.get("research", hit.key).value).decode()
+    assert hit.text == render("research", hit.key, value_json)
+    assert hit.tokens == math.ceil(len(hit.text) / 4) == estimate_tokens(hit.text)
+
+
+def test_namespace_globs_restrict_the_search(retriever: ContextRetriever) -> None:
+    """Only entries in namespaces matching the given globs are returned."""
+    hits = retriever.search("sourdough starter", namespaces=["seo", "analyt*"])
+    assert {hit.namespace for hit in hits} == {"seo", "analytics"}
+
+
+def test_index_follows_updates_and_deletes(store: MemoryStore, retriever: ContextRetriever) -> None:
+    """After an update or delete, the index finds the new text and forgets the old."""
+    put(store, "research", "sourdough/note-1", {"text": "Rye flour speeds fermentation."})
+    assert retriever.search("hydration") == []
+    assert retriever.search("rye")[0].version == 2
+    store.apply_batch([Update(op=Op.DELETE, namespace="research", key="sourdough/note-1",
+                              agent="t", run_id="r")], grants=GRANTS)
+    assert retriever.search("rye") == []
+
+
+def test_index_follows_revert_and_import(store: MemoryStore, retriever: ContextRetriever,
+                                         tmp_path: Path) -> None:
+    """Reverted and imported entries are searchable like any other write."""
+    put(store, "research", "sourdough/note-1", {"text": "overwritten"})
+    store.revert(seq=store.history(key="sourdough/note-1")[0].seq)
+    assert retriever.search("overwritten") == []
+    assert retriever.search("hydration")[0].key == "sourdough/note-1"
+    (tmp_path / "copy").mkdir()
+    with MemoryStore(tmp_path / "copy") as copy:
+        copy.import_({"format": "watchkeeper-memory", "format_version": 1, "entries": [
+            {"namespace": "n", "key": "k", "value": {"text": "imported kombucha"}, "version": 1,
+             "updated_at": 0.0, "updated_by": "t", "run_id": "r"}]})
+        assert ContextRetriever(Fts5Backend(copy._conn)).search("kombucha")[0].key == "k"
+
+
+def test_only_text_leaves_are_indexed(store: MemoryStore, retriever: ContextRetriever) -> None:
+    """JSON member names are not indexed, so a common field name does not match every entry."""
+    assert retriever.search("title") == []
+
+
+def test_query_terms_drop_stopwords_punctuation_and_duplicates() -> None:
+    """query_terms keeps lower-cased content words once each, in order."""
+    assert query_terms("Write the article about Solar, solar BATTERIES!") == [
+        "write", "article", "solar", "batteries"]
+
+
+def test_stopword_only_query_returns_nothing(retriever: ContextRetriever) -> None:
+    """A query with no content word returns no hits instead of everything."""
+    assert retriever.search("what is the") == []
+
+
+HOSTILE = ['"', '""', 'a "b', "NEAR(a b)", "a NEAR b", "*", "star*", "(", ")", "((a)",
+           "AND", "OR", "NOT", "a AND OR b", "col:term", "key:x", "-x", "^start", "+", "a'b",
+           "NEAR/2", "{key body}: x", "\x00", "\u2028", "'; drop table entries; --"]
+
+
+@pytest.mark.parametrize("query", HOSTILE)
+def test_fts_syntax_in_user_text_never_raises(retriever: ContextRetriever, query: str) -> None:
+    """Text with FTS5 operators or quotes is searched as plain words, never a syntax error."""
+    retriever.search(query, token_budget=100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_any_text_is_a_valid_fts_query(text: str) -> None:
+    """For any text, the sanitised query is accepted by FTS5."""
+    conn = sqlite3.connect(":memory:")
+    conn.execute("create virtual table t using fts5(body, tokenize = 'porter unicode61')")
+    conn.execute("insert into t values ('hello world')")
+    terms = query_terms(text)
+    if terms:
+        conn.execute("select * from t where t match ?", (fts_query(terms),)).fetchall()
