@@ -108,6 +108,12 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def _config_reference() -> str:
+    from .config_docs import render
+
+    return render()
+
+
 def _when(ts) -> str:
     if not ts:
         return "-"
@@ -165,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     sub.add_parser("check-config", help="validate the configuration, print every error"
                    ).set_defaults(func=cmd_check_config)
+    sub.add_parser("config-reference", help="print the configuration reference (Markdown)"
+                   ).set_defaults(func=lambda a: (print(_config_reference()), EXIT_OK)[1])
     sub.add_parser("status", help="agents, their state, last and next run"
                    ).set_defaults(func=cmd_status)
     p = sub.add_parser("start-now", help="fire an agent's job now")
@@ -187,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"{name} a task for the calling run (agents)")
         p.add_argument("task")
         p.set_defaults(func=cmd_lock)
+    from .cli_agent import add_agent_commands
+
+    add_agent_commands(sub)
     return parser
 
 

@@ -16,6 +16,7 @@ from .alerts import AlertSettings
 from .breaker import AgentLimits, BreakerSettings
 from .heartbeat import HeartbeatSettings
 from .memguard import MemoryGuardSettings, MemoryPriority
+from .memory_store import StewardSettings
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -167,3 +168,4 @@ class Settings(_Section, kw_only=True):
     memory_guard: MemoryGuardSettings = MemoryGuardSettings()
     breaker: BreakerSettings = BreakerSettings()
     alerts: AlertSettings = AlertSettings()
+    steward: StewardSettings = StewardSettings()

@@ -14,7 +14,8 @@ def install_features(daemon) -> None:
     from .health import Health
     from .metrics import Metrics
     from .output_gate import OutputGate
+    from .steward import Steward
     from .systemd_service import SystemdService
 
     # The output gate first: it creates the alerter the others send through.
-    daemon.extensions.extend([OutputGate(), Health(), Metrics(), SystemdService()])
+    daemon.extensions.extend([OutputGate(), Steward(), Health(), Metrics(), SystemdService()])

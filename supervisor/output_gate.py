@@ -157,6 +157,15 @@ def _usage(h, conn, req, run):
     return ok(req.id, {"allowed": True})
 
 
+@command(READ_ONLY, "outputs")
+def _outputs(h, conn, req):
+    agent, limit = req.args.get("agent"), req.args.get("limit", 50)
+    if (agent is not None and not isinstance(agent, str)) or not isinstance(limit, int) or \
+            not 0 < limit <= 1000:
+        return error(req.id, "outputs takes optional `agent` (string) and `limit` (1-1000)")
+    return ok(req.id, h.daemon.store.recent_outputs(agent, limit))
+
+
 @command(READ_ONLY, "breaker-status")
 def _breaker_status(h, conn, req):
     return ok(req.id, _gate(h).status())

@@ -91,7 +91,8 @@ def test_status_table_and_pause_resume(tmp_path):
         assert res.returncode == 0
         lines = res.stdout.splitlines()
         assert lines[1].split()[:3] == ["AGENT", "STATE", "RUN"]
-        assert {ln.split()[0] for ln in lines[2:]} == {"a", "b"}
+        assert {ln.split()[0] for ln in lines[2:4]} == {"a", "b"}
+        assert "breaker: breaker closed" in res.stdout
         assert d.call("pause", agent="a") == {"paused": ["a"]}
         d.wait_event("firing_skipped", agent="a", reason="paused")
         assert d.call("status")["agents"][0]["paused"] is True
