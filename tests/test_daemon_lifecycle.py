@@ -184,10 +184,10 @@ def test_agent_locks_a_task_through_the_cli(tmp_path):
 def test_stale_lock_of_dead_owner_is_cleared_by_watchdog(tmp_path):
     """The daemon's watchdog removes a lock whose holder died, without waiting 30 minutes."""
     state = tmp_path / "state"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, %r); from supervisor import locks; "
-        "l = locks.acquire(%r, 'job-7', agent='x'); print('held', flush=True); time.sleep(60)"
-    ) % (os.getcwd(), str(state))], stdout=subprocess.PIPE, text=True)
+    code = ("import time; from supervisor import locks; "
+            f"held = locks.acquire({str(state)!r}, 'job-7', agent='x'); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     holder.kill()
     holder.wait()
