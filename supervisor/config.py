@@ -17,6 +17,7 @@ from .breaker import AgentLimits, BreakerSettings
 from .heartbeat import HeartbeatSettings
 from .memguard import MemoryGuardSettings, MemoryPriority
 from .memory_store import StewardSettings
+from .storage import StorageSettings
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -91,6 +92,9 @@ class Job(_Section, kw_only=True):
     """Run once at start if a firing was missed while the daemon was down (like Persistent=)."""
     enabled: bool = True
     leftovers: Leftovers = Leftovers.STOP
+    host: str | None = None
+    """Run only on the daemon whose storage.host_name is this (postgresql backend); null:
+    the agent's `host`, else whichever host claims the firing first."""
 
 
 class AgentSpec(_Section, kw_only=True):
@@ -114,6 +118,8 @@ class AgentSpec(_Section, kw_only=True):
     """Namespaces (glob patterns) this agent may write in the steward; default: its name."""
     limits: AgentLimits | None = None
     """Circuit-breaker limits for this agent (outputs, kinds, launches, duplicates, spend)."""
+    host: str | None = None
+    """Run this agent's jobs only on this host (postgresql backend); a job's `host` wins."""
 
     @property
     def name(self) -> str:
@@ -169,3 +175,5 @@ class Settings(_Section, kw_only=True):
     breaker: BreakerSettings = BreakerSettings()
     alerts: AlertSettings = AlertSettings()
     steward: StewardSettings = StewardSettings()
+    storage: StorageSettings = StorageSettings()
+    """`backend: sqlite` (one host) or `backend: postgresql` (several hosts, one pipeline)."""
