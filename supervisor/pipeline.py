@@ -25,7 +25,7 @@ from .timers import Timers
 log = structlog.get_logger("watchkeeper.pipeline")
 
 NO_RESTART_REASONS = {StopReason.SHUTDOWN, StopReason.REMOVED, StopReason.BREAKER,
-                      StopReason.REPLACED, StopReason.MANUAL}
+                      StopReason.REPLACED, StopReason.MANUAL, StopReason.LEASE_LOST}
 
 
 class Pipeline:
@@ -55,6 +55,8 @@ class Pipeline:
         self.on_run_started: list[Callable[[Run], None]] = []
         self.on_crash_loop: list[Callable[[AgentRuntime], None]] = []
         self.launch_gate: Callable[[str], str | None] = lambda agent: None
+        # Shared storage decides which host runs a firing: a non-empty answer says why not here.
+        self.claim_firing: Callable[[Fire, AgentSpec, Job], str] = lambda fire, spec, job: ""
         self.base_env = dict(os.environ)
 
     # -- configuration --------------------------------------------------------------------
@@ -108,7 +110,7 @@ class Pipeline:
             return "unknown"
         if fire.trigger in ("cron", "every"):
             self.store.record_fire(rt.name, job.id, fire.at)
-        verdict = self._blocked(rt, fire)
+        verdict = self._blocked(rt, fire) or self.claim_firing(fire, rt.spec, job)
         if verdict:
             log.info("firing_skipped", agent=rt.name, job=job.id, trigger=fire.trigger,
                      reason=verdict)
