@@ -9,6 +9,7 @@ from pathlib import Path
 import psycopg
 from harness import DaemonProc
 
+ROOT = Path(__file__).resolve().parent.parent
 PG_DSN = os.environ.get("WATCHKEEPER_TEST_PG_DSN",
                         "host=127.0.0.1 port=5432 dbname=test user=postgres")
 
@@ -44,6 +45,14 @@ def query(schema: str, sql: str, params: tuple = ()) -> list[tuple]:
 def storage(schema: str, host: str, **overrides) -> dict:
     return {"backend": "postgresql", "dsn": PG_DSN, "schema": schema, "host_name": host,
             "leader_lease_s": 2.0, "lease_s": 3.0, "poll_s": 0.5, **overrides}
+
+
+def start(daemons: list[DaemonProc]) -> list[DaemonProc]:
+    """Start each daemon; their agents import this checkout's SDK, whatever their cwd."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    for d in daemons:
+        d.start(extra_env={"PYTHONPATH": path})
+    return daemons
 
 
 def hosts(root: Path, schema: str, agents: dict, count: int = 2, storage_overrides=None,
