@@ -73,6 +73,9 @@ def test_leader_killed_mid_stream_loses_no_acknowledged_update(tmp_path, schema)
         wait_until(lambda: len(acked(follower)) >= before + 200, 20,
                    message="the follower's writes go on")
         reply = follower.call("memory-get", namespace="writer", key=next(iter(acked(leader))))
+        wait_until(lambda: query(schema, "select count(*) from runs where host = 'h1' and "
+                                 "stop_reason = 'host_lost'")[0][0] == 1, 3.0 + 2 * 3.0,
+                   message="the new leader closes the dead host's run record")
     finally:
         follower.stop()
         leader.stop()

@@ -162,7 +162,7 @@ class Cluster:
             due["beats"] = now + 1.0
             self._sync_heartbeats()
         if self.leadership.leading and now >= due["duties"]:
-            due["duties"] = now + LEADER_DUTY_INTERVAL_S
+            due["duties"] = now + min(LEADER_DUTY_INTERVAL_S, s.lease_s)
             self._leader_duties()
 
     def _elect(self) -> None:
