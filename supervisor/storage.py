@@ -35,8 +35,9 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     """Task locks and host liveness expire this long after their daemon's last renewal."""
     poll_s: float = 2.0
     """Safety-net poll of shared state (breaker, leader); NOTIFY wakes peers sooner."""
-    listen: bool = True
-    """Use LISTEN/NOTIFY as a wake-up hint; false behind PgBouncer in transaction mode."""
+    transaction_pooling: bool = False
+    """True when the dsn goes through a pooler in transaction mode (PgBouncer): LISTEN and
+    server-side prepared statements are then off, and peers rely on the poll_s poll."""
     connect_timeout_s: float = 5.0
     """Connecting to PostgreSQL gives up after this long."""
     statement_timeout_s: float = 10.0

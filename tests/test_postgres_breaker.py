@@ -101,3 +101,22 @@ def test_reset_on_one_host_resumes_every_host(tmp_path, schema):
     assert reset.returncode == 0, reset.stderr
     assert statuses == [False, False]
     assert query(schema, "select state from breaker_state") == [("closed",)]
+
+
+def test_trip_reaches_peer_by_poll_when_listen_is_off(tmp_path, schema):
+    """With transaction_pooling (no LISTEN) a trip on one host still halts the other within
+    poll_s, through the poll alone."""
+    agents = {"poster": {"jobs": [{"id": "p", "command": py(EMIT_TWICE),
+                                   "schedule": {"every_s": 3600}}]}}
+    h1, h2 = hosts(tmp_path, schema, agents, breaker={"outputs": {"max_outputs": 1}},
+                   storage_overrides={"transaction_pooling": True})
+    try:
+        start([h1, h2])
+        h1.call("start-now", agent="poster")
+        tripped = h1.wait_event("breaker_tripped", agent="poster")
+        h2.wait_event("pipeline_halted_by_peer", timeout_s=0.5 + 2.0)
+    finally:
+        h1.stop()
+        h2.stop()
+    assert tripped and all(e["listen"] is False for d in (h1, h2)
+                           for e in d.find("cluster_joined"))

@@ -156,7 +156,7 @@ class Cluster:
         if now >= due["poll"]:
             due["poll"] = now + s.poll_s
             self.breaker.sync()
-            if self.listener is None and s.listen:
+            if self.listener is None and not s.transaction_pooling:
                 self._listen()
         if now >= due["beats"]:
             due["beats"] = now + 1.0
@@ -307,7 +307,7 @@ class Cluster:
 
     # -- LISTEN/NOTIFY ------------------------------------------------------------------------------------
     def _listen(self) -> None:
-        if not self.settings.listen:
+        if self.settings.transaction_pooling:
             return
         try:
             self.listener = Listener(self.db)

@@ -2,7 +2,7 @@
 
 Every transaction sets its search_path and statement_timeout with SET LOCAL, so nothing
 depends on session state and the same code runs behind PgBouncer in transaction mode
-(where LISTEN does not work: `storage.listen: false` leaves the slow poll alone).
+(where LISTEN does not work: `storage.transaction_pooling: true` leaves the poll alone).
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class Database:
         try:
             return psycopg.connect(
                 s.dsn, autocommit=autocommit, connect_timeout=max(1, round(s.connect_timeout_s)),
+                # A transaction-mode pooler may run each transaction on another server
+                # connection, where a prepared statement does not exist.
+                prepare_threshold=None if s.transaction_pooling else 5,
                 application_name=f"watchkeeper {s.host} {self.role}"[:63],
                 keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
         except psycopg.OperationalError as exc:
