@@ -101,6 +101,10 @@ class Cluster:
                  leader=self.leadership.leading, listen=self.listener is not None)
 
     def stop(self, daemon) -> None:
+        if self.leadership is None:  # start failed before joining: nothing to leave
+            if self.db is not None:
+                self.db.close()
+            return
         try:
             self.leadership.resign()
             for run_id in list(self.held):

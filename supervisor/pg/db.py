@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import psycopg
 import structlog
 
+from ..errors import WatchkeeperError
 from ..storage import StorageSettings
 
 log = structlog.get_logger("watchkeeper.pg")
@@ -21,6 +22,10 @@ log = structlog.get_logger("watchkeeper.pg")
 STEWARD_LOCK = "steward"
 BREAKER_LOCK = "breaker"
 MIGRATE_LOCK = "migrate"
+
+
+class StorageUnavailable(WatchkeeperError, ConnectionError):
+    """PostgreSQL could not be reached with storage.dsn."""
 
 
 class Database:
@@ -43,7 +48,7 @@ class Database:
                 application_name=f"watchkeeper {s.host} {self.role}"[:63],
                 keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
         except psycopg.OperationalError as exc:
-            raise ConnectionError(f"cannot connect to PostgreSQL ({_redacted(s.dsn)}): "
+            raise StorageUnavailable(f"cannot connect to PostgreSQL ({_redacted(s.dsn)}): "
                                   f"{str(exc).strip()}; check storage.dsn and that the server "
                                   "accepts connections from this host") from None
 

@@ -15,6 +15,7 @@ The write logic is MemoryStore's own; only the connection differs (`_PgConnectio
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,8 +51,7 @@ class _PgConnection:
 
 class PgMemoryStore(MemoryStore):
     def __init__(self, db: Database, settings: StewardSettings | None = None) -> None:
-        import time
-
+        # Not MemoryStore.__init__: it opens a SQLite file.
         self.settings = settings or StewardSettings()
         self.path = None
         self._clock = time.time
