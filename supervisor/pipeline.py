@@ -15,7 +15,7 @@ import structlog
 from .agents import AgentRuntime, backoff_delay_s, cooldown_s
 from .cgroups import RunCgroups
 from .config import AgentSpec, Job, Overlap, Settings
-from .proctree import attribute, descendants, describe_status, signal_name
+from .proctree import attribute, descendants, describe_status, direct_children, signal_name
 from .runner import LineRateLimiter, Run, build_env, read_pipe, spawn
 from .scheduler import Fire, Scheduler
 from .states import AgentState, Outcome, RunState, StopReason
