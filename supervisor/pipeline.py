@@ -15,7 +15,7 @@ import structlog
 from .agents import AgentRuntime, backoff_delay_s, cooldown_s
 from .cgroups import RunCgroups
 from .config import AgentSpec, Job, Overlap, Settings
-from .proctree import attribute, descendants, describe_status, signal_name
+from .proctree import attribute, descendants, describe_status, direct_children, signal_name
 from .runner import LineRateLimiter, Run, build_env, read_pipe, spawn
 from .scheduler import Fire, Scheduler
 from .states import AgentState, Outcome, RunState, StopReason
@@ -232,6 +232,14 @@ class Pipeline:
         self.refresh_owners()
         return [pid for pid, rid in self.owners.items() if rid == run.run_id and pid != run.pid]
 
+    def _may_have_leftovers(self) -> bool:
+        """A run's survivors are reparented to us (subreaper), so when our only children
+        are live runs' roots nothing was left behind and the /proc scan can be skipped."""
+        children = direct_children()
+        if children is None:
+            return True
+        return bool(children - set(self.runs_by_pid))
+
     def refresh_owners(self) -> None:
         roots = {r.pid: r.run_id for r in self.runs.values()}
         roots.update({r.pid: r.run_id for r in self.ended_runs.values()})
@@ -382,7 +390,7 @@ class Pipeline:
         unless the job says `leftovers: keep`."""
         if run.job.leftovers.value == "keep":
             return
-        left = self._tracked(run)
+        left = self._tracked(run) if self._may_have_leftovers() else []
         cg_left = self.cgroups.pids(run.cgroup) if run.cgroup else []
         if not left and not cg_left:
             self._release_cgroup(run)

@@ -86,11 +86,14 @@ class Handlers:
         if run is None or not req.token or not hmac.compare_digest(run.token, req.token):
             return error(req.id, "not a live run: this command needs WATCHKEEPER_RUN_ID and "
                                  "WATCHKEEPER_RUN_TOKEN of a running agent")
-        if not self._peer_belongs_to(conn.peer.pid, run):
+        # The peer pid is fixed for the life of the connection (SO_PEERCRED at connect), so
+        # proving it belongs to the run once is enough; a high-rate writer skips /proc reads.
+        if conn.verified_run != run.run_id and not self._peer_belongs_to(conn.peer.pid, run):
             log.warning("control_impersonation_refused", run_id=run.run_id,
                         peer_pid=conn.peer.pid)
             return error(req.id, "permission denied: the calling process is not part of "
                                  f"run {run.run_id}")
+        conn.verified_run = run.run_id
         return run
 
     def _peer_belongs_to(self, pid: int, run: Run) -> bool:
