@@ -281,11 +281,12 @@ def test_runs_get_their_own_cgroup_and_leftovers_die_with_it(tmp_path):
 
     require(_cgroup_v2_writable(), "needs root and a writable cgroup v2 hierarchy")
     pidfile = tmp_path / "grandchild.pid"
+    # The grandchild writes the pid file itself, once it ignores SIGTERM.
     code = ("import os, subprocess, sys, time\n"
-            "g = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
-            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)'], "
+            "g = subprocess.Popen([sys.executable, '-c', 'import os, signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "open(os.environ[\"PIDFILE\"], \"w\").write(str(os.getpid())); time.sleep(300)'], "
             "start_new_session=True)\n"
-            "open(os.environ['PIDFILE'], 'w').write(str(g.pid))\n"
             "print(open('/proc/self/cgroup').read().splitlines()[-1], flush=True)\n"
             "time.sleep(300)\n")
     spec = every(60, code, env={"PIDFILE": str(pidfile)}, stop_grace_s=0.5)
