@@ -8,6 +8,11 @@ control commands to the tables in control/handlers.py.
 
 from __future__ import annotations
 
+import os
+
+# Set to 1 to arm the control commands that harm the daemon on purpose (tests only).
+DEBUG_COMMANDS_ENV = "WATCHKEEPER_DEBUG_COMMANDS"
+
 
 def install_features(daemon) -> None:
     """Attach every feature to a daemon that has not started yet."""
@@ -19,3 +24,7 @@ def install_features(daemon) -> None:
 
     # The output gate first: it creates the alerter the others send through.
     daemon.extensions.extend([OutputGate(), Steward(), Health(), Metrics(), SystemdService()])
+    if os.environ.get(DEBUG_COMMANDS_ENV) == "1":
+        from .debug_commands import install_debug_commands
+
+        install_debug_commands()
