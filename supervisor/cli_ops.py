@@ -180,8 +180,8 @@ def install_unit(unit_file: Path, systemd_dir: Path, exec_path: Path, config_dir
     if (exec_path, config_dir) != (DEFAULT_EXEC, DEFAULT_CONFIG_DIR):
         drop_in.parent.mkdir(mode=0o755, exist_ok=True)
         _write_if_changed(drop_in, "# Written by `watchkeeper install-systemd`.\n[Service]\n"
-                          f"ExecStart=\nExecStart={exec_path} run --config "
-                          f"{config_dir / 'watchkeeper.yaml'}\n", 0o644)
+                          f"ExecStart=\nExecStart={exec_path} --config "
+                          f"{config_dir / 'watchkeeper.yaml'} run\n", 0o644)
     elif drop_in.exists():
         drop_in.unlink()
         print(f"{drop_in}: removed (the unit's ExecStart fits)")
