@@ -335,7 +335,10 @@ class Daemon:
         for ext in self.extensions:
             reload_hook = getattr(ext, "reload", None)
             if reload_hook:
-                reload_hook(self)
+                try:
+                    reload_hook(self)
+                except Exception:  # noqa: BLE001 - else the daemon stays `reloading`, no READY
+                    log.exception("extension_reload_failed", extension=type(ext).__name__)
         log.info("reload_applied", agents=len(new.agents))
         self.transition(DaemonState.RUNNING)
         return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import signal
 import socket
@@ -14,6 +15,7 @@ import pytest
 from harness import DaemonProc, py
 from support import wait_until
 
+ROOT = Path(__file__).resolve().parent.parent
 WATCHDOG_USEC = 400_000  # pings every 0.2 s
 DEBUG_ENV = {"WATCHKEEPER_DEBUG_COMMANDS": "1", "WATCHDOG_USEC": str(WATCHDOG_USEC)}
 
@@ -188,6 +190,53 @@ def test_rejected_reload_still_ends_with_ready(tmp_path, systemd):
         reloading_index, _ = systemd.first("RELOADING=1")
         wait_until(lambda: "READY=1" in systemd.messages()[reloading_index:], timeout_s=5,
                    message=f"READY=1 after RELOADING=1 in {systemd.messages()}")
+
+
+FAILING_RELOAD_HOOK = """\
+import supervisor.features as features
+
+_install = features.install_features
+
+
+class FailingReload:
+    name = "failing_reload"
+
+    def start(self, daemon):
+        pass
+
+    def stop(self, daemon):
+        pass
+
+    def reload(self, daemon):
+        raise RuntimeError("reload hook failed on purpose")
+
+
+def install_features(daemon):
+    _install(daemon)
+    daemon.extensions.append(FailingReload())
+
+
+features.install_features = install_features
+"""
+
+
+def test_failing_reload_hook_still_ends_with_ready(tmp_path, systemd):
+    """An extension whose reload hook raises is logged; the reload ends with READY=1."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FAILING_RELOAD_HOOK)
+    # The checkout first: sitecustomize imports `supervisor` before `-m` adds the cwd.
+    python_path = os.pathsep.join([str(ROOT), str(site)])
+    with DaemonProc(tmp_path, {"a": every(60, "pass")}).start(
+            extra_env={"PYTHONPATH": python_path}, notify_socket=systemd.path) as d:
+        systemd.first("READY=1")
+        d.signal(signal.SIGHUP)
+        assert d.wait_event("extension_reload_failed")["extension"] == "FailingReload"
+        d.wait_event("reload_applied")
+        wait_until(lambda: systemd.messages().count("READY=1") == 2, timeout_s=5,
+                   message=f"READY=1 after the reload in {systemd.messages()}")
+        d.signal(signal.SIGHUP)
+        d.wait_event("reload_applied", count=2)
 
 
 def test_sigterm_sends_stopping(tmp_path, systemd):
