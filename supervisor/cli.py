@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_agent import add_agent_commands
 
     add_agent_commands(sub)
+    from .cli_ops import add_ops_commands
+
+    add_ops_commands(sub)
     return parser
 
 

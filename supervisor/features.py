@@ -10,6 +10,11 @@ itself) and daemon.status_extenders (additions to the status snapshot).
 
 from __future__ import annotations
 
+import os
+
+# Set to 1 to arm the control commands that harm the daemon on purpose (tests only).
+DEBUG_COMMANDS_ENV = "WATCHKEEPER_DEBUG_COMMANDS"
+
 
 def install_features(daemon) -> None:
     """Attach every feature to a daemon that has not started yet."""
@@ -28,3 +33,7 @@ def install_features(daemon) -> None:
         shared.append(Cluster())
     daemon.extensions.extend([OutputGate(), *shared, Steward(), Health(), Metrics(),
                               SystemdService()])
+    if os.environ.get(DEBUG_COMMANDS_ENV) == "1":
+        from .debug_commands import install_debug_commands
+
+        install_debug_commands()
