@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import socket
 import sqlite3
 import sys
@@ -83,6 +84,15 @@ def processes_of(state_dir: Path) -> list[int]:
     return found
 
 
+STORED_NOTES = {"format": "watchkeeper-memory", "format_version": 1, "entries": [
+    {"namespace": "notes", "key": "solar-panel-recycling", "version": 1, "updated_at": 1.0,
+     "updated_by": "research", "run_id": "earlier",
+     "value": {"title": "Solar panel recycling", "url": "http://127.0.0.1/pages/x.html",
+               "summary": "Panels last about twenty-five years before they are replaced.",
+               "text": "Solar panels last about twenty-five years. Recycling recovers most of "
+                       "the glass and aluminium in each panel.", "facts": []}}]}
+
+
 # -- the pipeline -------------------------------------------------------------------------------
 def test_articles_flow_from_research_to_the_webhook_once_each(tmp_path):
     """Pages become notes, drafts, approved posts and webhook messages, each article posted once."""
@@ -122,15 +132,8 @@ def test_research_reads_pages_with_headless_chromium(tmp_path):
 
 def test_content_writes_degraded_from_stored_notes_when_research_fails(tmp_path):
     """When research fails, content drafts from the notes already stored and says so."""
-    note = {"title": "Solar panel recycling", "url": "http://127.0.0.1/pages/x.html",
-            "summary": "Panels last about twenty-five years before they are replaced.",
-            "text": "Solar panels last about twenty-five years. Recycling recovers most of "
-                    "the glass and aluminium in each panel.", "facts": []}
-    doc = {"format": "watchkeeper-memory", "format_version": 1, "entries": [
-        {"namespace": "notes", "key": "solar-panel-recycling", "value": note, "version": 1,
-         "updated_at": 1.0, "updated_by": "research", "run_id": "earlier"}]}
     with start(demo(tmp_path, scenario="research-down")) as d:
-        d.call("memory-import", data=doc)
+        d.call("memory-import", data=STORED_NOTES)
         d.wait_event("run_finished", agent="research", outcome="failed", timeout_s=30)
         d.call("start-now", agent="content")
         wait_until(lambda: any("drafted" in line for line in lines(d, "content")), 60,
@@ -158,6 +161,41 @@ def test_3am_retry_loop_halts_the_pipeline_with_one_alert(tmp_path):
     assert any("retrying at once" in line for line in lines(d, "content"))
     posts = [p["content"] for p in inbox(d, "community")]
     assert len(posts) == len(set(posts))
+
+
+# -- docs/agents.md ---------------------------------------------------------------------------------
+def doc_blocks(language: str) -> list[str]:
+    text = (ROOT / "docs" / "agents.md").read_text()
+    return re.findall(rf"^```{language}\n(.*?)^```$", text, re.S | re.M)
+
+
+def test_every_example_in_the_agent_guide_runs(tmp_path):
+    """Each Python and bash example in docs/agents.md runs as an agent and exits 0."""
+    examples = doc_blocks("python") + doc_blocks("bash")
+    assert len(examples) >= 14
+    jobs = [{"id": f"example-{i}", "schedule": {"every_s": 3600},
+             "command": ["{python}", "-c", code] if i < len(doc_blocks("python"))
+             else ["bash", "-c", code]} for i, code in enumerate(examples)]
+    spec = {"jobs": jobs, "memory_write": ["docs-demo", "greeter"],
+            "limits": {"launches": {"max_runs": 100, "window_s": 3600}}}
+    with DaemonProc(tmp_path, {"example": spec}).start(extra_env={"PYTHONPATH": str(ROOT)}) as d:
+        d.call("memory-import", data=STORED_NOTES)  # for the examples that read notes
+        for i, job in enumerate(jobs):
+            d.call("start-now", agent="example", job=job["id"])
+            ended = d.wait_event("run_finished", agent="example", job=job["id"], timeout_s=30)
+            assert ended["outcome"] == "succeeded", (examples[i], d.tail())
+    assert d.find("output_emitted", kind="article") and d.find("output_emitted", kind="greeting")
+
+
+def test_the_agent_file_in_the_guide_is_valid(tmp_path):
+    """The example agent file in docs/agents.md passes check-config."""
+    (agents := tmp_path / "agents.d").mkdir()
+    (agents / "digest.yaml").write_text(doc_blocks("yaml")[0])
+    (agents / "content.yaml").write_text(yaml.safe_dump(
+        {"jobs": [{"id": "draft", "command": ["true"], "schedule": {"every_s": 60}}]}))
+    (tmp_path / "watchkeeper.yaml").write_text(f"state_dir: {tmp_path / 'state'}\n")
+    result = wk("--config", str(tmp_path / "watchkeeper.yaml"), "check-config")
+    assert result.returncode == 0, result.stderr
 
 
 # -- text generation ------------------------------------------------------------------------------
