@@ -28,6 +28,7 @@ PIPELINE = ("research", "content", "seo", "community", "analytics")
 
 sys.path.insert(0, str(ROOT / "agents"))
 import research  # noqa: E402
+import seo  # noqa: E402
 import textgen  # noqa: E402
 
 
@@ -69,18 +70,22 @@ def lines(d: DaemonProc, agent: str) -> list[str]:
     return [e["line"] for e in d.find("agent_output", agent=agent, stream="stdout")]
 
 
-def processes_of(state_dir: Path) -> list[int]:
-    """Live processes started for this daemon's runs (their environment names its state dir)."""
+def processes_of(state_dir: Path, name: str = "") -> list[int]:
+    """Live processes started for this daemon's runs (their environment names its state dir),
+    only those whose command name contains `name` if given."""
     needle = f"WATCHKEEPER_STATE_DIR={state_dir}\0".encode()
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/environ", "rb") as f:
-                    if needle in f.read() + b"\0":
-                        found.append(int(entry))
+                    environ = f.read() + b"\0"
+                with open(f"/proc/{entry}/comm") as f:
+                    comm = f.read()
             except OSError:
-                pass
+                continue
+            if needle in environ and name in comm:
+                found.append(int(entry))
     return found
 
 
@@ -119,15 +124,17 @@ def test_articles_flow_from_research_to_the_webhook_once_each(tmp_path):
 
 
 def test_research_reads_pages_with_headless_chromium(tmp_path):
-    """With Chromium installed, research notes the facts a page's JavaScript renders."""
+    """With Chromium installed, research notes the facts a page's JavaScript renders, and no
+    browser process outlives its run."""
     require(research.chromium_path() is not None, "Chromium is not installed")
     with start(demo(tmp_path, fetcher="chromium")) as d:
         wait_until(lambda: any("noted" in line for line in lines(d, "research")), 90,
                    message=f"research noted pages; last events: {d.tail()}")
         notes = d.call("memory-list", namespace="notes")
+        wait_until(lambda: not processes_of(d.state_dir, "chrom"), 20,
+                   message="Chromium left running after research's run")
     assert notes and all(n["value"]["fetched_with"] == "chromium" for n in notes)
     assert all(n["value"]["facts"] for n in notes)  # only a browser sees these
-    assert not processes_of(d.state_dir)
 
 
 def test_content_writes_degraded_from_stored_notes_when_research_fails(tmp_path):
@@ -161,6 +168,39 @@ def test_3am_retry_loop_halts_the_pipeline_with_one_alert(tmp_path):
     assert any("retrying at once" in line for line in lines(d, "content"))
     posts = [p["content"] for p in inbox(d, "community")]
     assert len(posts) == len(set(posts))
+
+
+# -- agent logic without a daemon ----------------------------------------------------------------
+class FakeMemory:
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], dict] = {}
+
+    def entry(self, namespace: str, key: str) -> dict | None:
+        return self.entries.get((namespace, key))
+
+    def put(self, namespace: str, key: str, value, expect_version: int | None = None) -> int:
+        current = self.entries.get((namespace, key), {"version": 0})["version"]
+        assert expect_version in (None, current)
+        self.entries[(namespace, key)] = {"value": value, "version": current + 1}
+        return current + 1
+
+
+def test_seo_rate_limit_grants_a_burst_then_refills_with_time(monkeypatch):
+    """seo's token bucket lets SEO_BURST drafts through at once, then one per 60/SEO_PER_MINUTE s."""
+    agent = type("FakeAgent", (), {"memory": FakeMemory()})()
+    now = [1000.0]
+    monkeypatch.setattr(seo.time, "time", lambda: now[0])
+    assert seo.take_tokens(agent, 10)[0] == seo.BURST
+    assert seo.take_tokens(agent, 10)[0] == 0
+    now[0] += 60 / seo.PER_MINUTE
+    assert seo.take_tokens(agent, 10)[0] == 1
+
+
+def test_seo_scores_a_keyword_led_title_of_search_length_higher():
+    """A 30-60 character title that leads with the main keyword outscores a bare topic name."""
+    words = ["solar", "panel", "recycling"]
+    assert seo.score_title("Solar panel recycling: 6 Things Worth Knowing", words) > \
+        seo.score_title("Recycling", words)
 
 
 # -- docs/agents.md ---------------------------------------------------------------------------------
