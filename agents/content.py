@@ -32,10 +32,9 @@ CONTEXT_TOKENS = int(os.environ.get("CONTENT_CONTEXT_TOKENS", "700"))
 
 
 def rendered_tokens(entries: list[dict]) -> int:
-    """What injecting every entry would cost, by the daemon's own rendering and estimate."""
-    return sum(estimate_tokens(f"## notes/{e['key']}\n"
-                               f"{json.dumps(e['value'], separators=(',', ':'))}\n")
-               for e in entries)
+    """What injecting every entry would cost, rendered and estimated as the daemon does."""
+    return sum(estimate_tokens(f"## notes/{e['key']}\n" + json.dumps(
+        e["value"], separators=(",", ":"), ensure_ascii=False) + "\n") for e in entries)
 
 
 def next_topic(notes: list[dict], drafted: set[str]) -> dict | None:
