@@ -99,7 +99,8 @@ class _Document:
         while field:
             if field in self.lines:
                 return self.lines[field]
-            field = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
+            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
+            field = "" if parent == field else parent  # a top-level field has no parent
         return self.lines.get("", 1)
 
     def issue(self, field: str, message: str) -> ConfigIssue:
