@@ -123,7 +123,9 @@ def read_owner(path: Path) -> LockOwner | None:
         return LockOwner(pid=int(data["pid"]), host=str(data["host"]),
                          run_id=str(data.get("run_id", "")), agent=str(data.get("agent", "")),
                          started=float(data["started"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    # RecursionError: a file of deeply nested JSON (`[[[[...`) must not crash the daemon's
+    # lock check, which reads every lock file on its tick.
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 
