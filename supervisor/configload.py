@@ -99,7 +99,10 @@ class _Document:
         while field:
             if field in self.lines:
                 return self.lines[field]
-            field = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
+            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
+            if parent == field:
+                break  # a top-level field the file does not have, e.g. a missing `jobs`
+            field = parent
         return self.lines.get("", 1)
 
     def issue(self, field: str, message: str) -> ConfigIssue:
