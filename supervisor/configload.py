@@ -8,6 +8,7 @@ and every problem in every file is collected before ConfigError is raised, so th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import zoneinfo
@@ -153,6 +154,31 @@ def _struct_at(struct: type, sub: str) -> type | None:
     return current
 
 
+MAX_DURATION_S = 10 * 365 * 86400.0
+
+
+def _check_numbers(doc: _Document, struct, at: str, issues: list[ConfigIssue]) -> None:
+    """Every float is finite and every duration (a field ending in `_s`) at most ten years:
+    `.inf` or `1e300` would pass the schema and then overflow the scheduler's date arithmetic,
+    and `.nan` compares false with everything, so a NaN tick or timeout would never fire."""
+    stack = [(struct, at)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, msgspec.Struct):
+            stack.extend((getattr(node, f), f"{path}.{f}" if path else f)
+                         for f in node.__struct_fields__)
+        elif isinstance(node, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node))
+        elif isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}") for k, v in node.items() if isinstance(k, str))
+        elif isinstance(node, float) and not math.isfinite(node):
+            issues.append(doc.issue(path, f"{node} is not a finite number"))
+        elif (isinstance(node, int | float) and not isinstance(node, bool)
+              and path.endswith("_s") and node > MAX_DURATION_S):
+            issues.append(doc.issue(path, f"{node:g} s is longer than ten years "
+                                    f"(at most {MAX_DURATION_S:g} s)"))
+
+
 def _check_job(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
     if not NAME_RE.match(job.id):
         issues.append(doc.issue(f"{at}.id", f"{job.id!r} is not a valid id "
@@ -231,6 +257,9 @@ def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
                 jobs.append(job)
     if spec is None:
         return None
+    _check_numbers(doc, spec, "", issues)
+    for index, job in enumerate(jobs):
+        _check_numbers(doc, job, f"jobs[{index}]", issues)
     name = spec.agent or path.stem
     if not NAME_RE.match(name):
         issues.append(doc.issue("agent", f"{name!r} is not a valid agent name "
@@ -280,6 +309,12 @@ def load_config(path: Path | str | None = None) -> Config:
         raise ConfigError([doc.issue("", "the file must be a mapping of settings")])
     settings = _convert(doc, data, Settings, "", issues)
     if settings is None:
+        raise ConfigError(issues)
+    _check_numbers(doc, settings, "", issues)
+    for field in ("state_dir", "agents_dir", "working_dir", "control_socket"):
+        if "\0" in (getattr(settings, field) or ""):
+            issues.append(doc.issue(field, "contains a NUL byte (not a valid path)"))
+    if issues:
         raise ConfigError(issues)
     base = path.resolve().parent
     settings = msgspec.structs.replace(
