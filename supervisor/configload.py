@@ -22,6 +22,9 @@ from .errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CONFIG_ENV = "WATCHKEEPER_CONFIG"
+# The field named by problems of a whole file (bad YAML, empty, not a mapping), so that every
+# issue reads `file:line: field: problem`.
+DOCUMENT = "(document)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +74,9 @@ class _Document:
             self.data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark else None
+            line = mark.line + 1 if mark else 1
             problem = getattr(exc, "problem", None) or str(exc)
-            issues.append(ConfigIssue(str(path), line, "", f"invalid YAML: {problem}"))
+            issues.append(ConfigIssue(str(path), line, DOCUMENT, f"invalid YAML: {problem}"))
             return
         if node is not None:
             self._index(node, "", issues)
@@ -238,10 +241,11 @@ def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
     doc = _Document(path, issues)
     if doc.data is None:
         if not any(i.file == str(path) for i in issues):
-            issues.append(ConfigIssue(str(path), 1, "", "the file is empty (an agent needs jobs)"))
+            issues.append(ConfigIssue(str(path), 1, DOCUMENT,
+                                      "the file is empty (an agent needs jobs)"))
         return None
     if not isinstance(doc.data, dict):
-        issues.append(doc.issue("", "the file must be a mapping (agent:, jobs:, ...)"))
+        issues.append(doc.issue(DOCUMENT, "the file must be a mapping (agent:, jobs:, ...)"))
         return None
     raw = dict(doc.data)
     raw_jobs = raw.pop("jobs", None)
@@ -306,7 +310,7 @@ def load_config(path: Path | str | None = None) -> Config:
         raise ConfigError(issues)
     data = doc.data if doc.data is not None else {}
     if not isinstance(data, dict):
-        raise ConfigError([doc.issue("", "the file must be a mapping of settings")])
+        raise ConfigError([doc.issue(DOCUMENT, "the file must be a mapping of settings")])
     settings = _convert(doc, data, Settings, "", issues)
     if settings is None:
         raise ConfigError(issues)
