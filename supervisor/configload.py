@@ -114,6 +114,7 @@ class _Document:
 
 
 _MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_KEY_PATH = re.compile(r"^(?P<msg>.*?) - at `key` in `\$(?P<path>[^`]*)`$", re.S)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]+)`")
 
 
@@ -122,9 +123,11 @@ def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[Confi
     try:
         return msgspec.convert(data, struct)
     except msgspec.ValidationError as exc:
-        match = _MSGSPEC_PATH.match(str(exc))
+        match = _KEY_PATH.match(str(exc)) or _MSGSPEC_PATH.match(str(exc))
         message, sub = match["msg"], (match["path"] or "").lstrip(".")
-        field = ".".join(p for p in (prefix, sub) if p).replace(".[", "[")
+        if match.re is _KEY_PATH:
+            message = f"a key of this mapping is not a string ({message})"
+        field = ".".join(p for p in (prefix, sub) if p).replace(".[", "[") or DOCUMENT
         unknown = _UNKNOWN.match(message)
         if unknown:
             field = f"{field}.{unknown['key']}" if field else unknown["key"]
