@@ -109,6 +109,9 @@ class AgentSpec(_Section, kw_only=True):
     memory_max_mb: float | None = None
     """A run whose process tree uses more than this is stopped (reason: memory)."""
     memory_priority: MemoryPriority = MemoryPriority.NORMAL
+    max_processes: int = 256
+    """A run with more processes than this (itself and every descendant) is killed at once
+    (reason: process_cap): a fork bomb must not exhaust the machine's pids."""
     """`low`: the first run stopped under memory pressure, after orphaned Chrome."""
     memory_write: list[str] | None = None
     """Namespaces (glob patterns) this agent may write in the steward; default: its name."""

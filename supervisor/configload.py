@@ -265,6 +265,8 @@ def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
     if spec is None:
         return None
     _check_numbers(doc, spec, "", issues)
+    if spec.max_processes < 1:
+        issues.append(doc.issue("max_processes", f"{spec.max_processes} must be >= 1"))
     for index, job in enumerate(jobs):
         _check_numbers(doc, job, f"jobs[{index}]", issues)
     name = spec.agent or path.stem

@@ -72,6 +72,7 @@ class StopReason(enum.StrEnum):
     MEMORY = "memory"           # memory_max exceeded, or freed under memory pressure
     BREAKER = "breaker"         # the circuit breaker halted the pipeline
     STALE_HEARTBEAT = "stale_heartbeat"
+    PROCESS_CAP = "process_cap"  # more processes than the agent's max_processes
 
 
 class DaemonState(enum.StrEnum):
