@@ -125,8 +125,8 @@ def read_owner(path: Path) -> LockOwner | None:
                          run_id=str(data.get("run_id", "")), agent=str(data.get("agent", "")),
                          started=float(data["started"]))
     # RecursionError: a file of deeply nested JSON (`[[[[...`) must not crash the daemon's
-    # lock check, which reads every lock file on its tick.
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    # lock check, which reads every lock file on its tick; OverflowError: "pid": Infinity.
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError):
         return None
 
 
