@@ -128,6 +128,9 @@ class AgentSpec(_Section, kw_only=True):
     """A run whose process tree uses more than this is stopped (reason: memory)."""
     memory_priority: MemoryPriority = MemoryPriority.NORMAL
     """`low`: the first run stopped under memory pressure, after orphaned Chrome."""
+    max_processes: int = 256
+    """A run with more processes than this (itself and every descendant) is killed at once
+    (reason: process_cap): a fork bomb must not exhaust the machine's pids."""
     memory_write: list[str] | None = None
     """Namespaces (glob patterns) this agent may write in the steward; default: its name."""
     limits: AgentLimits | None = None

@@ -8,6 +8,7 @@ and every problem in every file is collected before ConfigError is raised, so th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import zoneinfo
@@ -21,6 +22,9 @@ from .errors import ConfigError
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CONFIG_ENV = "WATCHKEEPER_CONFIG"
+# The field named by problems of a whole file (bad YAML, empty, not a mapping), so that every
+# issue reads `file:line: field: problem`.
+DOCUMENT = "(document)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +74,9 @@ class _Document:
             self.data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            line = mark.line + 1 if mark else None
+            line = mark.line + 1 if mark else 1
             problem = getattr(exc, "problem", None) or str(exc)
-            issues.append(ConfigIssue(str(path), line, "", f"invalid YAML: {problem}"))
+            issues.append(ConfigIssue(str(path), line, DOCUMENT, f"invalid YAML: {problem}"))
             return
         if node is not None:
             self._index(node, "", issues)
@@ -100,7 +104,9 @@ class _Document:
             if field in self.lines:
                 return self.lines[field]
             parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
-            field = "" if parent == field else parent  # a top-level field has no parent
+            if parent == field:
+                break  # a top-level field the file does not have, e.g. a missing `jobs`
+            field = parent
         return self.lines.get("", 1)
 
     def issue(self, field: str, message: str) -> ConfigIssue:
@@ -108,6 +114,7 @@ class _Document:
 
 
 _MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_KEY_PATH = re.compile(r"^(?P<msg>.*?) - at `key` in `\$(?P<path>[^`]*)`$", re.S)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]+)`")
 
 
@@ -116,8 +123,10 @@ def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[Confi
     try:
         return msgspec.convert(data, struct)
     except msgspec.ValidationError as exc:
-        match = _MSGSPEC_PATH.match(str(exc))
+        match = _KEY_PATH.match(str(exc)) or _MSGSPEC_PATH.match(str(exc))
         message, sub = match["msg"], (match["path"] or "").lstrip(".")
+        if match.re is _KEY_PATH:
+            message = f"a key of this mapping is not a string ({message})"
         field = ".".join(p for p in (prefix, sub) if p).replace(".[", "[")
         unknown = _UNKNOWN.match(message)
         if unknown:
@@ -127,7 +136,7 @@ def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[Confi
             message = f"unknown key (valid keys here: {valid})"
         elif message.startswith("Invalid enum value"):
             message += _enum_hint(struct, sub)
-        issues.append(doc.issue(field, message))
+        issues.append(doc.issue(field or DOCUMENT, message))
         return None
 
 
@@ -165,6 +174,31 @@ def _struct_at(struct: type, sub: str) -> type | None:
             return None
         current = found
     return current
+
+
+MAX_DURATION_S = 10 * 365 * 86400.0
+
+
+def _check_numbers(doc: _Document, struct, at: str, issues: list[ConfigIssue]) -> None:
+    """Every float is finite and every duration (a field ending in `_s`) at most ten years:
+    `.inf` or `1e300` would pass the schema and then overflow the scheduler's date arithmetic,
+    and `.nan` compares false with everything, so a NaN tick or timeout would never fire."""
+    stack = [(struct, at)]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, msgspec.Struct):
+            stack.extend((getattr(node, f), f"{path}.{f}" if path else f)
+                         for f in node.__struct_fields__)
+        elif isinstance(node, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(node))
+        elif isinstance(node, dict):
+            stack.extend((v, f"{path}.{k}") for k, v in node.items() if isinstance(k, str))
+        elif isinstance(node, float) and not math.isfinite(node):
+            issues.append(doc.issue(path, f"{node} is not a finite number"))
+        elif (isinstance(node, int | float) and not isinstance(node, bool)
+              and path.endswith("_s") and node > MAX_DURATION_S):
+            issues.append(doc.issue(path, f"{node:g} s is longer than ten years "
+                                    f"(at most {MAX_DURATION_S:g} s)"))
 
 
 def _check_job(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
@@ -226,10 +260,11 @@ def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
     doc = _Document(path, issues)
     if doc.data is None:
         if not any(i.file == str(path) for i in issues):
-            issues.append(ConfigIssue(str(path), 1, "", "the file is empty (an agent needs jobs)"))
+            issues.append(ConfigIssue(str(path), 1, DOCUMENT,
+                                      "the file is empty (an agent needs jobs)"))
         return None
     if not isinstance(doc.data, dict):
-        issues.append(doc.issue("", "the file must be a mapping (agent:, jobs:, ...)"))
+        issues.append(doc.issue(DOCUMENT, "the file must be a mapping (agent:, jobs:, ...)"))
         return None
     raw = dict(doc.data)
     raw_jobs = raw.pop("jobs", None)
@@ -245,6 +280,11 @@ def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
                 jobs.append(job)
     if spec is None:
         return None
+    _check_numbers(doc, spec, "", issues)
+    if spec.max_processes < 1:
+        issues.append(doc.issue("max_processes", f"{spec.max_processes} must be >= 1"))
+    for index, job in enumerate(jobs):
+        _check_numbers(doc, job, f"jobs[{index}]", issues)
     name = spec.agent or path.stem
     if not NAME_RE.match(name):
         issues.append(doc.issue("agent", f"{name!r} is not a valid agent name "
@@ -291,12 +331,22 @@ def load_config(path: Path | str | None = None) -> Config:
         raise ConfigError(issues)
     data = doc.data if doc.data is not None else {}
     if not isinstance(data, dict):
-        raise ConfigError([doc.issue("", "the file must be a mapping of settings")])
+        raise ConfigError([doc.issue(DOCUMENT, "the file must be a mapping of settings")])
     settings = _convert(doc, data, Settings, "", issues)
     if settings is None:
         # Keep going with the defaults, so the agent files' errors are reported too.
         agents_dir = data.get("agents_dir")
-        settings = Settings(agents_dir=agents_dir) if isinstance(agents_dir, str) else Settings()
+        usable = isinstance(agents_dir, str) and "\0" not in agents_dir
+        settings = Settings(agents_dir=agents_dir) if usable else Settings()
+    else:
+        _check_numbers(doc, settings, "", issues)
+        paths_ok = True
+        for field in ("state_dir", "agents_dir", "working_dir", "control_socket"):
+            if "\0" in (getattr(settings, field) or ""):
+                issues.append(doc.issue(field, "contains a NUL byte (not a valid path)"))
+                paths_ok = False
+        if not paths_ok:
+            raise ConfigError(issues)
     base = path.resolve().parent
     settings = msgspec.structs.replace(
         settings,

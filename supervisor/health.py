@@ -29,8 +29,9 @@ from .heartbeat import (
 from .memguard import AgentMemorySettings, MemoryGuard, StopRun
 from .memguard import Alert as GuardAlert
 from .procscan import LiveRun
+from .proctree import children_map, subtree
 from .scheduler import Fire
-from .states import Outcome, StopReason
+from .states import Outcome, RunState, StopReason
 
 log = structlog.get_logger("watchkeeper.health")
 
@@ -141,11 +142,36 @@ class Health:
             self._stale_runs.add(run.run_id)
             self._on_stale(rt, run, verdict, settings.on_stale)
         self._stale_runs &= set(pipeline.runs)
+        self._enforce_process_caps()
         if now_mono >= self._next_degraded_check:
             self._next_degraded_check = now_mono + DEGRADED_CHECK_INTERVAL_S
             for rt in pipeline.agents.values():
                 if rt.spec.depends_on:
                     rt.degraded = self.degraded_upstreams(rt.spec)
+
+    def _enforce_process_caps(self) -> None:
+        """Kill, without a grace period, every run with more processes than its agent's
+        max_processes: a fork bomb would spend a grace period exhausting the pid space."""
+        pipeline = self.daemon.pipeline
+        live = [r for r in pipeline.runs.values() if r.state != RunState.KILLING]
+        if not live:
+            return
+        children = children_map()
+        alive = {pid for kids in children.values() for pid in kids}
+        for run in live:
+            rt = pipeline.agents.get(run.agent)
+            if rt is None:
+                continue
+            tree = set(subtree(children, run.pid))
+            tree.update(p for p, rid in pipeline.owners.items() if rid == run.run_id and p in alive)
+            count = len(tree) + 1
+            if count > rt.spec.max_processes:
+                log.warning("run_process_cap", agent=run.agent, run_id=run.run_id,
+                            processes=count, max_processes=rt.spec.max_processes)
+                self._alert(AlertKind.RUN_FAILED, run.agent, f"run {run.run_id} killed: "
+                            f"{count} processes (max_processes {rt.spec.max_processes})")
+                pipeline.stop_run(run, StopReason.PROCESS_CAP)
+                pipeline.kill_run(run)
 
     def _on_stale(self, rt, run, verdict: Verdict, policy: OnStale) -> None:
         log.warning("heartbeat_stale", agent=run.agent, run_id=run.run_id,

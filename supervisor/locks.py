@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import re
 import secrets
@@ -123,7 +124,9 @@ def read_owner(path: Path) -> LockOwner | None:
         return LockOwner(pid=int(data["pid"]), host=str(data["host"]),
                          run_id=str(data.get("run_id", "")), agent=str(data.get("agent", "")),
                          started=float(data["started"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    # RecursionError: a file of deeply nested JSON (`[[[[...`) must not crash the daemon's
+    # lock check, which reads every lock file on its tick; OverflowError: "pid": Infinity.
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, OverflowError):
         return None
 
 
@@ -169,7 +172,11 @@ def _maybe_break(path: Path, stale_after_s: float, now: float) -> BrokenLock | N
         return None
     try:
         owner = read_owner(path)
-        age_s = now - (owner.started if owner else os.fstat(fd).st_mtime)
+        mtime = os.fstat(fd).st_mtime
+        started = owner.started if owner and math.isfinite(owner.started) else mtime
+        # The file's mtime bounds a claimed start in the future (garbage, or a hand-written
+        # file): otherwise such a lock would never grow old enough to be broken.
+        age_s = now - min(started, mtime)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             unheld = True

@@ -80,11 +80,21 @@ def direct_children(pid: int | None = None) -> set[int] | None:
 
 def descendants(root_pid: int) -> list[int]:
     """Every live descendant of root_pid (not root_pid itself), from one /proc scan."""
+    return subtree(children_map(), root_pid)
+
+
+def children_map() -> dict[int, list[int]]:
+    """ppid -> child pids of every process, from one /proc scan."""
     children: dict[int, list[int]] = {}
     for proc in psutil.process_iter(["ppid"]):
         ppid = proc.info["ppid"]
         if ppid is not None:
             children.setdefault(ppid, []).append(proc.pid)
+    return children
+
+
+def subtree(children: dict[int, list[int]], root_pid: int) -> list[int]:
+    """Every descendant of root_pid in a children_map()."""
     out, stack = [], list(children.get(root_pid, []))
     while stack:
         pid = stack.pop()

@@ -73,6 +73,7 @@ class StopReason(enum.StrEnum):
     BREAKER = "breaker"         # the circuit breaker halted the pipeline
     STALE_HEARTBEAT = "stale_heartbeat"
     LEASE_LOST = "lease_lost"   # its task lock lease expired and another host may hold it
+    PROCESS_CAP = "process_cap"  # more processes than the agent's max_processes
 
 
 class DaemonState(enum.StrEnum):

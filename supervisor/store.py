@@ -7,10 +7,29 @@ Only the daemon's loop writes here (one connection, one thread). Other processes
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import sqlite3
 import time
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("watchkeeper.store")
+
+
+def _record(write):
+    """A record that cannot be written (disk full, I/O error) is logged and lost: losing a
+    run record is better than a loop that stops supervising because its history is full."""
+    @functools.wraps(write)
+    def tolerant(self, *args, **kwargs):
+        try:
+            return write(self, *args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            log.error("store_write_failed", write=write.__name__, error=str(exc),
+                      hint="is the state directory's disk full?")
+            return None
+    return tolerant
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -103,6 +122,7 @@ class Store:
         self.db.close()
 
     # -- runs ---------------------------------------------------------------------------
+    @_record
     def run_started(self, rec: RunRecord) -> None:
         fields = dataclasses.asdict(rec)
         names = ", ".join(fields)
@@ -110,6 +130,7 @@ class Store:
         self.db.execute(f"INSERT OR REPLACE INTO runs ({names}) VALUES ({marks})",
                         tuple(fields.values()))
 
+    @_record
     def run_ended(self, rec: RunRecord) -> None:
         self.db.execute(
             "UPDATE runs SET ended=?, exit_code=?, signal=?, outcome=?, stop_reason=?, "
@@ -141,6 +162,7 @@ class Store:
             "WHERE ended IS NOT NULL GROUP BY agent) m ON r.agent=m.agent AND r.started=m.s")
         return {r["agent"]: RunRecord(**dict(r)) for r in rows}
 
+    @_record
     def prune_runs(self, older_than_s: float, now: float | None = None) -> int:
         cutoff = (time.time() if now is None else now) - older_than_s
         self.db.execute("DELETE FROM outputs WHERE time < ?", (cutoff,))
@@ -149,6 +171,7 @@ class Store:
                                (cutoff,)).rowcount
 
     # -- job firings (catch-up) ---------------------------------------------------------
+    @_record
     def record_fire(self, agent: str, job: str, when: float) -> None:
         self.db.execute("INSERT INTO job_state(agent, job, last_fire) VALUES (?,?,?) "
                         "ON CONFLICT(agent, job) DO UPDATE SET last_fire=excluded.last_fire",
@@ -160,6 +183,7 @@ class Store:
         return row[0] if row else None
 
     # -- outputs and spend -------------------------------------------------------------------
+    @_record
     def record_output(self, agent: str, run_id: str, kind: str, when: float, digest: str,
                       summary: str, allowed: bool) -> None:
         self.db.execute("INSERT INTO outputs(agent, run_id, kind, time, hash, summary, allowed) "
@@ -172,6 +196,7 @@ class Store:
         rows = self.db.execute(sql, (agent, limit) if agent else (limit,))
         return [dict(r) for r in rows]
 
+    @_record
     def record_usage(self, agent: str, run_id: str, when: float, tokens: int, cost: float,
                      model: str) -> None:
         self.db.execute("INSERT INTO usage(agent, run_id, time, tokens, cost, model) "
@@ -183,6 +208,7 @@ class Store:
         return {r[0]: {"tokens": r[1], "cost": r[2], "calls": r[3]} for r in rows}
 
     # -- flags and small values ------------------------------------------------------------
+    @_record
     def set_paused(self, agent: str, paused: bool) -> None:
         self.db.execute("INSERT INTO agent_flags(agent, paused) VALUES (?, ?) ON CONFLICT(agent)"
                         " DO UPDATE SET paused=excluded.paused", (agent, int(paused)))
@@ -190,6 +216,7 @@ class Store:
     def paused_agents(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT agent FROM agent_flags WHERE paused=1")}
 
+    @_record
     def put_value(self, key: str, value) -> None:
         self.db.execute("INSERT INTO kv(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
                         "SET value=excluded.value", (key, json.dumps(value)))

@@ -100,7 +100,7 @@ def test_every_error_of_every_file_is_reported(tmp_path):
 def test_broken_yaml_names_the_line(tmp_path):
     """Invalid YAML syntax is reported with its line."""
     found = issues(write(tmp_path, "state_dir: st\n", {"a": "jobs:\n  - id: [unclosed\n"}))
-    assert found[0].startswith(f"{tmp_path}/agents.d/a.yaml:3: invalid YAML")
+    assert found[0].startswith(f"{tmp_path}/agents.d/a.yaml:3: (document): invalid YAML")
 
 
 def test_duplicate_keys_are_errors(tmp_path):

@@ -97,21 +97,37 @@ class Handlers:
         return run
 
     def _peer_belongs_to(self, pid: int, run: Run) -> bool:
-        if read_environ(pid).get("WATCHKEEPER_RUN_ID") == run.run_id:
+        """The peer descends from the run's root; or it was orphaned into the daemon (its
+        subreaper) and inherited the run's id. An environment alone proves nothing: anyone
+        can set WATCHKEEPER_RUN_ID, so a process the daemon did not start is refused even
+        with the run's token."""
+        chain = _ancestry(pid)
+        if run.pid in chain:
             return True
-        try:
-            while pid > 1:
-                if pid == run.pid:
-                    return True
-                with open(f"/proc/{pid}/stat") as f:
-                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        me = os.getpid()
+        if me not in chain or chain.index(me) == 0:
             return False
-        return False
+        top = chain[chain.index(me) - 1]  # the daemon's child this peer descends from
+        if top in self.daemon.pipeline.runs_by_pid:
+            return False  # inside another run's tree
+        return read_environ(pid).get("WATCHKEEPER_RUN_ID") == run.run_id
 
     def run_ended(self, run: Run) -> None:
         for held in self.held_locks.pop(run.run_id, []):
             held.release()
+
+
+def _ancestry(pid: int) -> list[int]:
+    """pid, its parent, its grandparent... up to init; what is unreadable ends the chain."""
+    chain = []
+    try:
+        while pid > 1 and len(chain) < 4096:
+            chain.append(pid)
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return chain
 
 
 def _supplementary_groups(pid: int) -> set[int]:

@@ -36,7 +36,8 @@ def decode_request(frame: bytes) -> Request:
         return _decoder.decode(frame)
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
         raise ProtocolError(f"malformed JSON: {exc}") from None
 
 
