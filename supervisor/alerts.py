@@ -118,15 +118,19 @@ class RateLimitSettings(_Settings):
 
     per_key_interval_s: Seconds = 600.0  # one alert per (kind, agent) per interval
     global_max_per_hour: Annotated[int, msgspec.Meta(ge=1)] = 20
+    """Alerts other than breaker trips per hour, all kinds together."""
 
 
 class AlertSettings(_Settings):
     """The `[alerts]` config section; the critical log line is always on."""
 
     webhooks: list[WebhookSettings] = []
+    """Slack/Discord-compatible webhooks: url, timeout_s, retries, backoff_s, backoff_max_s."""
     commands: list[CommandSettings] = []
+    """Programs run per alert with the alert as JSON on stdin: argv, timeout_s."""
     rate_limit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 64
+    """Alerts waiting per sink; a trip alert displaces an older one."""
 
 
 # -- redaction and rendering -------------------------------------------------------------------

@@ -48,29 +48,38 @@ class OutputLimit(_Settings):
     """At most `max_outputs` outputs in any `window_s` seconds."""
 
     max_outputs: Count = 30
+    """Outputs allowed in the window; the next one trips the breaker."""
     window_s: Seconds = 600.0
+    """Length of the sliding window."""
 
 
 class LaunchLimit(_Settings):
     """At most `max_runs` run launches of one agent in any `window_s` seconds."""
 
     max_runs: Count = 12
+    """Run launches of one agent allowed in the window."""
     window_s: Seconds = 3600.0
+    """Length of the sliding window."""
 
 
 class DuplicateLimit(_Settings):
     """One content hash may appear at most `max_repeats` times per agent in `window_s`."""
 
     max_repeats: Count = 3
+    """Times the same content may be emitted in the window."""
     window_s: Seconds = 3600.0
+    """Length of the sliding window."""
 
 
 class SpendBudget(_Settings):
     """Token and cost budget per `window_s`; a budget left as None is not enforced."""
 
     max_tokens: Count | None = None
+    """Tokens allowed in the window; null: not enforced."""
     max_cost: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    """Cost allowed in the window (the unit agents report); null: not enforced."""
     window_s: Seconds = 3600.0
+    """Length of the sliding window."""
 
 
 class AgentLimits(_Settings):
@@ -78,6 +87,7 @@ class AgentLimits(_Settings):
 
     outputs: OutputLimit | None = None
     kinds: dict[str, OutputLimit] = {}
+    """Limits per output kind for this agent."""
     launches: LaunchLimit | None = None
     duplicates: DuplicateLimit | None = None
     spend: SpendBudget | None = None
@@ -95,16 +105,23 @@ class BreakerSettings(_Settings):
 
     outputs: OutputLimit = msgspec.field(default_factory=OutputLimit)
     kinds: dict[str, OutputLimit] = {}
+    """Limits per output kind, for every agent."""
     launches: LaunchLimit = msgspec.field(default_factory=LaunchLimit)
     duplicates: DuplicateLimit = msgspec.field(default_factory=DuplicateLimit)
     agent_spend: SpendBudget = msgspec.field(default_factory=SpendBudget)
     pipeline_spend: SpendBudget = msgspec.field(default_factory=SpendBudget)
     agents: dict[str, AgentLimits] = {}
+    """Per-agent overrides by agent name (an agent file's `limits:` wins)."""
     auto_reset_after_s: Seconds | None = None
+    """Go half-open this long after a trip; null: only `watchkeeper breaker reset` closes it."""
     probe_outputs: Count = 3
+    """Outputs each agent may make while half-open before it re-trips."""
     probe_window_s: Seconds = 600.0
+    """Half-open closes after this long without a trip."""
     summaries_kept: Count = 5
+    """Summaries of the last outputs kept per agent for the trip alert."""
     max_tracked_hashes: Count = 4096
+    """Content hashes remembered per agent for the duplicate rule."""
 
     def check_agents(self, known: Iterable[str]) -> None:
         """Raise ValueError naming overrides for agents the config does not define."""

@@ -66,6 +66,29 @@ def cmd_run(args) -> int:
     return daemon.run()
 
 
+def cmd_migrate(args) -> int:
+    from .configload import load_config
+    from .pg.db import Database
+    from .pg.migrations import LATEST, migrate
+
+    storage = load_config(args.config).settings.storage
+    if storage.backend != "postgresql":
+        print("watchkeeper migrate: storage.backend is sqlite; migrations are for "
+              "`storage: {backend: postgresql, dsn: ...}`", file=sys.stderr)
+        return EXIT_USAGE
+    db = Database(storage, role="migrate")
+    try:
+        applied = migrate(db)
+    except ConnectionError as exc:
+        print(f"watchkeeper migrate: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        db.close()
+    done = ", ".join(map(str, applied)) if applied else "nothing to apply"
+    print(f"schema {storage.schema}: at version {LATEST} ({done})")
+    return EXIT_OK
+
+
 def cmd_check_config(args) -> int:
     from .configload import load_config
 
@@ -91,13 +114,17 @@ def cmd_status(args) -> int:
     flags = " HALTED by the circuit breaker" if d.get("halted") else ""
     print(f"watchkeeper {d['version']} pid {d['pid']} {d['state']} up {d['uptime_s']:.0f}s"
           f"{flags}")
-    rows = [("AGENT", "STATE", "RUN", "LAST", "EXIT", "NEXT")]
+    cluster = status.get("cluster")
+    rows = [("AGENT", "STATE", "RUN", "LAST", "EXIT", "NEXT") + (("HOST",) if cluster else ())]
     for a in status["agents"]:
         state = a["state"] + (" paused" if a["paused"] else "") + (
             f" degraded({','.join(a['degraded'])})" if a["degraded"] else "")
         rows.append((a["agent"], state, a["run_id"] or "-",
                      _when(a["last_ended"]) + (f" {a['last_outcome']}" if a["last_outcome"] else ""),
-                     a["last_exit"] or "-", _when(a["next_run"])))
+                     a["last_exit"] or "-", _when(a["next_run"]))
+                    + ((_where(a),) if cluster else ()))
+    if cluster:
+        _print_hosts(cluster)
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
@@ -106,6 +133,23 @@ def cmd_status(args) -> int:
         if summary:
             print(f"{name}: {summary}")
     return EXIT_OK
+
+
+def _where(agent: dict) -> str:
+    if agent.get("running_on"):
+        return f"running on {agent['running_on']}"
+    return f"last on {agent['last_host']}" if agent.get("last_host") else "-"
+
+
+def _print_hosts(cluster: dict) -> None:
+    if "error" in cluster:
+        print(f"hosts: unknown, shared storage unreachable: {cluster['error']}")
+        return
+    for h in cluster["hosts"]:
+        state = "stopped" if h["stopped"] else "up" if h["alive"] else "LOST"
+        print(f"host {h['host']:<16} {state:<8} pid {h['pid']:<8} seen {_when(h['last_seen'])}"
+              + ("  leader" if h["leader"] else "") + ("  (this)" if h["host"] == cluster["host"]
+                                                       else ""))
 
 
 def _config_reference() -> str:
@@ -171,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
     sub.add_parser("check-config", help="validate the configuration, print every error"
                    ).set_defaults(func=cmd_check_config)
+    sub.add_parser("migrate", help="apply the PostgreSQL schema migrations (storage backend)"
+                   ).set_defaults(func=cmd_migrate)
     sub.add_parser("config-reference", help="print the configuration reference (Markdown)"
                    ).set_defaults(func=lambda a: (print(_config_reference()), EXIT_OK)[1])
     sub.add_parser("status", help="agents, their state, last and next run"
@@ -198,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_agent import add_agent_commands
 
     add_agent_commands(sub)
+    from .cli_ops import add_ops_commands
+
+    add_ops_commands(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ from .breaker import AgentLimits, BreakerSettings
 from .heartbeat import HeartbeatSettings
 from .memguard import MemoryGuardSettings, MemoryPriority
 from .memory_store import StewardSettings
+from .storage import StorageSettings
 
 
 class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -41,6 +42,7 @@ class Schedule(_Section, kw_only=True):
     """Cron expression evaluated in `timezone`: five fields (minute hour day month weekday),
     or six with seconds first."""
     timezone: str = "UTC"
+    """IANA time zone of the cron expression."""
     every_s: float | None = None
     """Fixed interval in seconds."""
     after: list[str] | None = None
@@ -62,20 +64,27 @@ class Retries(_Section, kw_only=True):
     """Retries of a failed run, with exponential backoff and jitter."""
 
     max_attempts: int = 0
+    """Retries after a failed run (always agents retry without limit)."""
     backoff_s: float = 5.0
+    """Delay before the first retry; doubled for each further one."""
     backoff_max_s: float = 300.0
+    """Cap of the retry delay."""
     jitter: float = 0.2
     """Fraction of the delay added or removed at random, so that retries do not align."""
 
 
 class Job(_Section, kw_only=True):
     id: str
+    """Job id, unique within the agent (lowercase letters, digits, - and _)."""
     command: list[str] | str
     """argv list; a string only with shell: true. A first element `{python}` means the
     daemon's own Python interpreter."""
     shell: bool = False
+    """Run `command` through /bin/sh; only when the job asks for it."""
     cwd: str | None = None
+    """Working directory, relative to working_dir; default working_dir."""
     env: dict[str, str] = {}
+    """Extra environment variables for the run."""
     schedule: Schedule
     jitter_s: float = 0.0
     """Random delay added to each scheduled firing, spreading load."""
@@ -84,13 +93,20 @@ class Job(_Section, kw_only=True):
     stop_grace_s: float | None = None
     """Time between SIGTERM and SIGKILL; null takes the daemon's stop_grace_s."""
     retries: Retries = Retries()
+    """Retries of a failed run."""
     overlap: Overlap = Overlap.SKIP
+    """A firing while the agent runs: skip it, queue one, or replace the run."""
     misfire_grace_s: float = 300.0
     """A firing late by more than this (daemon busy, machine suspended) is dropped."""
     catch_up: bool = False
     """Run once at start if a firing was missed while the daemon was down (like Persistent=)."""
     enabled: bool = True
+    """A disabled job never fires."""
     leftovers: Leftovers = Leftovers.STOP
+    """Processes a run leaves behind: stop them when it ends, or keep them."""
+    host: str | None = None
+    """Run only on the daemon whose storage.host_name is this (postgresql backend); null:
+    the agent's `host`, else whichever host claims the firing first."""
 
 
 class AgentSpec(_Section, kw_only=True):
@@ -99,7 +115,9 @@ class AgentSpec(_Section, kw_only=True):
     agent: str | None = None
     """The agent's name; defaults to the file name without .yaml."""
     description: str = ""
+    """Free text shown to people."""
     jobs: list[Job] = []
+    """The agent's jobs (see Job below); at least one."""
     depends_on: list[str] = []
     """Upstream agents: stale or failed upstreams make a run start degraded."""
     heartbeat: HeartbeatSettings = HeartbeatSettings()
@@ -114,6 +132,8 @@ class AgentSpec(_Section, kw_only=True):
     """Namespaces (glob patterns) this agent may write in the steward; default: its name."""
     limits: AgentLimits | None = None
     """Circuit-breaker limits for this agent (outputs, kinds, launches, duplicates, spend)."""
+    host: str | None = None
+    """Run this agent's jobs only on this host (postgresql backend); a job's `host` wins."""
 
     @property
     def name(self) -> str:
@@ -125,26 +145,32 @@ class LockSettings(_Section, kw_only=True):
     stale_after_s: float = 1800.0
     """A lock older than this is removed even when its owner cannot be proved dead."""
     check_interval_s: float = 30.0
+    """How often the watchdog looks for stale locks."""
 
 
 class CrashLoopSettings(_Section, kw_only=True):
     failures: int = 5
     """Consecutive failed runs that put an agent in the `failed` state."""
     cooldown_s: float = 30.0
+    """First cool-down in `failed`; each further crash loop doubles it."""
     cooldown_max_s: float = 3600.0
+    """Cap of the cool-down: the agent always retries eventually."""
 
 
 class MetricsSettings(_Section, kw_only=True):
     port: int | None = None
     """Serve Prometheus metrics on 127.0.0.1:port; null disables."""
     address: str = "127.0.0.1"
+    """Listen address; keep it on loopback."""
 
 
 class Settings(_Section, kw_only=True):
     """The main file, watchkeeper.yaml."""
 
     state_dir: str = "/var/lib/watchkeeper"
+    """Directory of all state: SQLite databases, tasks/, status/, the control socket."""
     agents_dir: str = "agents.d"
+    """Directory of the agent files (*.yaml); adding a file adds an agent."""
     working_dir: str | None = None
     """Default working directory of every job; null: the main config file's directory."""
     control_socket: str | None = None
@@ -152,20 +178,30 @@ class Settings(_Section, kw_only=True):
     socket_group: str | None = None
     """Group that may use the control socket (mode 0660)."""
     log_format: Literal["auto", "console", "json", "journal"] = "auto"
+    """auto: journal under systemd, console on a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged."""
     stop_grace_s: float = 10.0
     """SIGTERM to SIGKILL, for runs and for the daemon's own shutdown."""
     tick_s: float = 1.0
     """Period of the daemon's housekeeping tick (timeouts are exact; this is the floor)."""
     run_history_days: float = 30.0
+    """Run, output and spend records older than this are pruned."""
     log_line_max_bytes: int = 8192
+    """Longer lines of agent output are cut and marked …[truncated]."""
     log_lines_per_s: int = 200
     """Lines per second logged from one agent's output; the rest is counted and summarised."""
     cgroups: Literal["auto", "on", "off"] = "auto"
+    """Per-run cgroups: auto (when the daemon owns a delegated cgroup v2), on, off."""
     locks: LockSettings = LockSettings()
+    """Task lockfiles and the stale-lock watchdog."""
     crash_loop: CrashLoopSettings = CrashLoopSettings()
+    """When consecutive failures put an agent in the `failed` state."""
     metrics: MetricsSettings = MetricsSettings()
+    """Prometheus exporter."""
     memory_guard: MemoryGuardSettings = MemoryGuardSettings()
     breaker: BreakerSettings = BreakerSettings()
     alerts: AlertSettings = AlertSettings()
     steward: StewardSettings = StewardSettings()
+    storage: StorageSettings = StorageSettings()
+    """`backend: sqlite` (one host) or `backend: postgresql` (several hosts, one pipeline)."""

@@ -18,19 +18,40 @@ from .config import AgentSpec, Job, Settings
 
 
 def _field_docs(cls: type) -> dict[str, str]:
+    """A field's doc: the string literal under it, else the comment above or beside it."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+            source = textwrap.dedent(inspect.getsource(klass))
         except (OSError, TypeError):
             continue
+        lines = source.splitlines()
+        tree = ast.parse(source)
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for node, nxt in zip(body, body[1:] + [None], strict=True):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and \
-                    isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and \
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and \
                     isinstance(nxt.value.value, str):
                 docs[node.target.id] = " ".join(nxt.value.value.split())
+                continue
+            comment = _comments(lines, node.lineno - 1)
+            if comment:
+                docs[node.target.id] = comment
     return docs
+
+
+def _comments(lines: list[str], index: int) -> str:
+    """The comment block right above line `index`, or the comment at its end."""
+    above = []
+    i = index - 1
+    while i >= 0 and lines[i].strip().startswith("#"):
+        above.insert(0, lines[i].strip().lstrip("#").strip())
+        i -= 1
+    if above:
+        return " ".join(above)
+    _, sep, inline = lines[index].partition("  # ")
+    return inline.strip() if sep else ""
 
 
 def _struct_of(hint) -> type | None:
@@ -78,6 +99,7 @@ def rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
         origin = typing.get_origin(hint)
         doc = docs.get(field.name, "")
         if sub is not None and origin not in (list, dict):
+            doc = doc or (sub.__doc__ or "").strip().split("\n")[0]
             out.append((key, "section", "", doc))
             out.extend(rows(sub, f"{key}."))
         else:

@@ -99,7 +99,8 @@ class _Document:
         while field:
             if field in self.lines:
                 return self.lines[field]
-            field = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
+            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
+            field = "" if parent == field else parent  # a top-level field has no parent
         return self.lines.get("", 1)
 
     def issue(self, field: str, message: str) -> ConfigIssue:
@@ -124,8 +125,24 @@ def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[Confi
             target = _struct_at(struct, sub)
             valid = ", ".join(target.__struct_fields__) if target else "see docs/configuration.md"
             message = f"unknown key (valid keys here: {valid})"
+        elif message.startswith("Invalid enum value"):
+            message += _enum_hint(struct, sub)
         issues.append(doc.issue(field, message))
         return None
+
+
+def _enum_hint(struct: type, sub: str) -> str:
+    """' (valid: a, b, c)' for the enum-typed field at msgspec path `sub`."""
+    import enum
+    import typing
+
+    parent, _, name = sub.rpartition(".")
+    owner = _struct_at(struct, parent) if parent else struct
+    hint = typing.get_type_hints(owner).get(name.split("[")[0]) if owner else None
+    for candidate in (hint, *typing.get_args(hint)):
+        if isinstance(candidate, type) and issubclass(candidate, enum.Enum):
+            return f" (valid: {', '.join(str(m.value) for m in candidate)})"
+    return ""
 
 
 def _struct_at(struct: type, sub: str) -> type | None:
@@ -277,7 +294,9 @@ def load_config(path: Path | str | None = None) -> Config:
         raise ConfigError([doc.issue("", "the file must be a mapping of settings")])
     settings = _convert(doc, data, Settings, "", issues)
     if settings is None:
-        raise ConfigError(issues)
+        # Keep going with the defaults, so the agent files' errors are reported too.
+        agents_dir = data.get("agents_dir")
+        settings = Settings(agents_dir=agents_dir) if isinstance(agents_dir, str) else Settings()
     base = path.resolve().parent
     settings = msgspec.structs.replace(
         settings,

@@ -28,7 +28,7 @@ from .cgroups import RunCgroups
 from .configload import Config, load_config
 from .control.handlers import Handlers
 from .control.server import ControlServer
-from .errors import AlreadyRunning, ConfigError
+from .errors import AlreadyRunning, ConfigError, WatchkeeperError
 from .locks import break_stale
 from .pipeline import Pipeline
 from .proctree import (
@@ -96,10 +96,15 @@ class Daemon:
         return self.exit_code
 
     def _open_state_dir(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        for sub in ("tasks", "status", "logs"):
-            (self.state_dir / sub).mkdir(exist_ok=True)
-        fd = os.open(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            for sub in ("tasks", "status", "logs"):
+                (self.state_dir / sub).mkdir(exist_ok=True)
+            fd = os.open(self.state_dir / "daemon.lock",
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise WatchkeeperError(f"cannot use state_dir {self.state_dir}: {exc} (it must be "
+                                   "a directory the daemon's user can write)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -330,7 +335,10 @@ class Daemon:
         for ext in self.extensions:
             reload_hook = getattr(ext, "reload", None)
             if reload_hook:
-                reload_hook(self)
+                try:
+                    reload_hook(self)
+                except Exception:  # noqa: BLE001 - else the daemon stays `reloading`, no READY
+                    log.exception("extension_reload_failed", extension=type(ext).__name__)
         log.info("reload_applied", agents=len(new.agents))
         self.transition(DaemonState.RUNNING)
         return []

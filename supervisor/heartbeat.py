@@ -49,9 +49,11 @@ class HeartbeatSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     """Config section `heartbeat` (per agent): how often it beats and what staleness means."""
 
     interval_s: float = 300.0
+    """How often the agent is expected to heartbeat."""
     # Stale after interval_s * stale_multiple: one late beat is jitter, three missed beats are not.
     stale_multiple: float = 3.0
     on_stale: OnStale = OnStale.LOG
+    """A running agent's stale heartbeat: log, restart the run, or kill it."""
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:

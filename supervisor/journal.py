@@ -96,10 +96,14 @@ def encode_entry(fields: Iterable[tuple[str, bytes]]) -> bytes:
 
 
 def render_message(event_dict: Mapping[str, Any]) -> str:
-    """The human line: event name, then key=value pairs, then any traceback on its own lines."""
+    """The human line: event name, then key=value pairs, then any traceback on its own lines.
+    An agent's own output line is shown as itself, `agent: line`: the fields carry
+    the rest, and journald records the time."""
+    if event_dict.get("event") == "agent_output" and "line" in event_dict:
+        return f"{event_dict.get('agent', '?')}: {event_dict['line']}"
     words = [str(event_dict.get("event", ""))]
     for key, value in event_dict.items():
-        if key in ("event", "level", "exception"):
+        if key in ("event", "level", "exception", "timestamp"):
             continue
         text = str(value)
         words.append(f"{key}={text if _BARE_VALUE.fullmatch(text) else json.dumps(text)}")

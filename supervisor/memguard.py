@@ -58,24 +58,34 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     """Config section `memory`; defaults suit a 4 GB VPS."""
 
     warn_percent: float = 80.0
+    """Memory used (of total, counting reclaimable cache as free) that logs a warning and
+    speeds sampling up."""
     act_percent: float = 87.0
+    """Memory used that makes the guard act: orphaned Chrome first, then low-priority runs,
+    then an alert."""
     # Leave pressure only below this, so usage hovering at the threshold does not flap.
     clear_percent: float = 75.0
     # One memory reading costs ~0.05 ms, so even the slow interval can be short: at 5 s a
     # sudden spike went unseen for up to 5 s, missing the 1 s orphan-kill target (bench).
     slow_interval_s: float = 1.0
     fast_interval_s: float = 0.25
+    """Sampling interval near the threshold."""
     # Per-run memory_max_mb checks walk the daemon's process tree; they need not run each tick.
     run_check_interval_s: float = 5.0
     kill_grace_s: float = 2.0
+    """SIGTERM to SIGKILL for orphaned processes."""
     # A requested run stop gets this long to free memory before the guard escalates past it.
     stop_wait_s: float = 30.0
     realert_interval_s: float = 900.0
+    """Alert again about lasting pressure at most this often."""
     chrome_names: tuple[str, ...] = ("chrome", "chromium", "headless_shell")
+    """Process names taken for Chrome."""
     # "browser" is a Chrome process without --type; it is only killed once its run has ended.
     chrome_types: tuple[str, ...] = ("renderer", "gpu-process", "utility", "zygote", "browser",
                                      "crashpad-handler")
     include_foreign: bool = False
+    """Also kill Chrome orphans of other watchkeepers whose marked ancestor was reparented to
+    init."""
     # Measure pressure against this cgroup's limit instead of the whole machine.
     scope_cgroup: str | None = None
 

@@ -102,11 +102,17 @@ class StewardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     """
 
     db_file: str = "memory.sqlite3"
+    """File name of the steward's SQLite database in state_dir."""
     max_value_bytes: int = 256 * 1024
+    """Largest JSON value one update may write."""
     schemas: dict[str, dict[str, Any]] = {}
+    """JSON Schema (a subset) per namespace glob, checked on every write."""
     history_retention_s: float = 30 * 86400.0
+    """History entries older than this are pruned."""
     idempotency_ttl_s: float = 86400.0
+    """How long an idempotency key makes a retried update a no-op."""
     busy_timeout_ms: int = 5000
+    """SQLite busy timeout for the steward's connections."""
 
     def __post_init__(self) -> None:
         if self.max_value_bytes <= 0:

@@ -15,7 +15,7 @@ import structlog
 from .agents import AgentRuntime, backoff_delay_s, cooldown_s
 from .cgroups import RunCgroups
 from .config import AgentSpec, Job, Overlap, Settings
-from .proctree import attribute, descendants, describe_status, signal_name
+from .proctree import attribute, descendants, describe_status, direct_children, signal_name
 from .runner import LineRateLimiter, Run, build_env, read_pipe, spawn
 from .scheduler import Fire, Scheduler
 from .states import AgentState, Outcome, RunState, StopReason
@@ -25,7 +25,7 @@ from .timers import Timers
 log = structlog.get_logger("watchkeeper.pipeline")
 
 NO_RESTART_REASONS = {StopReason.SHUTDOWN, StopReason.REMOVED, StopReason.BREAKER,
-                      StopReason.REPLACED, StopReason.MANUAL}
+                      StopReason.REPLACED, StopReason.MANUAL, StopReason.LEASE_LOST}
 
 
 class Pipeline:
@@ -55,6 +55,8 @@ class Pipeline:
         self.on_run_started: list[Callable[[Run], None]] = []
         self.on_crash_loop: list[Callable[[AgentRuntime], None]] = []
         self.launch_gate: Callable[[str], str | None] = lambda agent: None
+        # Shared storage decides which host runs a firing: a non-empty answer says why not here.
+        self.claim_firing: Callable[[Fire, AgentSpec, Job], str] = lambda fire, spec, job: ""
         self.base_env = dict(os.environ)
 
     # -- configuration --------------------------------------------------------------------
@@ -108,7 +110,7 @@ class Pipeline:
             return "unknown"
         if fire.trigger in ("cron", "every"):
             self.store.record_fire(rt.name, job.id, fire.at)
-        verdict = self._blocked(rt, fire)
+        verdict = self._blocked(rt, fire) or self.claim_firing(fire, rt.spec, job)
         if verdict:
             log.info("firing_skipped", agent=rt.name, job=job.id, trigger=fire.trigger,
                      reason=verdict)
@@ -231,6 +233,14 @@ class Pipeline:
         if refresh:
             self.refresh_owners()
         return [pid for pid, rid in self.owners.items() if rid == run.run_id and pid != run.pid]
+
+    def _may_have_leftovers(self) -> bool:
+        """A run's survivors are reparented to us (subreaper), so when our only children
+        are live runs' roots nothing was left behind and the /proc scan can be skipped."""
+        children = direct_children()
+        if children is None:
+            return True
+        return bool(children - set(self.runs_by_pid))
 
     def refresh_owners(self) -> None:
         roots = {r.pid: r.run_id for r in self.runs.values()}
@@ -382,7 +392,7 @@ class Pipeline:
         unless the job says `leftovers: keep`."""
         if run.job.leftovers.value == "keep":
             return
-        left = self._tracked(run)
+        left = self._tracked(run) if self._may_have_leftovers() else []
         cg_left = self.cgroups.pids(run.cgroup) if run.cgroup else []
         if not left and not cg_left:
             self._release_cgroup(run)

@@ -58,6 +58,26 @@ def read_environ(pid: int) -> dict[str, str]:
     return env
 
 
+def direct_children(pid: int | None = None) -> set[int] | None:
+    """Children of `pid` from /proc/PID/task/*/children (one small read per thread, not a
+    scan of every process); None where the kernel does not offer the file."""
+    pid = pid or os.getpid()
+    found: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found.update(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return found
+
+
 def descendants(root_pid: int) -> list[int]:
     """Every live descendant of root_pid (not root_pid itself), from one /proc scan."""
     children: dict[int, list[int]] = {}

@@ -151,6 +151,8 @@ def build_env(run: Run, agent: AgentSpec, job: Job, *, state_dir: Path, socket_p
               base_env: dict[str, str]) -> dict[str, str]:
     env = dict(base_env)
     env.update(job.env)
+    if "PATH" not in job.env:
+        env["PATH"] = with_own_bin(env.get("PATH", os.defpath))
     env.update({
         "WATCHKEEPER_AGENT": run.agent,
         "WATCHKEEPER_JOB": job.id,
@@ -169,6 +171,17 @@ def build_env(run: Run, agent: AgentSpec, job: Job, *, state_dir: Path, socket_p
         env.pop("WATCHKEEPER_DEGRADED", None)
         env.pop("WATCHKEEPER_DEGRADED_UPSTREAMS", None)
     return env
+
+
+def with_own_bin(path: str) -> str:
+    """`path` with the daemon's own bin directory added last, so that an agent finds the
+    `watchkeeper` CLI of the daemon that started it: under systemd, or started as
+    `.venv/bin/watchkeeper`, that directory is not on PATH and a bash agent's first
+    `watchkeeper heartbeat` failed with "command not found". Last, so that no tool an
+    agent already finds on PATH changes."""
+    own = os.path.dirname(sys.executable)
+    parts = [p for p in path.split(os.pathsep) if p]
+    return path if not own or own in parts else os.pathsep.join([*parts, own])
 
 
 def build_argv(job: Job) -> list[str] | str:

@@ -37,10 +37,33 @@ def make_trigger(job: Job) -> BaseTrigger | None:
     sched = job.schedule
     jitter = int(job.jitter_s) or None
     if sched.cron is not None:
-        return CronTrigger(**cron_fields(sched.cron), timezone=sched.timezone, jitter=jitter)
+        return OncePerWallClockCron(**cron_fields(sched.cron), timezone=sched.timezone,
+                                    jitter=jitter)
     if sched.every_s is not None:
         return IntervalTrigger(seconds=sched.every_s, timezone="UTC", jitter=jitter)
     return None
+
+
+class OncePerWallClockCron(CronTrigger):
+    """CronTrigger that does not repeat a fixed-hour job in the hour that DST fall-back
+    repeats: APScheduler 3 fires a daily 02:30 job at 02:30 CEST and again at 02:30 CET.
+    Like Vixie cron, jobs whose hour field is a wildcard keep firing every real hour."""
+
+    def get_next_fire_time(self, previous_fire_time, now):
+        nxt = super().get_next_fire_time(previous_fire_time, now)
+        if nxt is None or previous_fire_time is None or self._hour_is_wildcard():
+            return nxt
+        prev_local = previous_fire_time.astimezone(dt.UTC).astimezone(self.timezone)
+        # Aware datetimes sharing a tzinfo compare by wall clock: compare instants in UTC.
+        same_wall_clock = nxt.replace(tzinfo=None) == prev_local.replace(tzinfo=None)
+        if same_wall_clock and nxt.astimezone(dt.UTC) != prev_local.astimezone(dt.UTC):
+            after = nxt.astimezone(dt.UTC) + dt.timedelta(seconds=1)
+            return super().get_next_fire_time(nxt, after)
+        return nxt
+
+    def _hour_is_wildcard(self) -> bool:
+        hour = next(f for f in self.fields if f.name == "hour")
+        return str(hour).startswith("*")
 
 
 DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -24,7 +24,7 @@ from typing import Any
 
 from . import locks
 from .control.client import ControlClient
-from .errors import ControlError, DaemonNotRunning, WatchkeeperError
+from .errors import ControlError, DaemonNotRunning, LockBusy, WatchkeeperError
 from .heartbeat import write_heartbeat
 
 
@@ -102,6 +102,25 @@ class Memory:
         raise MemoryRejected(reply.get("error", "rejected"))
 
 
+class DaemonLock:
+    """A task lock the daemon holds for this run; released by release() or when the run ends."""
+
+    def __init__(self, agent: Agent, task_id: str) -> None:
+        self._agent = agent
+        self.task_id = task_id
+
+    def release(self) -> None:
+        if self._agent is not None:
+            self._agent.call("unlock", task=self.task_id)
+            self._agent = None
+
+    def __enter__(self) -> DaemonLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class Agent:
     def __init__(self, socket_path: str | None = None) -> None:
         env = os.environ
@@ -163,9 +182,17 @@ class Agent:
         return None
 
     # -- locks ---------------------------------------------------------------------------------
-    def lock(self, task_id: str) -> locks.HeldLock:
+    def lock(self, task_id: str) -> locks.HeldLock | DaemonLock:
         """Take STATE_DIR/tasks/{task_id}.lock (raises LockBusy); held until released or
-        until this process dies."""
+        until this process dies. With shared storage the daemon holds it (a leased row)."""
+        if os.environ.get("WATCHKEEPER_TASK_LOCKS") == "daemon":
+            try:
+                self.call("lock", task=task_id)
+            except ControlError as exc:
+                if getattr(exc, "reply", {}).get("busy"):
+                    raise LockBusy(str(exc)) from None
+                raise
+            return DaemonLock(self, task_id)
         return locks.acquire(self.state_dir, task_id, agent=self.name, run_id=self.run_id)
 
     # -- outputs and spend ------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class StopReason(enum.StrEnum):
     MEMORY = "memory"           # memory_max exceeded, or freed under memory pressure
     BREAKER = "breaker"         # the circuit breaker halted the pipeline
     STALE_HEARTBEAT = "stale_heartbeat"
+    LEASE_LOST = "lease_lost"   # its task lock lease expired and another host may hold it
 
 
 class DaemonState(enum.StrEnum):

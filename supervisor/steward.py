@@ -38,9 +38,14 @@ class Steward:
     def start(self, daemon) -> None:
         self.daemon = daemon
         daemon.steward = self
-        self.store = MemoryStore(daemon.state_dir, daemon.config.settings.steward)
-        self.retriever = ContextRetriever(Fts5Backend.open(self.store.path,
-                                                            daemon.config.settings.steward))
+        # Shared storage (PostgreSQL) supplies its own store and search backend.
+        open_shared = getattr(daemon, "open_memory", None)
+        if open_shared is not None:
+            self.store, backend = open_shared(daemon.config.settings.steward)
+        else:
+            self.store = MemoryStore(daemon.state_dir, daemon.config.settings.steward)
+            backend = Fts5Backend.open(self.store.path, daemon.config.settings.steward)
+        self.retriever = ContextRetriever(backend)
         daemon.after_batch.append(self.flush)
         daemon.on_tick.append(self._tick)
 

@@ -1,8 +1,10 @@
 """The daemon as a systemd service: READY, STATUS, WATCHDOG, RELOADING and STOPPING.
 
-WATCHDOG=1 is sent from the loop itself and only while the daemon's own liveness checks
-pass, so a wedged loop or a dead scheduler thread stops the pings and systemd restarts
-the daemon. Everything here is a no-op when NOTIFY_SOCKET is unset.
+READY=1 follows the daemon's transition to `running`, which comes after the configuration
+is loaded, the state directory is locked and open, the scheduler thread runs and the
+agents are scheduled. WATCHDOG=1 is sent from the loop itself and only while the daemon's
+own liveness checks pass, so a wedged loop or a dead scheduler thread stops the pings and
+systemd restarts the daemon. Everything here is a no-op when NOTIFY_SOCKET is unset.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from .states import AgentState, DaemonState
 
 log = structlog.get_logger("watchkeeper.systemd")
 
+# The states in which the scheduler thread must be alive; while stopping it is shut down.
+SCHEDULING_STATES = frozenset({DaemonState.RUNNING, DaemonState.RELOADING})
+
 
 class SystemdService:
     name = "systemd"
@@ -23,13 +28,18 @@ class SystemdService:
         self.daemon = None
         self._timer = None
         self.pings = 0
+        self._withheld = False
 
     def start(self, daemon) -> None:
         self.daemon = daemon
         for var in (*NOTIFY_ENV_VARS, "JOURNAL_STREAM", "INVOCATION_ID"):
             daemon.pipeline.base_env.pop(var, None)  # agents must not speak for the unit
+        if not self.notifier.enabled:
+            return
         daemon.on_state.append(self._on_state)
-        daemon.on_tick.append(lambda now: self.notifier.status(self.status_line()))
+        daemon.on_tick.append(lambda now: self.update_status())
+        daemon.pipeline.on_run_started.append(lambda run: self.update_status())
+        daemon.pipeline.on_run_finished.append(lambda run, record: self.update_status())
         interval = self.notifier.watchdog_interval_s()
         if interval:
             self._schedule_ping(interval)
@@ -39,39 +49,53 @@ class SystemdService:
         if self._timer is not None:
             self._timer.cancel()
 
+    def update_status(self) -> None:
+        """Send the status line if it changed (the notifier drops repeats)."""
+        self.notifier.status(self.status_line())
+
     def _on_state(self) -> None:
         state = self.daemon.state
         if state == DaemonState.RUNNING:
-            self.notifier.status(self.status_line())
+            # Also the end of a reload, rejected or applied: systemd waits for READY=1.
+            self.update_status()
             self.notifier.ready()
         elif state == DaemonState.RELOADING:
             self.notifier.reloading()
+            self.update_status()
         elif state == DaemonState.STOPPING:
             self.notifier.stopping()
-            self.notifier.status("stopping: agents are being stopped")
+            self.update_status()
 
     def _schedule_ping(self, interval_s: float) -> None:
-        def ping() -> None:
+        # A loop timer, not a thread: a loop that stops turning stops the pings with it.
+        self._timer = self.daemon.timers.call_later(interval_s, lambda: self._ping(interval_s))
+
+    def _ping(self, interval_s: float) -> None:
+        try:
             problem = self.liveness_problem()
             if problem is None:
                 self.notifier.watchdog_ping()
                 self.pings += 1
+                if self._withheld:
+                    log.info("watchdog_resumed")
+                self._withheld = False
             else:
                 log.error("watchdog_withheld", problem=problem,
                           hint="systemd will restart the daemon if this persists")
+                self._withheld = True
+        finally:
             self._schedule_ping(interval_s)
-        self._timer = self.daemon.timers.call_later(interval_s, ping)
 
     def liveness_problem(self) -> str | None:
         """Why the daemon is not healthy, or None. The loop is alive by construction (this
         runs in it); the scheduler runs in a thread of its own that could die unnoticed."""
-        scheduler = self.daemon.scheduler
-        if self.daemon.state in (DaemonState.RUNNING, DaemonState.RELOADING) and \
-                not scheduler.alive():
+        if self.daemon.state in SCHEDULING_STATES and not self.daemon.scheduler.alive():
             return "the scheduler thread is not running"
         return None
 
     def status_line(self) -> str:
+        """One line for `systemctl status`: the daemon's state when not plain running, the
+        agents, then each extension's summary."""
         agents = self.daemon.pipeline.agents.values()
         running = sum(1 for a in agents if a.state == AgentState.RUNNING)
         failed = sum(1 for a in agents if a.state == AgentState.FAILED)
@@ -84,4 +108,6 @@ class SystemdService:
                 parts.append(summary)
         if self.daemon.pipeline.halted:
             parts.insert(0, "HALTED")
+        if self.daemon.state != DaemonState.RUNNING:
+            parts.insert(0, self.daemon.state.value)
         return "; ".join(parts)

@@ -53,9 +53,13 @@ class DaemonProc:
         return self.state_dir / "control.sock"
 
     # -- process ------------------------------------------------------------------------------
-    def start(self, wait_ready: bool = True, extra_env: dict | None = None) -> DaemonProc:
+    def start(self, wait_ready: bool = True, extra_env: dict | None = None,
+              notify_socket: Path | None = None) -> DaemonProc:
+        """Start the daemon; it gets NOTIFY_SOCKET only when `notify_socket` is given."""
         env = {**os.environ, **(extra_env or {})}
         env.pop("NOTIFY_SOCKET", None)
+        if notify_socket is not None:
+            env["NOTIFY_SOCKET"] = str(notify_socket)
         self.proc = subprocess.Popen(
             [PY, "-m", "supervisor.cli", "--config", str(self.config_path), "run",
              "--log-format", "json"],

@@ -265,3 +265,39 @@ def test_output_flood_is_rate_limited_with_a_summary(tmp_path):
         ev = d.wait_event("agent_output_suppressed", agent="chatty")
         assert ev["lines"] == 2900
         assert len(d.find("agent_output", agent="chatty")) == 101
+
+
+def _cgroup_v2_writable() -> bool:
+    from supervisor.cgroups import V2_MOUNTS
+
+    return os.geteuid() == 0 and any(os.access(m / "cgroup.procs", os.W_OK) for m in V2_MOUNTS
+                                     if (m / "cgroup.controllers").exists())
+
+
+def test_runs_get_their_own_cgroup_and_leftovers_die_with_it(tmp_path):
+    """With cgroups on, each run lives in STATE's runs/<run_id> cgroup, and a grandchild that
+    ignores SIGTERM in a session of its own is killed through cgroup.kill."""
+    from support import require
+
+    require(_cgroup_v2_writable(), "needs root and a writable cgroup v2 hierarchy")
+    pidfile = tmp_path / "grandchild.pid"
+    # The grandchild writes the pid file itself, once it ignores SIGTERM.
+    code = ("import os, subprocess, sys, time\n"
+            "g = subprocess.Popen([sys.executable, '-c', 'import os, signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "open(os.environ[\"PIDFILE\"], \"w\").write(str(os.getpid())); time.sleep(300)'], "
+            "start_new_session=True)\n"
+            "print(open('/proc/self/cgroup').read().splitlines()[-1], flush=True)\n"
+            "time.sleep(300)\n")
+    spec = every(60, code, env={"PIDFILE": str(pidfile)}, stop_grace_s=0.5)
+    with DaemonProc(tmp_path, {"cg": spec}, cgroups="on").start() as d:
+        cgroup_base = d.find("daemon_started")[0]["cgroups"]
+        assert cgroup_base
+        run_id = d.call("start-now", agent="cg")["run_id"]
+        line = d.wait_event("agent_output", agent="cg", timeout_s=15)["line"]
+        assert line.endswith(f"/runs/{run_id}")
+        grandchild = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 10))
+        os.kill(d.call("status")["agents"][0]["pid"], signal.SIGKILL)
+        d.wait_event("run_leftovers_killed", run_id=run_id, timeout_s=15)
+        wait_until(lambda: not alive(grandchild), 10, message="grandchild survived")
+    assert not os.path.exists(cgroup_base)

@@ -450,7 +450,10 @@ class FakeDaemon:
 
     def close(self) -> None:
         for child in psutil.Process(self.pid).children(recursive=True):
-            child.kill()
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass  # Chrome's helpers exit by themselves once the browser is gone
         self.proc.kill()
         self.proc.wait()
 

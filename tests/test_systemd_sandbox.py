@@ -258,7 +258,7 @@ def test_deploy_unit_verifies_clean(sandbox, deployed):
 
 def test_deploy_unit_runs_as_watchkeeper(sandbox, deployed):
     """The daemon runs as the watchkeeper user with its command line and state directory."""
-    assert deployed["argv"] == ["run", "--config", "/etc/watchkeeper/watchkeeper.yaml"]
+    assert deployed["argv"] == ["--config", "/etc/watchkeeper/watchkeeper.yaml", "run"]
     assert deployed["uid"] == int(sandbox.run("id", "-u", "watchkeeper").stdout)
     assert deployed["environ"]["STATE_DIRECTORY"] == "/var/lib/watchkeeper"
     assert deployed["environ"]["RUNTIME_DIRECTORY"] == "/run/watchkeeper"

@@ -34,7 +34,7 @@ class Peer:
 
 
 class Connection:
-    __slots__ = ("sock", "peer", "inbuf", "outbuf", "closed", "server", "verified_run_id")
+    __slots__ = ("sock", "peer", "inbuf", "outbuf", "closed", "server", "verified_run")
 
     def __init__(self, sock: socket.socket, peer: Peer, server: ControlServer) -> None:
         self.sock = sock
@@ -43,7 +43,7 @@ class Connection:
         self.outbuf = bytearray()
         self.closed = False
         self.server = server
-        self.verified_run_id: str | None = None  # the run this peer was proved to belong to
+        self.verified_run: str | None = None  # the run this peer was proved to belong to
 
     def send(self, data: bytes) -> None:
         if self.closed:

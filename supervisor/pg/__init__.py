@@ -1,0 +1,10 @@
+"""State shared by several hosts in PostgreSQL (the `storage: {backend: postgresql}` option).
+
+db          connections: timeouts, the schema's search_path, LISTEN for wake-up hints
+migrations  the versioned schema, applied at start or by `watchkeeper migrate`
+leases      the leader lease (fencing token), task-lock leases, host liveness
+claims      scheduled slots and the firing claims that make one host run each firing
+memory      the steward's store in PostgreSQL, writes serialised by the database
+breaker     the circuit breaker fed with every host's events, one decision at a time
+cluster     the extension that plugs all of it into the daemon's loop
+"""

@@ -1,0 +1,414 @@
+"""The PostgreSQL backend in the daemon's loop: one pipeline over several hosts.
+
+Started after the output gate and before the steward (features.py). It
+- migrates the schema and registers this host;
+- gives the steward its PostgreSQL store (pg/memory.py) and wraps the gate's breaker in a
+  SharedBreaker (pg/breaker.py);
+- decides through firing claims which host runs each scheduled firing (pg/claims.py);
+- serves `lock`, `unlock`, `locks` and `runs` from shared tables, and renews this host's
+  leases; a run whose task lock lease was lost (host frozen, database unreachable) is stopped;
+- mirrors run records and heartbeats, so every host sees every host's;
+- keeps or takes the leader lease; the leader closes the runs of dead hosts and prunes.
+All of it runs on the loop's thread; peers' NOTIFYs arrive on a watched socket.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import time
+
+import psycopg
+import structlog
+
+from .. import __version__
+from ..breaker import Breaker, BreakerState
+from ..control.protocol import error, ok
+from ..heartbeat import heartbeat_path, read_heartbeat, write_heartbeat
+from ..locks import validate_task_id
+from ..output_gate import merged_breaker_settings
+from ..states import StopReason
+from .breaker import SharedBreaker
+from .claims import CLAIMED_TRIGGERS, claim, pinned_host, slot_of
+from .db import Database, Listener
+from .leases import (
+    Leadership,
+    LeaseLost,
+    acquire_lock,
+    current_leader,
+    host_stopped,
+    list_hosts,
+    list_locks,
+    register_host,
+    release_locks,
+    renew,
+)
+from .memory import PgMemoryStore, PgSearchBackend
+from .migrations import migrate
+
+log = structlog.get_logger("watchkeeper.pg.cluster")
+
+LEADER_DUTY_INTERVAL_S = 30.0
+CLAIMS_KEPT_S = 7 * 86400.0
+BREAKER_EVENTS_KEPT_S = 2 * 86400.0
+RUN_COLUMNS = ("run_id, agent, job, attempt, trigger, pid, started, ended, exit_code, signal, "
+               "outcome, stop_reason, stop_signal, degraded, host")
+
+
+class Cluster:
+    name = "cluster"
+
+    def __init__(self) -> None:
+        self.daemon = None
+        self.settings = None
+        self.host = ""
+        self.db: Database | None = None
+        self.listener: Listener | None = None
+        self.leadership: Leadership | None = None
+        self.breaker: SharedBreaker | None = None
+        self.held: dict[str, set[str]] = {}     # run id -> task ids it holds
+        self._last_renewal = time.monotonic()
+        self._next = {"renew": 0.0, "poll": 0.0, "leader": 0.0, "duties": 0.0, "beats": 0.0}
+        self._pushed_beats: dict[str, float] = {}
+        self._pulled_beat_ts = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self, daemon) -> None:
+        self.daemon = daemon
+        self.settings = s = daemon.config.settings.storage
+        self.host = s.host
+        self.db = Database(s)
+        applied = migrate(self.db)
+        register_host(self.db, self.host, os.getpid(), __version__)
+        self._close_own_dangling_runs()
+        self.leadership = Leadership(self.db, self.host, s.leader_lease_s)
+        self._share_breaker(daemon)
+        daemon.open_memory = lambda settings: (PgMemoryStore(self.db, settings),
+                                               PgSearchBackend(self.db))
+        daemon.command_overrides = {"lock": self._lock, "unlock": self._unlock,
+                                    "locks": self._locks, "runs": self._runs}
+        daemon.status_extenders = [self._extend_status]
+        # Agents using the SDK take task locks through the daemon, not as local files.
+        daemon.pipeline.base_env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
+        daemon.pipeline.claim_firing = self.claim_firing
+        daemon.pipeline.on_run_started.append(self._run_started)
+        daemon.pipeline.on_run_finished.append(self._run_finished)
+        daemon.on_tick.append(self._tick)
+        self._listen()
+        self._elect()
+        self._warn_unpinned_always(daemon)
+        log.info("cluster_joined", host=self.host, schema=s.schema, migrations=applied,
+                 leader=self.leadership.leading, listen=self.listener is not None)
+
+    def stop(self, daemon) -> None:
+        if self.leadership is None:  # start failed before joining: nothing to leave
+            if self.db is not None:
+                self.db.close()
+            return
+        try:
+            self.leadership.resign()
+            for run_id in list(self.held):
+                release_locks(self.db, self.host, run_id=run_id)
+            host_stopped(self.db, self.host)
+        except (psycopg.Error, ConnectionError) as exc:
+            log.warning("cluster_leave_failed", error=str(exc),
+                        hint="peers notice through the expiring leases")
+        if self.listener is not None:
+            self._drop_listener()
+        self.db.close()
+
+    def _share_breaker(self, daemon) -> None:
+        """Replace the gate's breaker (restored from this host's SQLite) by the shared one."""
+        gate = daemon.output_gate
+        inner = Breaker(merged_breaker_settings(daemon.config), persist=gate._persist)
+        self.breaker = SharedBreaker(inner, self.db, self.host, on_peer_change=self._peer_breaker)
+        gate.breaker = self.breaker
+        self.breaker.replay_all()
+        daemon.pipeline.halted = inner.state is BreakerState.OPEN
+        if daemon.pipeline.halted:
+            log.critical("pipeline_halted_at_start", shared=True,
+                         hint="`watchkeeper breaker reset --reason ...` on any host resumes all")
+
+    def _peer_breaker(self, state: BreakerState) -> None:
+        pipeline = self.daemon.pipeline
+        if state is BreakerState.OPEN:
+            trip = self.breaker.inner.last_trip
+            log.critical("pipeline_halted_by_peer", agent=trip.agent if trip else None,
+                         rule=trip.rule.value if trip else None,
+                         hint="the host that tripped sent the alert")
+            pipeline.halt()
+        else:
+            log.warning("pipeline_resumed_by_peer")
+            pipeline.unhalt()
+
+    def _warn_unpinned_always(self, daemon) -> None:
+        for name, spec in daemon.config.agents.items():
+            for job in spec.jobs:
+                if job.schedule.always and pinned_host(spec, job) is None:
+                    log.warning("always_job_unpinned", agent=name, job=job.id,
+                                hint="it runs on every host; set `host:` to run one instance")
+
+    # -- the loop's duties -------------------------------------------------------------------------
+    def _tick(self, now: float) -> None:
+        s, due = self.settings, self._next
+        if now >= due["renew"]:
+            due["renew"] = now + min(s.lease_s / 3, s.poll_s)
+            self._renew(now)
+        if now >= due["leader"]:
+            due["leader"] = now + min(s.leader_lease_s / 3, s.poll_s)
+            self._elect()
+        if now >= due["poll"]:
+            due["poll"] = now + s.poll_s
+            self.breaker.sync()
+            if self.listener is None and not s.transaction_pooling:
+                self._listen()
+        if now >= due["beats"]:
+            due["beats"] = now + 1.0
+            self._sync_heartbeats()
+        if self.leadership.leading and now >= due["duties"]:
+            due["duties"] = now + min(LEADER_DUTY_INTERVAL_S, s.lease_s)
+            self._leader_duties()
+
+    def _elect(self) -> None:
+        try:
+            change = self.leadership.renew_or_acquire()
+        except (psycopg.Error, ConnectionError) as exc:
+            log.warning("leader_lease_unreachable", error=str(exc))
+            return
+        if change == "elected":
+            log.warning("leader_elected", host=self.host, token=self.leadership.token)
+            self._next["duties"] = 0.0
+        elif change == "lost":
+            log.warning("leader_lost", host=self.host,
+                        hint="the lease expired before it was renewed (frozen or cut off)")
+
+    def _renew(self, now: float) -> None:
+        try:
+            still = renew(self.db, self.host, self.settings.lease_s)
+        except (psycopg.Error, ConnectionError) as exc:
+            log.warning("lease_renewal_failed", error=str(exc))
+            if now - self._last_renewal > self.settings.lease_s:
+                self._leases_lost({run_id: set(tasks) for run_id, tasks in self.held.items()})
+            return
+        self._last_renewal = now
+        lost = {}
+        for run_id, tasks in self.held.items():
+            gone = tasks - {t for r, t in still if r == run_id}
+            if gone:
+                lost[run_id] = gone
+        if lost:
+            self._leases_lost(lost)
+
+    def _leases_lost(self, lost: dict[str, set[str]]) -> None:
+        """Another host may hold these locks now: the runs that held them must not go on."""
+        for run_id, tasks in lost.items():
+            self.held[run_id] -= tasks
+            run = self.daemon.pipeline.runs.get(run_id)
+            log.error("lock_lease_lost", run_id=run_id, tasks=sorted(tasks),
+                      agent=run.agent if run else None, action="stopping the run" if run else None)
+            if run is not None:
+                self.daemon.pipeline.stop_run(run, StopReason.LEASE_LOST)
+
+    def _leader_duties(self) -> None:
+        s = self.settings
+        try:
+            with self.db.tx() as conn:
+                self.leadership.fenced(conn)
+                lost = conn.execute(
+                    "update runs set ended = extract(epoch from now()), outcome = 'failed', "
+                    "stop_reason = 'host_lost' where ended is null and host in (select name "
+                    "from hosts where last_seen < now() - make_interval(secs => %s)) "
+                    "returning run_id, agent, host", (s.lease_s,)).fetchall()
+                conn.execute("delete from firing_claims where claimed_at < now() - "
+                             "make_interval(secs => %s)", (CLAIMS_KEPT_S,))
+                conn.execute("delete from breaker_events where at < extract(epoch from now()) - %s",
+                             (BREAKER_EVENTS_KEPT_S,))
+        except LeaseLost as exc:
+            log.warning("leader_lost", host=self.host, error=str(exc))
+            return
+        for run_id, agent, host in lost:
+            log.warning("run_lost_with_host", run_id=run_id, agent=agent, host=host)
+
+    # -- firings -----------------------------------------------------------------------------------
+    def claim_firing(self, fire, spec, job) -> str:
+        """Empty when this host runs the firing, else why another host does (or none)."""
+        pin = pinned_host(spec, job)
+        if pin is not None and pin != self.host and fire.trigger != "manual":
+            return f"pinned to host {pin}"
+        slot = slot_of(job, fire.at) if fire.trigger in CLAIMED_TRIGGERS else None
+        if slot is None:
+            return ""
+        try:
+            winner = claim(self.db, self.host, fire.agent, job.id, slot)
+        except (psycopg.Error, ConnectionError) as exc:
+            return f"shared storage unreachable, not claimed: {exc}"
+        return f"claimed by host {winner}" if winner else ""
+
+    # -- run records ---------------------------------------------------------------------------------
+    def _run_started(self, run) -> None:
+        self._write("insert into runs (run_id, agent, job, attempt, trigger, pid, started, "
+                    "degraded, host) values (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                    "on conflict (run_id) do nothing",
+                    (run.run_id, run.agent, run.job.id, run.attempt, run.trigger, run.pid,
+                     run.started_wall, ",".join(run.degraded), self.host))
+
+    def _run_finished(self, run, rec) -> None:
+        self._write("update runs set ended = %s, exit_code = %s, signal = %s, outcome = %s, "
+                    "stop_reason = %s, stop_signal = %s where run_id = %s",
+                    (rec.ended, rec.exit_code, rec.signal, rec.outcome, rec.stop_reason,
+                     rec.stop_signal, rec.run_id))
+        if self.held.pop(run.run_id, None):
+            self._write("delete from task_locks where host = %s and run_id = %s",
+                        (self.host, run.run_id))
+
+    def _write(self, sql: str, params: tuple) -> None:
+        """A record the pipeline's hooks must not fail on: logged if the database is away."""
+        try:
+            with self.db.tx() as conn:
+                conn.execute(sql, params)
+        except (psycopg.Error, ConnectionError) as exc:
+            log.warning("pg_write_failed", error=str(exc), statement=sql.split(" (")[0])
+
+    def _close_own_dangling_runs(self) -> None:
+        with self.db.tx() as conn:
+            closed = conn.execute(
+                "update runs set ended = extract(epoch from now()), outcome = 'failed', "
+                "stop_reason = 'daemon_lost' where host = %s and ended is null", (self.host,)
+            ).rowcount
+        if closed:
+            log.warning("runs_lost_with_previous_daemon", count=closed, shared=True)
+
+    # -- heartbeats ------------------------------------------------------------------------------------
+    def _sync_heartbeats(self) -> None:
+        """Beats of this host's runs go up; newer beats of other hosts come down as files,
+        so health.py judges upstreams on any host the same way as local ones."""
+        state_dir = self.daemon.state_dir
+        up = []
+        for run in self.daemon.pipeline.runs.values():
+            beat = read_heartbeat(heartbeat_path(state_dir, run.agent))
+            if beat is not None and beat.ts > self._pushed_beats.get(run.agent, 0.0):
+                up.append((run.agent, self.host, beat.ts, beat.pid, beat.run_id))
+        try:
+            with self.db.tx() as conn:
+                for row in up:
+                    conn.execute("insert into heartbeats values (%s, %s, %s, %s, %s) on conflict "
+                                 "(agent) do update set host = excluded.host, ts = excluded.ts, "
+                                 "pid = excluded.pid, run_id = excluded.run_id "
+                                 "where heartbeats.ts < excluded.ts", row)
+                down = conn.execute("select agent, ts, pid, run_id from heartbeats where host "
+                                    "<> %s and ts > %s", (self.host, self._pulled_beat_ts)
+                                    ).fetchall()
+        except (psycopg.Error, ConnectionError) as exc:
+            log.warning("heartbeat_sync_failed", error=str(exc))
+            return
+        for agent, _host, ts, _pid, _run in up:
+            self._pushed_beats[agent] = ts
+        for agent, ts, pid, run_id in down:
+            self._pulled_beat_ts = max(self._pulled_beat_ts, ts)
+            local = read_heartbeat(heartbeat_path(state_dir, agent))
+            if agent in self.daemon.pipeline.agents and (local is None or local.ts < ts):
+                write_heartbeat(state_dir, agent, ts=ts, pid=pid, run_id=run_id)
+
+    # -- LISTEN/NOTIFY ------------------------------------------------------------------------------------
+    def _listen(self) -> None:
+        if self.settings.transaction_pooling:
+            return
+        try:
+            self.listener = Listener(self.db)
+        except (psycopg.Error, ConnectionError) as exc:
+            log.warning("listen_failed", error=str(exc), hint="polling every poll_s instead")
+            return
+        self.daemon.selector.register(self.listener.fileno(), selectors.EVENT_READ,
+                                      self._on_notify)
+
+    def _drop_listener(self) -> None:
+        try:
+            self.daemon.selector.unregister(self.listener.fileno())
+        except (KeyError, ValueError, OSError):
+            pass
+        self.listener.close()
+        self.listener = None
+
+    def _on_notify(self, _mask: int) -> None:
+        try:
+            payloads = self.listener.drain()
+        except psycopg.Error as exc:
+            log.warning("listen_connection_lost", error=str(exc), hint="reconnecting at next poll")
+            self._drop_listener()
+            return
+        if "breaker" in payloads:
+            self.breaker.sync()
+        if "leader" in payloads and not self.leadership.leading:
+            self._elect()
+
+    # -- control commands (served from the shared tables) ----------------------------------------------
+    def _lock(self, h, conn, req, run):
+        task = req.args.get("task")
+        try:
+            validate_task_id(task if isinstance(task, str) else "")
+        except ValueError as exc:
+            return error(req.id, str(exc))
+        holder = acquire_lock(self.db, self.settings.lease_s, task, host=self.host,
+                              agent=run.agent, run_id=run.run_id, pid=run.pid)
+        if holder is not None:
+            return error(req.id, f"task {task!r} is locked by {holder.describe()}", busy=True)
+        self.held.setdefault(run.run_id, set()).add(task)
+        log.info("lock_acquired", agent=run.agent, run_id=run.run_id, task=task, host=self.host)
+        return ok(req.id, {"task": task, "lease_s": self.settings.lease_s})
+
+    def _unlock(self, h, conn, req, run):
+        task = req.args.get("task")
+        if task not in self.held.get(run.run_id, set()):
+            return error(req.id, f"run {run.run_id} does not hold task {task!r}")
+        self.held[run.run_id].discard(task)
+        release_locks(self.db, self.host, run_id=run.run_id, task_id=task)
+        return ok(req.id, {"task": task})
+
+    def _locks(self, h, conn, req):
+        with self.db.tx() as c:
+            holders = list_locks(c)
+        return ok(req.id, [{"task": x.task_id, "held": True, "owner": {
+            "pid": x.pid, "host": x.host, "run_id": x.run_id, "agent": x.agent,
+            "started": x.acquired_at, "lease_ends_in_s": round(x.expires_in_s, 1)}}
+            for x in holders])
+
+    def _runs(self, h, conn, req):
+        limit, agent = req.args.get("limit", 20), req.args.get("agent")
+        if not isinstance(limit, int) or not 0 < limit <= 1000:
+            return error(req.id, "limit must be an integer from 1 to 1000")
+        where, params = ("where agent = %s", (agent, limit)) if agent else ("", (limit,))
+        with self.db.tx() as c:
+            rows = c.execute(f"select {RUN_COLUMNS} from runs {where} order by started desc "
+                             "limit %s", params).fetchall()
+        names = [n.strip() for n in RUN_COLUMNS.split(",")]
+        return ok(req.id, [dict(zip(names, r, strict=True)) for r in rows])
+
+    # -- status ---------------------------------------------------------------------------------------------
+    def _extend_status(self, snapshot: dict) -> None:
+        try:
+            with self.db.tx() as conn:
+                hosts = list_hosts(conn, self.settings.lease_s)
+                leader = current_leader(conn)
+                last = {a: (h, o, e) for a, h, o, e in conn.execute(
+                    "select distinct on (agent) agent, host, outcome, ended from runs "
+                    "order by agent, started desc")}
+                running = {a: h for a, h in conn.execute(
+                    "select agent, host from runs where ended is null")}
+        except (psycopg.Error, ConnectionError) as exc:
+            snapshot["cluster"] = {"host": self.host, "error": str(exc)}
+            return
+        for host in hosts:
+            host["leader"] = host["host"] == leader["host"]
+        snapshot["cluster"] = {"host": self.host, "leader": leader["host"],
+                               "leader_token": leader["token"], "hosts": hosts}
+        for agent in snapshot["agents"]:
+            host, outcome, ended = last.get(agent["agent"], (None, None, None))
+            agent["last_host"] = host
+            agent["running_on"] = running.get(agent["agent"])
+            if ended is not None and (agent["last_ended"] or 0) < ended:
+                agent["last_outcome"], agent["last_ended"] = outcome, ended
+
+    def status(self) -> dict:
+        leading = self.leadership.leading if self.leadership else False
+        return {"host": self.host, "leader": leading, "schema": self.settings.schema,
+                "summary": f"cluster: host {self.host}" + (" (leader)" if leading else "")}

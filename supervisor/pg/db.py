@@ -1,0 +1,117 @@
+"""Connections to PostgreSQL for the daemon's loop: bounded waits, one schema, wake-up hints.
+
+Every transaction sets its search_path and statement_timeout with SET LOCAL, so nothing
+depends on session state and the same code runs behind PgBouncer in transaction mode
+(where LISTEN does not work: `storage.transaction_pooling: true` leaves the poll alone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import psycopg
+import structlog
+
+from ..errors import WatchkeeperError
+from ..storage import StorageSettings
+
+log = structlog.get_logger("watchkeeper.pg")
+
+# Advisory lock names; hashed with the schema so two pipelines on one server never contend.
+STEWARD_LOCK = "steward"
+BREAKER_LOCK = "breaker"
+MIGRATE_LOCK = "migrate"
+
+
+class StorageUnavailable(WatchkeeperError, ConnectionError):
+    """PostgreSQL could not be reached with storage.dsn."""
+
+
+class Database:
+    """One connection, used by one thread (the daemon's loop); reconnects after a failure."""
+
+    def __init__(self, settings: StorageSettings, role: str = "daemon") -> None:
+        self.settings = settings
+        self.schema = settings.schema
+        self.role = role
+        self._conn: psycopg.Connection | None = None
+
+    def connect(self, *, autocommit: bool = True) -> psycopg.Connection:
+        s = self.settings
+        try:
+            return psycopg.connect(
+                s.dsn, autocommit=autocommit, connect_timeout=max(1, round(s.connect_timeout_s)),
+                # A transaction-mode pooler may run each transaction on another server
+                # connection, where a prepared statement does not exist.
+                prepare_threshold=None if s.transaction_pooling else 5,
+                application_name=f"watchkeeper {s.host} {self.role}"[:63],
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+        except psycopg.OperationalError as exc:
+            raise StorageUnavailable(f"cannot connect to PostgreSQL ({_redacted(s.dsn)}): "
+                                  f"{str(exc).strip()}; check storage.dsn and that the server "
+                                  "accepts connections from this host") from None
+
+    @property
+    def conn(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                log.warning("pg_reconnecting", role=self.role)
+            self._conn = self.connect()
+        return self._conn
+
+    @contextlib.contextmanager
+    def tx(self, lock: str | None = None, durable: bool = False) -> Iterator[psycopg.Connection]:
+        """A transaction on this schema; `lock` serialises it with every host's holders of
+        the same advisory lock; `durable` forces synchronous_commit whatever the server says."""
+        conn = self.conn
+        with conn.transaction():
+            conn.execute("select set_config('search_path', %s, true), "
+                         "set_config('statement_timeout', %s, true), "
+                         "set_config('synchronous_commit', %s, true)",
+                         (self.schema, f"{int(self.settings.statement_timeout_s * 1000)}",
+                          "on" if durable else "local"))
+            if lock is not None:
+                conn.execute("select pg_advisory_xact_lock(hashtext(%s))",
+                             (f"watchkeeper:{self.schema}:{lock}",))
+            yield conn
+
+    def notify(self, conn: psycopg.Connection, what: str) -> None:
+        """Wake the other hosts when this transaction commits (a hint, never replayed)."""
+        conn.execute("select pg_notify(%s, %s)", (self.channel, what))
+
+    @property
+    def channel(self) -> str:
+        return f"watchkeeper_{self.schema}"
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class Listener:
+    """A LISTEN connection whose socket the loop watches; notifications are wake-up hints."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.conn = db.connect()
+        self.conn.execute(f'listen "{db.channel}"')
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def drain(self) -> set[str]:
+        """The payloads received since the last call (duplicates folded)."""
+        return {n.payload for n in self.conn.notifies(timeout=0)}
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _redacted(dsn: str) -> str:
+    """The dsn without its password, for error messages."""
+    import re
+
+    dsn = re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)

@@ -1,0 +1,60 @@
+"""The `storage:` section: where the daemon keeps the state that several hosts must share.
+
+`sqlite` (the default) is the embedded store under STATE_DIR, for one host. `postgresql`
+shares the steward's memory, task locks, breaker, heartbeats, run records and firing claims
+between every daemon configured with the same `dsn` and `schema` (supervisor/pg/).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from typing import Literal
+
+import msgspec
+
+SCHEMA_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """The `storage` config section."""
+
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    """`sqlite`: one host, state under state_dir. `postgresql`: state shared by every host
+    that uses the same dsn and schema (docs/postgresql.md)."""
+    dsn: str = ""
+    """libpq connection string or URI, e.g. `postgresql://watchkeeper@db/watchkeeper`;
+    required with backend postgresql."""
+    host_name: str = ""
+    """This daemon's name among the hosts; empty: the machine's host name. Unique per daemon."""
+    schema: str = "watchkeeper"
+    """PostgreSQL schema holding the tables; one schema is one pipeline."""
+    leader_lease_s: float = 10.0
+    """A leader that stops renewing is replaced after at most this long (plus poll_s)."""
+    lease_s: float = 30.0
+    """Task locks and host liveness expire this long after their daemon's last renewal."""
+    poll_s: float = 2.0
+    """Safety-net poll of shared state (breaker, leader); NOTIFY wakes peers sooner."""
+    transaction_pooling: bool = False
+    """True when the dsn goes through a pooler in transaction mode (PgBouncer): LISTEN and
+    server-side prepared statements are then off, and peers rely on the poll_s poll."""
+    connect_timeout_s: float = 5.0
+    """Connecting to PostgreSQL gives up after this long."""
+    statement_timeout_s: float = 10.0
+    """A statement running longer is cancelled, so a stuck server cannot freeze the loop."""
+
+    def __post_init__(self) -> None:
+        if self.backend == "postgresql" and not self.dsn:
+            raise ValueError("storage.dsn is required with backend postgresql "
+                             "(e.g. postgresql://watchkeeper@localhost/watchkeeper)")
+        if not SCHEMA_NAME_RE.match(self.schema):
+            raise ValueError(f"storage.schema {self.schema!r} is not a plain identifier "
+                             "(lowercase letters, digits and '_', at most 63)")
+        for name in ("leader_lease_s", "lease_s", "poll_s", "connect_timeout_s",
+                     "statement_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"storage.{name} must be > 0 seconds, got {getattr(self, name)}")
+
+    @property
+    def host(self) -> str:
+        return self.host_name or socket.gethostname()
