@@ -197,16 +197,17 @@ class Pipeline:
             hook(run)
         return run
 
-    def stop_run(self, run: Run, reason: StopReason) -> None:
+    def stop_run(self, run: Run, reason: StopReason, *, refresh: bool = True) -> None:
         """SIGTERM the run's processes, then SIGKILL after its grace period. A second stop
-        while the first is in its grace period escalates to SIGKILL at once."""
+        while the first is in its grace period escalates to SIGKILL at once. `refresh=False`
+        trusts an ownership map the caller has just refreshed."""
         if run.state == RunState.EXITED:
             return
         if run.state == RunState.RUNNING:
             run.stop_reason = reason
             run.transition(RunState.STOPPING)
             run.stop_signal = "SIGTERM"
-            run.signal(signal.SIGTERM, self._tracked(run))
+            run.signal(signal.SIGTERM, self._tracked(run, refresh))
             grace = run.grace_s if run.grace_s is not None else self.settings.stop_grace_s
             log.info("run_stopping", agent=run.agent, run_id=run.run_id, reason=reason.value,
                      grace_s=grace)
@@ -227,9 +228,10 @@ class Pipeline:
                     hint="did not exit within its grace period after SIGTERM")
         run.signal(signal.SIGKILL, self._tracked(run))
 
-    def _tracked(self, run: Run) -> list[int]:
+    def _tracked(self, run: Run, refresh: bool = True) -> list[int]:
         """Descendants attributed to this run (refreshing the ownership map first)."""
-        self.refresh_owners()
+        if refresh:
+            self.refresh_owners()
         return [pid for pid, rid in self.owners.items() if rid == run.run_id and pid != run.pid]
 
     def _may_have_leftovers(self) -> bool:
@@ -431,8 +433,11 @@ class Pipeline:
         return changed
 
     def stop_all(self, reason: StopReason) -> None:
+        # One /proc scan for all runs: a scan per run (20-35 ms each on a busy host) put the
+        # last run's SIGTERM 100-150 ms after a breaker trip with five agents running.
+        self.refresh_owners()
         for run in list(self.runs.values()):
-            self.stop_run(run, reason)
+            self.stop_run(run, reason, refresh=False)
 
     def kill_all(self) -> None:
         for run in list(self.runs.values()):
