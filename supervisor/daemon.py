@@ -61,6 +61,7 @@ class Daemon:
         self.exit_code = 0
         self.stop_deadline: float | None = None
         self.extensions: list = []        # features plugged into the loop (health, breaker...)
+        self._started: list = []
         self.after_batch: list[Callable[[], None]] = []  # run after each loop turn
         self.on_tick: list[Callable[[float], None]] = []
         self.on_state: list[Callable[[], None]] = []
@@ -139,6 +140,7 @@ class Daemon:
         self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain_signals)
         for ext in self.extensions:
             ext.start(self)
+            self._started.append(ext)  # only what started is stopped at exit
         self.scheduler.start()
         self.pipeline.set_agents(cfg.agents)
         self._catch_up()
@@ -357,7 +359,7 @@ class Daemon:
             pass
 
     def _cleanup(self) -> None:
-        for ext in reversed(self.extensions):
+        for ext in reversed(self._started):
             try:
                 ext.stop(self)
             except Exception:  # noqa: BLE001
