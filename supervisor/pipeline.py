@@ -48,6 +48,7 @@ class Pipeline:
         self.owners: dict[int, str] = {}        # descendant pid -> run id it came from
         self.ended_runs: dict[str, Run] = {}    # ended runs whose leftovers are being stopped
         self.limiters: dict[str, LineRateLimiter] = {}
+        self.downstream: dict[str, list[tuple[str, str]]] = {}  # upstream -> after: jobs
         self.halted = False                     # the breaker stopped the pipeline
         self.accepting = True                   # False once shutdown began
         self.degraded_upstreams: Callable[[AgentSpec], list[str]] = self._failed_upstreams
@@ -87,6 +88,11 @@ class Pipeline:
             self.scheduler.set_agent(spec)
             if self.accepting:
                 self._ensure_always(rt)
+        self.downstream = {}
+        for name, spec in specs.items():
+            for job in spec.jobs:
+                for upstream in (job.schedule.after or []) if job.enabled else []:
+                    self.downstream.setdefault(upstream, []).append((name, job.id))
 
     def _remove_agent(self, name: str) -> None:
         rt = self.agents[name]
@@ -326,10 +332,8 @@ class Pipeline:
         rt.cooldowns = 0
         rt.transition(AgentState.IDLE)
         if self.accepting and not self.halted:
-            for other in self.agents.values():
-                for job in other.spec.jobs:
-                    if job.enabled and rt.name in (job.schedule.after or []):
-                        self.fire(Fire(other.name, job.id, f"after:{rt.name}", time.time()))
+            for agent, job_id in self.downstream.get(rt.name, ()):
+                self.fire(Fire(agent, job_id, f"after:{rt.name}", time.time()))
         if rt.queued is not None:
             self._start_queued(rt)
         elif run.job.schedule.always:
