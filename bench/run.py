@@ -13,6 +13,7 @@ could not be taken at all (a daemon did not start, a program never ran, a script
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -129,38 +130,56 @@ def run_others(python: Path, bench_dir: Path) -> tuple[list[tuple[str, str]], li
 
 
 def measure(plan: Plan, pythons: dict[str, Path], bench_dir: Path) -> int:
+    """Every workload, every round; a workload that fails is reported and the rest go on."""
     from harness.daemons import Supervisord, Watchkeeper
     from harness.report import APS, SV, WK, Results, markdown
     from harness.scheduling import apscheduler_lateness, watchkeeper_lateness
+    from harness.workloads import MeasurementError
 
     started = time.monotonic()
     results = Results()
+    failures: list[str] = []
     wk_py, sv_py, harness_py = (pythons[".venv-watchkeeper"], pythons[".venv-supervisord"],
                                 pythons[".venv-harness"])
     for r in range(1, plan.rounds + 1):
         print(f"round {r} of {plan.rounds}", flush=True)
         for kind, python in ((Watchkeeper, wk_py), (Supervisord, sv_py)):
-            figures = supervision_round(plan, kind, python)
+            results.loads.append(os.getloadavg()[0])
+            try:
+                figures = supervision_round(plan, kind, python)
+            except MeasurementError as exc:
+                failures.append(f"round {r}, {kind.label}: {exc}")
+                print(f"  {kind.label:<19} FAILED: {exc}", flush=True)
+                continue
             results.samples[kind.label]["restart_ms"] += figures.pop("_restart_samples")
             results.add(kind.label, figures)
             print_figures(kind.label, figures)
         for label, fn, python in ((WK, watchkeeper_lateness, wk_py),
                                   (APS, apscheduler_lateness, harness_py)):
-            figures = fn(python, plan.jobs, plan.every_s, plan.sched_window_s)
+            results.loads.append(os.getloadavg()[0])
+            try:
+                figures = fn(python, plan.jobs, plan.every_s, plan.sched_window_s)
+            except MeasurementError as exc:
+                failures.append(f"round {r}, scheduling, {label}: {exc}")
+                print(f"  {label:<19} FAILED: {exc}", flush=True)
+                continue
             results.add(label, figures)
             print_figures(f"{label} ({plan.jobs} jobs)", figures)
     for label in (WK, SV):  # restart latency over every kill of every round
         pooled = sorted(results.samples[label]["restart_ms"])
-        results.values[label]["restart_median"] = [pooled[len(pooled) // 2]]
-        results.values[label]["restart_max"] = [pooled[-1]]
-    extra, failures = run_others(wk_py, bench_dir)
-    text = markdown(results, plan, pythons, bench_dir.parent, extra,
+        if pooled:
+            results.values[label]["restart_median"] = [pooled[len(pooled) // 2]]
+            results.values[label]["restart_max"] = [pooled[-1]]
+    results.loads.append(os.getloadavg()[0])
+    extra, script_failures = run_others(wk_py, bench_dir)
+    failures += script_failures
+    text = markdown(results, plan, pythons, bench_dir.parent, extra, failures,
                     time.monotonic() - started)
     out = bench_dir / plan.output
     out.write_text(text)
     print(f"\n{text}\nwritten to {out}", flush=True)
     for failure in failures:
-        print(f"error: {failure}", file=sys.stderr)
+        print(f"error: a measurement could not be taken: {failure}", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -182,15 +201,13 @@ def main() -> int:
     plan = Plan.quick(args.rounds or 1) if args.quick else Plan.full(args.rounds or 3)
 
     from harness.procs import become_subreaper, kill_everything
-    from harness.workloads import MeasurementError
 
     become_subreaper()
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Started in the background by a non-interactive shell, SIGINT arrives ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return measure(plan, pythons, Path(__file__).resolve().parent)
-    except MeasurementError as exc:
-        print(f"error: a measurement could not be taken: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted: stopping everything the benchmark started", file=sys.stderr)
         return 130

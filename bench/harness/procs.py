@@ -95,15 +95,16 @@ class Markers:
                 self.marks.extend(new)
                 self._cond.notify_all()
 
-    def wait_for(self, condition, timeout_s: float) -> bool:
-        """Wait until condition(marks) is true; False on time-out."""
+    def wait_for(self, condition, timeout_s: float, abort=None) -> bool:
+        """Wait until condition(marks) is true; False on time-out, or as soon as abort()
+        is true (checked every 100 ms: a daemon that died will not report anything)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while not condition(self.marks):
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (abort is not None and abort()):
                     return False
-                self._cond.wait(left)
+                self._cond.wait(min(left, 0.1))
             return True
 
     def latest(self) -> dict[str, Mark]:

@@ -22,6 +22,7 @@ class Results:
     def __init__(self) -> None:
         self.values: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.samples: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self.loads: list[float] = []  # 1-minute load average before each workload
 
     def add(self, daemon: str, figures: dict[str, float | None]) -> None:
         for key, value in figures.items():
@@ -90,6 +91,14 @@ SCHED_ROWS = [
     Row("warnings", "warnings logged", "", 0),
     Row("skipped", "firings skipped (logged)", "", 0),
 ]
+
+
+def _load_range(loads: list[float]) -> str:
+    if not loads:
+        return "–"
+    return (f"min {min(loads):.2f}, median {statistics.median(loads):.2f}, "
+            f"max {max(loads):.2f} (on {os.cpu_count()} cores; other work on the machine "
+            "shares them)")
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -186,7 +195,7 @@ def versions(pythons: dict[str, Path], repo: Path) -> dict[str, str]:
 
 
 def markdown(results: Results, plan, pythons: dict[str, Path], repo: Path,
-             extra: list[tuple[str, str]], elapsed_s: float) -> str:
+             extra: list[tuple[str, str]], failures: list[str], elapsed_s: float) -> str:
     rows = _rows(plan)
     restart = results.samples[WK].get("restart_ms", []), results.samples[SV].get("restart_ms", [])
     lines = [
@@ -203,7 +212,10 @@ def markdown(results: Results, plan, pythons: dict[str, Path], repo: Path,
         "| | |",
         "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in {**machine(), **versions(pythons, repo)}.items()],
+        f"| load average (1 min) before each workload | {_load_range(results.loads)} |",
         "",
+        *(["## Measurements that could not be taken", "",
+           *[f"- {f.splitlines()[0]}" for f in failures], ""] if failures else []),
         "## Supervision",
         "",
         *table(results, rows, WK, SV, with_targets=True),
@@ -230,6 +242,11 @@ def markdown(results: Results, plan, pythons: dict[str, Path], repo: Path,
         "",
         *every_round(results, rows + [Row(r.key, "scheduling: " + r.label, r.unit, r.digits)
                                       for r in SCHED_ROWS], [WK, SV, APS]),
+        "",
+        "Restart after SIGKILL, every kill (ms), in order:",
+        "",
+        *[f"- {d}: " + ", ".join(f"{v:.1f}" for v in results.samples[d].get("restart_ms", []))
+          for d in (WK, SV)],
         "",
     ]
     for title, text in extra:

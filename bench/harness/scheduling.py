@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import subprocess
 import tempfile
 import time
@@ -100,12 +101,12 @@ def watchkeeper_lateness(python: Path, jobs: int, every_s: float,
                 raise MeasurementError(f"watchkeeper plans {len(anchors)} of {jobs} jobs")
             figures = _measure(markers, daemon.pid, anchors, every_s, window_s)
             figures["ready_s"] = ready_s
-            figures.update(_log_counts(daemon.log_path))
-            return figures
         finally:
             daemon.kill()
             kill_everything()
             markers.close()
+        figures.update(_log_counts(daemon.log_path))  # once it wrote its last line
+        return figures
 
 
 def _log_counts(log_path: Path) -> dict[str, float]:
@@ -125,8 +126,6 @@ def _log_counts(log_path: Path) -> dict[str, float]:
 
 def apscheduler_lateness(python: Path, jobs: int, every_s: float,
                          window_s: float) -> dict[str, float | None]:
-    import os
-
     with tempfile.TemporaryDirectory(prefix="wk-bench-aps-") as tmp:
         root = Path(tmp)
         once = write_scripts(root / "programs")["once.sh"]

@@ -7,12 +7,11 @@ import os
 import signal
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
-from .daemons import Daemon, Program, Supervisord, Watchkeeper
+from .daemons import Daemon, Program
 from .procs import Markers, kill_everything, wait_exits, write_scripts
 
 MIB = 1024 * 1024
@@ -27,12 +26,6 @@ LINGER_S = 1.0        # after the daemon exited, how long its programs may take 
 
 class MeasurementError(RuntimeError):
     """A figure could not be taken at all (a daemon did not start, a program never ran)."""
-
-
-@dataclass
-class Figures:
-    values: dict[str, float | None] = field(default_factory=dict)
-    samples: dict[str, list[float]] = field(default_factory=dict)  # pooled over rounds
 
 
 class Session:
@@ -74,10 +67,12 @@ class Session:
         t0 = self.daemon.start()
         wanted = set(self.names)
         if not self.markers.wait_for(lambda marks: wanted <= {m.name for m in marks},
-                                     START_TIMEOUT_S):
+                                     START_TIMEOUT_S, abort=self.daemon.exited):
             seen = {m.name for m in self.markers.marks}
-            raise self.fail(f"{len(wanted - seen)} of {len(wanted)} programs did not run "
-                            f"within {START_TIMEOUT_S:.0f} s")
+            why = (f"exited with status {self.daemon.proc.returncode}" if self.daemon.exited()
+                   else f"did not run them within {START_TIMEOUT_S:.0f} s")
+            raise self.fail(f"{len(wanted - seen)} of {len(wanted)} programs never ran: "
+                            f"the daemon {why}")
         firsts: dict[str, float] = {}
         for m in self.markers.marks:
             firsts.setdefault(m.name, m.mono)
@@ -112,7 +107,7 @@ class Session:
             def replaced(marks, name=name, old=victim.pid, seen=seen):
                 return any(m.name == name and m.pid != old for m in marks[seen:])
 
-            if not self.markers.wait_for(replaced, 60):
+            if not self.markers.wait_for(replaced, 60, abort=self.daemon.exited):
                 raise self.fail(f"{name} was not restarted within 60 s of SIGKILL")
             new = next(m for m in self.markers.marks[seen:] if m.name == name)
             latencies.append((new.mono - t0) * 1000)
