@@ -87,8 +87,8 @@ def supervision_round(plan: Plan, kind, python: Path) -> dict[str, float | None]
         stop = s.stop()
         figures["stop_deaf"], left = stop["all_gone_s"], left + stop["left_behind"]
     gc_names = names(plan.grandchildren)
-    with Session(kind, python, "with_grandchild.sh",
-                 gc_names + [f"{n}-grandchild" for n in gc_names]) as s:
+    with Session(kind, python, "with_grandchild.sh", gc_names,
+                 also_report=[f"{n}-grandchild" for n in gc_names]) as s:
         s.start_until_running()
         time.sleep(1.5)
         stop = s.stop()

@@ -32,8 +32,12 @@ class Session:
     """One daemon supervising `programs` in a temporary directory; on exit the daemon and
     everything it started are killed, whatever happened."""
 
-    def __init__(self, kind: type[Daemon], python: Path, script: str, names: list[str]) -> None:
+    def __init__(self, kind: type[Daemon], python: Path, script: str, names: list[str],
+                 also_report: list[str] = ()) -> None:
+        """`names` are the programs; `also_report`, the names their own children report
+        under (start-up waits for those too)."""
         self.kind, self.python, self.script, self.names = kind, python, script, names
+        self.also_report = list(also_report)
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.daemon: Daemon
         self.markers: Markers
@@ -65,7 +69,7 @@ class Session:
     def start_until_running(self) -> float:
         """Seconds from starting the daemon until every program has reported."""
         t0 = self.daemon.start()
-        wanted = set(self.names)
+        wanted = set(self.names) | set(self.also_report)
         if not self.markers.wait_for(lambda marks: wanted <= {m.name for m in marks},
                                      START_TIMEOUT_S, abort=self.daemon.exited):
             seen = {m.name for m in self.markers.marks}
