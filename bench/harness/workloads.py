@@ -28,6 +28,26 @@ class MeasurementError(RuntimeError):
     """A figure could not be taken at all (a daemon did not start, a program never ran)."""
 
 
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of `pid`: the scheduler's exact runtime where the kernel
+    shows it (/proc/PID/task/TID/sched), else user + system in 10 ms clock ticks, too
+    coarse for an idle daemon."""
+    out: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/sched") as f:
+                for line in f:
+                    if line.startswith("se.sum_exec_runtime"):
+                        out[int(tid)] = float(line.split(":")[1]) / 1000  # ms
+                        break
+        except (OSError, ValueError):
+            pass
+    if not out:
+        times = psutil.Process(pid).cpu_times()
+        out[pid] = times.user + times.system
+    return out
+
+
 class Session:
     """One daemon supervising `programs` in a temporary directory; on exit the daemon and
     everything it started are killed, whatever happened."""
@@ -87,12 +107,11 @@ class Session:
         return info.rss / MIB, info.uss / MIB
 
     def cpu_s(self, window_s: float) -> float:
-        """The daemon's own CPU seconds (user + system, all threads) over an idle window."""
-        proc = psutil.Process(self.daemon.pid)
-        before = proc.cpu_times()
+        """The daemon's own CPU seconds (all threads) over an idle window."""
+        before = thread_cpu_s(self.daemon.pid)
         time.sleep(window_s)
-        after = proc.cpu_times()
-        return (after.user + after.system) - (before.user + before.system)
+        after = thread_cpu_s(self.daemon.pid)
+        return sum(t - before.get(tid, 0.0) for tid, t in after.items())
 
     def restart_latencies_ms(self, kills: int) -> list[float]:
         """SIGKILL a program, time until its replacement reports; the program killed is
