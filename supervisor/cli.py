@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_ops import add_ops_commands
 
     add_ops_commands(sub)
+    for subparser in sub.choices.values():
+        # `--json` may also follow the command: `watchkeeper status --json`.
+        if "--json" not in subparser._option_string_actions:
+            subparser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                                   help="machine-readable output")
     return parser
 
 

@@ -29,7 +29,7 @@ from .heartbeat import (
 from .memguard import AgentMemorySettings, MemoryGuard, StopRun
 from .memguard import Alert as GuardAlert
 from .procscan import LiveRun
-from .proctree import children_map, subtree
+from .proctree import subtree, tree_children
 from .scheduler import Fire
 from .states import Outcome, RunState, StopReason
 
@@ -156,7 +156,7 @@ class Health:
         live = [r for r in pipeline.runs.values() if r.state != RunState.KILLING]
         if not live:
             return
-        children = children_map()
+        children = tree_children(os.getpid())
         alive = {pid for kids in children.values() for pid in kids}
         for run in live:
             rt = pipeline.agents.get(run.agent)
