@@ -198,19 +198,6 @@ def allowed(agent_write_globs: Iterable[str], namespace: str) -> bool:
 
 # -- messages -------------------------------------------------------------------------------------
 
-class Update(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """One write. `agent` and `run_id` are set by the daemon from the run, never by the agent."""
-
-    op: Op
-    namespace: str
-    key: str
-    value: Any = msgspec.UNSET
-    expect_version: int | None = None
-    idempotency_key: str | None = None
-    agent: str = ""
-    run_id: str = ""
-
-
 class _AgentUpdate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # The wire form has no agent/run_id fields, so an agent that tries to set them is refused.
     op: Op
@@ -219,6 +206,13 @@ class _AgentUpdate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     value: Any = msgspec.UNSET
     expect_version: int | None = None
     idempotency_key: str | None = None
+
+
+class Update(_AgentUpdate, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """One write. `agent` and `run_id` are set by the daemon from the run, never by the agent."""
+
+    agent: str = ""
+    run_id: str = ""
 
 
 class MalformedUpdate(ValueError):
