@@ -59,6 +59,8 @@ def test_downstream_of_a_stale_upstream_runs_degraded_and_recovers(tmp_path):
         d.wait_event("agent_degraded", agent="content")
         status = {a["agent"]: a for a in d.call("status")["agents"]}
         assert status["content"]["degraded"] == ["research"]
+        # the first run printed but may not have exited yet; a start-now then would be skipped
+        d.wait_event("run_finished", agent="content", timeout_s=15)
         write_heartbeat(d.state_dir, "research")
         d.call("start-now", agent="content")
         out = d.wait_event("agent_output", agent="content", count=2, timeout_s=15)
