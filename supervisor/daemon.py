@@ -216,9 +216,9 @@ class Daemon:
         return timeout
 
     def _tick(self, now: float) -> None:
-        """Periodic duties: wake the scheduler (it misses clock jumps), break stale locks,
+        """Periodic duties: wake the scheduler if the clock jumped, break stale locks,
         prune history, let extensions do theirs."""
-        self.scheduler.wakeup()
+        self.scheduler.wakeup_on_clock_jump()
         settings = self.config.settings
         if now >= self._next_lock_check:
             self._next_lock_check = now + settings.locks.check_interval_s

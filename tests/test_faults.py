@@ -147,7 +147,8 @@ def test_clock_jump_forward_fires_once_not_per_missed_slot(fake_wall_clock):
         sched.set_agent(_agent_with(_every_minute()))
         before = sched.next_fire("a", "j")
         fake_wall_clock.now += dt.timedelta(minutes=10, seconds=5)
-        sched.wakeup()
+        assert sched.wakeup_on_clock_jump()  # what the daemon's tick calls
+        assert not sched.wakeup_on_clock_jump()  # the clock runs steadily again
         wait_until(lambda: sched.next_fire("a", "j") > fake_wall_clock.now, 5)
         wait_until(lambda: fires, 5)
         assert len(fires) == 1 and before < sched.next_fire("a", "j")
@@ -168,7 +169,7 @@ def test_clock_jump_backward_delays_but_never_repeats(fake_wall_clock):
         wait_until(lambda: fires, 5)
         planned = sched.next_fire("a", "j")
         fake_wall_clock.now -= dt.timedelta(hours=1)
-        sched.wakeup()
+        assert sched.wakeup_on_clock_jump()
         assert sched._aps._process_jobs() > 3000  # noqa: SLF001 - sleeps until the planned slot
         assert len(fires) == 1 and sched.next_fire("a", "j") == planned
     finally:
