@@ -54,6 +54,12 @@ def _print(obj, as_json: bool) -> None:
 
 # -- daemon -------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
+    from .deferred import defer
+
+    # Before anything imports them: see supervisor/deferred.py. structlog imports asyncio
+    # and never uses it here; psutil is needed only when the daemon acts on processes.
+    defer("asyncio")
+    defer("psutil")
     from .configload import load_config
     from .daemon import Daemon
     from .features import install_features
@@ -202,8 +208,36 @@ def cmd_lock(args) -> int:
 
 
 # -- parser -------------------------------------------------------------------------------------
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized without importing shutil: argparse builds one for every
+    argument it adds, and shutil (with bz2 and lzma) would stay in the daemon's memory."""
+
+    def __init__(self, prog: str, **kwargs) -> None:
+        kwargs.setdefault("width", _terminal_columns() - 2)
+        super().__init__(prog, **kwargs)
+
+
+def _terminal_columns() -> int:
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose subcommands' parsers use _HelpFormatter too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="watchkeeper", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="watchkeeper", description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", help="main config file (default: $WATCHKEEPER_CONFIG "
                         "or /etc/watchkeeper/watchkeeper.yaml)")
     parser.add_argument("--socket", help="control socket (default: from the config)")
