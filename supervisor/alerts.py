@@ -15,24 +15,24 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import http.client
 import os
 import signal
 import subprocess
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import msgspec
 import structlog
 
 from supervisor.breaker import Trip
+
+if TYPE_CHECKING:
+    import urllib.error
 
 log = structlog.get_logger("watchkeeper.alerts")
 
@@ -207,6 +207,11 @@ class WebhookSink:
         self.name = f"webhook {redact_url(settings.url)}"
 
     def deliver(self, alert: Alert, stop: threading.Event) -> None:
+        # Imported here: http.client brings ssl and email (~6 MiB) into a daemon that may
+        # never send an alert.
+        import http.client
+        import urllib.error
+
         s, body = self.settings, msgspec.json.encode(webhook_body(alert))
         for attempt in range(1, s.retries + 2):
             try:
@@ -229,6 +234,8 @@ class WebhookSink:
                 raise DeliveryFailed(f"{error}; abandoned at shutdown after {attempt} attempts")
 
     def _post(self, body: bytes) -> None:
+        import urllib.request
+
         request = urllib.request.Request(
             self.settings.url, data=body, method="POST",
             headers={"Content-Type": "application/json", "User-Agent": _USER_AGENT})

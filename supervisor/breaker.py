@@ -22,7 +22,6 @@ verdict needs, so memory per key is bounded by its limit and not by the event ra
 from __future__ import annotations
 
 import enum
-import hashlib
 import math
 import time
 from collections import OrderedDict, deque
@@ -31,6 +30,8 @@ from typing import Annotated, Any
 
 import msgspec
 import structlog
+
+from .hashing import blake2b
 
 log = structlog.get_logger("watchkeeper.breaker")
 
@@ -273,7 +274,7 @@ class _Snapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 def content_hash(text: str) -> str:
     """Hash for the duplicate rule; case and whitespace changes still count as the same post."""
     normal = " ".join(text.casefold().split())
-    return hashlib.blake2b(normal.encode(), digest_size=16).hexdigest()
+    return blake2b(normal.encode(), digest_size=16).hexdigest()
 
 
 def _is_amount(value: object) -> bool:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -98,7 +97,10 @@ def write_heartbeat(state_dir: Path | str, agent: str, *, ts: float | None = Non
                      pid=os.getpid() if pid is None else pid,
                      run_id=run_id if run_id is not None else os.environ.get("WATCHKEEPER_RUN_ID"))
     payload = msgspec.json.encode(beat) + b"\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{agent}.", suffix=".tmp")
+    # Not tempfile.mkstemp: the daemon writes beats too, and tempfile imports shutil and
+    # random (~1 MiB of RSS) for what one O_EXCL open does.
+    tmp = path.parent / f".{agent}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import secrets
 import socket
 import time
 from pathlib import Path
@@ -100,7 +99,7 @@ def acquire(state_dir: Path, task_id: str, *, agent: str = "", run_id: str = "",
     path.parent.mkdir(parents=True, exist_ok=True)
     owner = LockOwner(pid=pid or os.getpid(), host=socket.gethostname(), run_id=run_id,
                       agent=agent, started=time.time())
-    tmp = path.parent / f".{task_id}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp = path.parent / f".{task_id}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

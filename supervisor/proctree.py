@@ -149,7 +149,7 @@ def processes_of_state_dir(state_dir: str, exclude: set[int]) -> list[int]:
     """Processes anywhere on the machine started for this state dir (leftovers of a daemon
     that died): they carry WATCHKEEPER_STATE_DIR in their environment."""
     found = []
-    for pid in psutil.pids():
+    for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
         if pid in exclude:
             continue
         if read_environ(pid).get(STATE_DIR_ENV) == state_dir:

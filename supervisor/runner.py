@@ -7,7 +7,6 @@ process, carries its bookkeeping and turns its output into bounded log lines.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ READ_CHUNK = 65536
 
 
 def new_run_id(agent: str) -> str:
-    return f"{agent}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    return f"{agent}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.urandom(3).hex()}"
 
 
 class LineBuffer:
@@ -105,7 +104,7 @@ class Run:
         self.agent = agent.name
         self.job = job
         self.run_id = new_run_id(agent.name)
-        self.token = secrets.token_hex(16)
+        self.token = os.urandom(16).hex()
         self.attempt = attempt
         self.trigger = trigger
         self.degraded = degraded

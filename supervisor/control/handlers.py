@@ -10,7 +10,6 @@ Three kinds of caller, told apart by SO_PEERCRED and the run token:
 from __future__ import annotations
 
 import grp
-import hmac
 import os
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import structlog
 
 from .. import __version__
 from ..errors import LockBusy
+from ..hashing import compare_digest
 from ..locks import acquire, list_locks, validate_task_id
 from ..proctree import read_environ
 from ..runner import Run
@@ -83,7 +83,7 @@ class Handlers:
         """The run named by run_id, if the token matches and the peer is one of its
         processes; an error reply otherwise."""
         run = self.daemon.pipeline.runs.get(req.run_id or "")
-        if run is None or not req.token or not hmac.compare_digest(run.token, req.token):
+        if run is None or not req.token or not compare_digest(run.token, req.token):
             return error(req.id, "not a live run: this command needs WATCHKEEPER_RUN_ID and "
                                  "WATCHKEEPER_RUN_TOKEN of a running agent")
         # The peer pid is fixed for the life of the connection (SO_PEERCRED at connect), so
