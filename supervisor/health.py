@@ -29,7 +29,7 @@ from .heartbeat import (
 from .memguard import AgentMemorySettings, MemoryGuard, StopRun
 from .memguard import Alert as GuardAlert
 from .procscan import LiveRun
-from .proctree import subtree, tree_children
+from .proctree import last_pid_created, subtree, tree_children
 from .scheduler import Fire
 from .states import Outcome, RunState, StopReason
 
@@ -47,7 +47,11 @@ class Health:
         self.guard: MemoryGuard | None = None
         self._guard_timer = None
         self._stale_runs: set[str] = set()  # runs whose stale heartbeat was already handled
+        # run id -> wall-clock time its heartbeat can first turn stale: the file is read then,
+        # not every tick (a beat only moves that time later).
+        self._beat_due: dict[str, float] = {}
         self._next_degraded_check = 0.0
+        self._caps_checked_at_pid: int | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, daemon) -> None:
@@ -128,26 +132,40 @@ class Health:
                                time.time())
 
     def _tick(self, now_mono: float) -> None:
-        now = time.time()
+        self._check_heartbeats(time.time())
+        self._enforce_process_caps()
+        if now_mono >= self._next_degraded_check:
+            self._next_degraded_check = now_mono + DEGRADED_CHECK_INTERVAL_S
+            for rt in self.daemon.pipeline.agents.values():
+                if rt.spec.depends_on:
+                    rt.degraded = self.degraded_upstreams(rt.spec)
+
+    def _check_heartbeats(self, now: float) -> None:
         pipeline = self.daemon.pipeline
         for run in list(pipeline.runs.values()):
             rt = pipeline.agents.get(run.agent)
             if rt is None or run.run_id in self._stale_runs:
                 continue
             settings = rt.spec.heartbeat
+            due = self._beat_due.get(run.run_id)
+            if due is None:
+                due = self._beat_due[run.run_id] = run.started_wall + settings.stale_after_s
+            if now < due:
+                continue  # no beat can have gone stale yet
             reading = load_heartbeat(heartbeat_path(self.daemon.state_dir, run.agent))
             verdict = heartbeat_verdict(reading, settings, now, started_at=run.started_wall)
-            if verdict in (Verdict.FRESH,):
+            if verdict is Verdict.FRESH:
+                beat = reading.heartbeat
+                last = max(beat.ts if beat is not None else 0.0, run.started_wall)
+                # A beat from the future is fresh now: look again one window later.
+                self._beat_due[run.run_id] = max(last + settings.stale_after_s,
+                                                 now + min(1.0, settings.stale_after_s))
                 continue
             self._stale_runs.add(run.run_id)
             self._on_stale(rt, run, verdict, settings.on_stale)
         self._stale_runs &= set(pipeline.runs)
-        self._enforce_process_caps()
-        if now_mono >= self._next_degraded_check:
-            self._next_degraded_check = now_mono + DEGRADED_CHECK_INTERVAL_S
-            for rt in pipeline.agents.values():
-                if rt.spec.depends_on:
-                    rt.degraded = self.degraded_upstreams(rt.spec)
+        for run_id in self._beat_due.keys() - pipeline.runs.keys():
+            del self._beat_due[run_id]
 
     def _enforce_process_caps(self) -> None:
         """Kill, without a grace period, every run with more processes than its agent's
@@ -156,6 +174,11 @@ class Health:
         live = [r for r in pipeline.runs.values() if r.state != RunState.KILLING]
         if not live:
             return
+        # Walking our tree costs ~0.2 ms; an idle daemon need not pay it every tick.
+        last_pid = last_pid_created()
+        if last_pid is not None and last_pid == self._caps_checked_at_pid:
+            return
+        self._caps_checked_at_pid = last_pid
         children = tree_children(os.getpid())
         alive = {pid for kids in children.values() for pid in kids}
         for run in live:
