@@ -31,6 +31,7 @@ from supervisor.procscan import (
     Owner,
     ProcessTable,
     ProcInfo,
+    SystemMemory,
     chrome_role,
     classify,
 )
@@ -65,11 +66,16 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     then an alert."""
     # Leave pressure only below this, so usage hovering at the threshold does not flap.
     clear_percent: float = 75.0
-    # One memory reading costs ~0.05 ms, so even the slow interval can be short: at 5 s a
-    # sudden spike went unseen for up to 5 s, missing the 1 s orphan-kill target (bench).
-    slow_interval_s: float = 1.0
+    # Far from the threshold the guard samples as rarely as a climb at fill_rate_mb_s allows:
+    # each wakeup of an idle daemon costs ~0.2 ms of CPU, more than the reading itself.
+    slow_interval_s: float = 5.0
+    """Longest interval between two memory readings (below warn_percent)."""
     fast_interval_s: float = 0.25
     """Sampling interval near the threshold."""
+    fill_rate_mb_s: float = 1000.0
+    """The fastest climb of memory use the guard plans for: below warn_percent it reads
+    again before a climb this fast could reach warn_percent, then samples at
+    fast_interval_s. A faster jump is seen within slow_interval_s."""
     # Per-run memory_max_mb checks walk the daemon's process tree; they need not run each tick.
     run_check_interval_s: float = 5.0
     kill_grace_s: float = 2.0
@@ -95,6 +101,8 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
                 "memory percents must satisfy 0 <= clear_percent <= warn_percent <= act_percent"
                 f" <= 100, got clear={self.clear_percent} warn={self.warn_percent}"
                 f" act={self.act_percent}")
+        if not self.fill_rate_mb_s > 0:
+            raise ValueError(f"fill_rate_mb_s must be > 0, got {self.fill_rate_mb_s}")
         if not 0 < self.fast_interval_s <= self.slow_interval_s:
             raise ValueError("memory intervals must satisfy 0 < fast_interval_s <= slow_interval_s"
                              f", got fast={self.fast_interval_s} slow={self.slow_interval_s}")
@@ -115,8 +123,14 @@ def next_level(level: Level, percent: float, settings: MemoryGuardSettings) -> L
     return Level.WARNING if percent >= settings.warn_percent else Level.NORMAL
 
 
-def interval_for(level: Level, settings: MemoryGuardSettings) -> float:
-    return settings.slow_interval_s if level is Level.NORMAL else settings.fast_interval_s
+def interval_for(level: Level, settings: MemoryGuardSettings, reading: SystemMemory) -> float:
+    """Fast at warning and above; below, the time a climb at fill_rate_mb_s needs to reach
+    warn_percent, kept between the fast and the slow interval."""
+    if level is not Level.NORMAL:
+        return settings.fast_interval_s
+    headroom_mb = (settings.warn_percent - reading.percent_used) / 100 * reading.total_mb
+    return min(settings.slow_interval_s,
+               max(settings.fast_interval_s, headroom_mb / settings.fill_rate_mb_s))
 
 
 class StopReason(enum.StrEnum):
@@ -224,7 +238,8 @@ class MemoryGuard:
 
     def tick(self, now: float) -> list[Action]:
         self._advance_kills(now)
-        percent = self._source.system().percent_used
+        reading = self._source.system()
+        percent = reading.percent_used
         self._set_level(next_level(self.level, percent, self.settings), percent)
         live = self._live_runs()
         self._stopping = {r: t for r, t in self._stopping.items() if r in live}
@@ -234,8 +249,9 @@ class MemoryGuard:
             actions.extend(self._check_run_limits(now, live))
         if self.level is Level.CRITICAL and percent >= self.settings.act_percent:
             actions.extend(self._relieve(now, percent, live))
-        self.next_tick_at = min(now + interval_for(self.level, self.settings),
-                                self._next_run_check_at)
+        self.next_tick_at = now + interval_for(self.level, self.settings, reading)
+        if any(self._agent_settings(run.agent).memory_max_mb for run in live.values()):
+            self.next_tick_at = min(self.next_tick_at, self._next_run_check_at)
         if self._kills:
             self.next_tick_at = min(self.next_tick_at, now + self.settings.fast_interval_s)
         return actions

@@ -151,10 +151,12 @@ def make_guard(source, *, live=None, agents=None, **kw):
 
 
 def test_settings_defaults_suit_a_small_vps():
-    """The defaults are warn 80 %, act 87 %, clear 75 %, 1 s / 0.25 s intervals, 2 s grace."""
+    """The defaults are warn 80 %, act 87 %, clear 75 %, 5 s / 0.25 s intervals planned for
+    a 1000 MB/s climb, 2 s grace."""
     s = msgspec.convert({}, MemoryGuardSettings)
     assert (s.warn_percent, s.act_percent, s.clear_percent) == (80, 87, 75)
-    assert (s.slow_interval_s, s.fast_interval_s, s.kill_grace_s) == (1, 0.25, 2)
+    assert (s.slow_interval_s, s.fast_interval_s, s.kill_grace_s) == (5, 0.25, 2)
+    assert s.fill_rate_mb_s == 1000
     assert s.include_foreign is False
 
 
@@ -180,14 +182,35 @@ def test_levels_hold_until_below_clear():
 
 
 def test_interval_is_slow_when_plentiful_and_fast_near_threshold():
-    """The next tick is slow_interval_s away at 50 % and fast_interval_s away at 82 %."""
-    source = ScriptedSource(50)
-    guard, _ = make_guard(source, slow_interval_s=5)
+    """Below warn_percent the next reading comes when a climb at fill_rate_mb_s could first
+    reach it (kept between the two intervals); at 82 % it is fast_interval_s away."""
+    source = ScriptedSource(50)  # of 1000 MB: 300 MB below warn_percent
+    guard, _ = make_guard(source, slow_interval_s=5, fill_rate_mb_s=100)
     guard.tick(1000.0)
-    assert guard.next_tick_at == 1005.0
+    assert guard.next_tick_at == pytest.approx(1003.0)
+    source.percent = 10  # 700 MB of headroom: 7 s at 100 MB/s, capped at slow_interval_s
+    guard.tick(1003.0)
+    assert guard.next_tick_at == pytest.approx(1008.0)
+    source.percent = 79.99  # almost no headroom: never below fast_interval_s
+    guard.tick(1008.0)
+    assert guard.next_tick_at == pytest.approx(1008.25) and guard.level is Level.NORMAL
     source.percent = 82
-    guard.tick(1005.0)
-    assert guard.next_tick_at == 1005.25 and guard.level is Level.WARNING
+    guard.tick(1008.25)
+    assert guard.next_tick_at == pytest.approx(1008.5) and guard.level is Level.WARNING
+
+
+def test_a_climb_at_the_planned_rate_is_caught_at_warn_percent():
+    """Memory climbing at fill_rate_mb_s from 10 % is read again before it passes
+    warn_percent by more than one fast interval's worth of climb."""
+    rate = 50.0  # MB/s, of 1000 MB
+    source = ScriptedSource(10)
+    guard, _ = make_guard(source, slow_interval_s=5, fill_rate_mb_s=rate)
+    now, start = 0.0, 0.0
+    while guard.level is Level.NORMAL:
+        now = guard.next_tick_at
+        source.percent = 10 + (now - start) * rate / 10  # MB/s -> percent of 1000 MB
+        guard.tick(now)
+    assert source.percent < 80 + guard.settings.fast_interval_s * rate / 10 + 1e-9
 
 
 def test_level_changes_are_logged_once_each():
