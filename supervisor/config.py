@@ -186,8 +186,10 @@ class Settings(_Section, kw_only=True):
     """Lowest level logged."""
     stop_grace_s: float = 10.0
     """SIGTERM to SIGKILL, for runs and for the daemon's own shutdown."""
-    tick_s: float = 1.0
-    """Period of the daemon's housekeeping tick (timeouts are exact; this is the floor)."""
+    tick_s: float = 5.0
+    """Period of the daemon's housekeeping tick: stale heartbeats, process caps, stale
+    locks and the breaker's timed transitions are checked this often (timeouts, retries
+    and schedules are exact, not tick-bound)."""
     run_history_days: float = 30.0
     """Run, output and spend records older than this are pruned."""
     log_line_max_bytes: int = 8192
