@@ -91,7 +91,7 @@ class Watchkeeper(Daemon):
         agents_dir.mkdir(parents=True, exist_ok=True)
         # JSON is YAML: the harness needs no YAML library of its own.
         main = {"state_dir": "./state", "agents_dir": "agents.d",
-                "stop_grace_s": STOP_GRACE_S, "tick_s": 1.0}
+                "stop_grace_s": STOP_GRACE_S}
         (self.root / "main.yaml").write_text(json.dumps(main, indent=2) + "\n")
         for prog in programs:
             agent = {"jobs": [{"id": "main", "command": prog.argv,

@@ -50,6 +50,9 @@ def _rows(plan) -> list[Row]:
         Row("rss5", f"daemon RSS, {5} programs", "MiB", 1, "≤ supervisord",
             lambda w, s: w <= s),
         Row("uss5", "daemon USS, 5 programs", "MiB", 1),
+        Row("rss5_cron", "daemon RSS, 5 programs and 12 cron jobs (APScheduler loaded; "
+            "no supervisord counterpart)", "MiB", 1),
+        Row("uss5_cron", "daemon USS, 5 programs and 12 cron jobs", "MiB", 1),
         Row("rss50", "daemon RSS, 50 programs", "MiB", 1, "≤ supervisord",
             lambda w, s: w <= s),
         Row("uss50", "daemon USS, 50 programs", "MiB", 1),
@@ -263,8 +266,10 @@ METHOD = [
     "line on arrival: that is when a program *runs*, at the same cost under both daemons.",
     "- Configuration: both daemons on their defaults, except a 3 s stop grace "
     "(`stop_grace_s: 3` / `stopwaitsecs=3`), `stopasgroup=true killasgroup=true` for "
-    "supervisord (watchkeeper signals the process group by default) and `tick_s: 1.0`. "
-    "supervisord keeps its control socket, as watchkeeper always has one.",
+    "supervisord (watchkeeper signals the process group by default). watchkeeper's "
+    "heartbeat checks and memory guard are on (its defaults). supervisord keeps its control "
+    "socket, as watchkeeper always has one. watchkeeper is installed editable from the "
+    "checkout and byte-compiled first, as pip compiles an installed package (supervisord's).",
     "- Memory: psutil `memory_full_info()` of the daemon process alone, after every program "
     "runs and a settling pause. CPU: seconds the daemon ran (all threads) over an idle "
     "window, from the kernel's exact runtime of each thread (`se.sum_exec_runtime` in "

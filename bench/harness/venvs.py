@@ -59,7 +59,18 @@ def ensure(name: str, args: list[str], log=print) -> Path:
 
 
 def ensure_all(log=print) -> dict[str, Path]:
-    return {name: ensure(name, args, log) for name, args in venv_specs().items()}
+    pythons = {name: ensure(name, args, log) for name, args in venv_specs().items()}
+    byte_compile(pythons[".venv-watchkeeper"])
+    return pythons
+
+
+def byte_compile(python: Path) -> None:
+    """Compile the editable checkout's modules, as pip does for an installed package (and
+    for supervisord): where PYTHONDONTWRITEBYTECODE is set, the daemon would otherwise
+    compile every module from source at each start."""
+    subprocess.run([str(python), "-m", "compileall", "-q", str(REPO_DIR / "supervisor")],
+                   check=True, env={k: v for k, v in os.environ.items()
+                                    if k != "PYTHONDONTWRITEBYTECODE"})
 
 
 def in_harness_venv() -> bool:

@@ -53,11 +53,12 @@ class Session:
     everything it started are killed, whatever happened."""
 
     def __init__(self, kind: type[Daemon], python: Path, script: str, names: list[str],
-                 also_report: list[str] = ()) -> None:
+                 also_report: list[str] = (), extra_jobs: list[dict] | None = None) -> None:
         """`names` are the programs; `also_report`, the names their own children report
-        under (start-up waits for those too)."""
+        under (start-up waits for those too); `extra_jobs`, watchkeeper agents beside them."""
         self.kind, self.python, self.script, self.names = kind, python, script, names
         self.also_report = list(also_report)
+        self.extra_jobs = extra_jobs
         self._tmp: tempfile.TemporaryDirectory | None = None
         self.daemon: Daemon
         self.markers: Markers
@@ -70,7 +71,10 @@ class Session:
         programs = [Program(n, ["/bin/sh", str(scripts[self.script]), n, str(self.markers.path)])
                     for n in self.names]
         self.daemon = self.kind(root, self.python)
-        self.daemon.configure(programs)
+        if self.extra_jobs:
+            self.daemon.configure(programs, self.extra_jobs)
+        else:
+            self.daemon.configure(programs)
         return self
 
     def __exit__(self, *exc) -> None:
