@@ -15,7 +15,9 @@ shrink a window while the daemon runs. Monotonic time means nothing after a rest
 by age: time the daemon was down counts as elapsed, and a wall clock that went backwards gives
 age zero, which errs towards keeping the brake on.
 
-The `[breaker]` config section (limits and overrides) lives in breaker_settings.
+The `[breaker]` config section (limits and overrides) lives in breaker_settings, the states
+and their transitions in breaker_states, and which limit applies and the verdicts it gives in
+breaker_rules.
 
 Windows slide: each key keeps the timestamps of its newest `limit + 1` events, which is all a
 verdict needs, so memory per key is bounded by its limit and not by the event rate.
@@ -23,8 +25,6 @@ verdict needs, so memory per key is bounded by its limit and not by the event ra
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import math
 import time
 from collections import OrderedDict, deque
@@ -34,7 +34,18 @@ from typing import Any
 import msgspec
 import structlog
 
-from .breaker_settings import (  # noqa: F401 (re-exported: the config and tests import them from here)
+from .breaker_rules import (
+    ALLOWED,
+    DENIED_OPEN,
+    Decision,
+    Rule,
+    Trip,
+    agent_budget,
+    content_hash,
+    counting_limit,
+    limit_text,
+)
+from .breaker_settings import (
     AgentLimits,
     BreakerSettings,
     Count,
@@ -44,6 +55,13 @@ from .breaker_settings import (  # noqa: F401 (re-exported: the config and tests
     Seconds,
     SpendBudget,
 )
+from .breaker_states import TRANSITIONS, BreakerState, IllegalTransition
+
+__all__ = [
+    "ALLOWED", "DENIED_OPEN", "TRANSITIONS", "AgentLimits", "Breaker", "BreakerSettings",
+    "BreakerState", "Count", "Decision", "DuplicateLimit", "IllegalTransition", "LaunchLimit",
+    "OutputLimit", "Rule", "Seconds", "SnapshotError", "SpendBudget", "Trip", "content_hash",
+]
 
 log = structlog.get_logger("watchkeeper.breaker")
 
@@ -51,61 +69,8 @@ _SUMMARY_CHARS = 200
 _SPEND_GRAIN = 512  # a spend window holds at most this many merged entries (+1)
 
 
-class BreakerState(enum.StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-TRANSITIONS: dict[BreakerState, frozenset[BreakerState]] = {
-    BreakerState.CLOSED: frozenset({BreakerState.OPEN}),
-    BreakerState.OPEN: frozenset({BreakerState.HALF_OPEN, BreakerState.CLOSED}),
-    BreakerState.HALF_OPEN: frozenset({BreakerState.OPEN, BreakerState.CLOSED}),
-}
-
-
-class Rule(enum.StrEnum):
-    """Which limit tripped the breaker."""
-
-    OUTPUTS = "outputs"
-    KIND_OUTPUTS = "kind_outputs"
-    DUPLICATES = "duplicates"
-    LAUNCHES = "launches"
-    AGENT_SPEND = "agent_spend"
-    PIPELINE_SPEND = "pipeline_spend"
-    PROBE = "probe"
-
-
-class IllegalTransition(RuntimeError):
-    pass
-
-
 class SnapshotError(ValueError):
     pass
-
-
-class Trip(msgspec.Struct, frozen=True, kw_only=True):
-    """What tripped the breaker; returned once per trip so exactly one alert goes out."""
-
-    rule: Rule
-    agent: str
-    limit: str  # for people: "30 outputs in 600s"
-    count: int | float  # outputs, launches or repeats seen; tokens or cost for spend rules
-    window_s: float
-    summaries: list[str]  # the agent's last output summaries, oldest first
-    time: float  # wall-clock seconds since the epoch
-    kind: str | None = None
-
-
-class Decision(msgspec.Struct, frozen=True):
-    allowed: bool
-    reason: str = ""
-    trip: Trip | None = None  # set only on the one call that tripped the breaker
-
-
-ALLOWED = Decision(True)
-DENIED_OPEN = Decision(False, "breaker open")
-_NO_OVERRIDES = AgentLimits()
 
 
 class _Window:
@@ -187,24 +152,9 @@ class _Snapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     probes: dict[str, int] = {}
 
 
-def content_hash(text: str) -> str:
-    """Hash for the duplicate rule; case and whitespace changes still count as the same post."""
-    normal = " ".join(text.casefold().split())
-    return hashlib.blake2b(normal.encode(), digest_size=16).hexdigest()
-
-
 def _is_amount(value: object) -> bool:
     return (isinstance(value, int | float) and not isinstance(value, bool)
             and math.isfinite(value) and value >= 0)
-
-
-_NOUNS = {
-    Rule.OUTPUTS: "outputs",
-    Rule.KIND_OUTPUTS: "{kind} outputs",
-    Rule.DUPLICATES: "identical outputs",
-    Rule.LAUNCHES: "launches",
-    Rule.PROBE: "outputs while half-open",
-}
 
 
 class Breaker:
@@ -269,10 +219,9 @@ class Breaker:
 
     def _trip(self, rule: Rule, agent: str, count: int | float, limit: int | float,
               window_s: float, now: float, kind: str | None = None, noun: str = "") -> Decision:
-        noun = noun or _NOUNS[rule].format(kind=kind)
         trip = Trip(
             rule=rule, agent=agent, kind=kind, count=count, window_s=window_s,
-            limit=f"{limit:g} {noun} in {window_s:g}s",
+            limit=limit_text(rule, limit, window_s, kind, noun),
             summaries=list(self._summaries.get(agent, ())), time=self._wall_clock(),
         )
         self.last_trip = trip
@@ -319,8 +268,7 @@ class Breaker:
             return DENIED_OPEN
         now = self._now(now)
         tokens, cost = self._sane_usage(agent, tokens, cost)
-        over = self.settings.agents.get(agent, _NO_OVERRIDES)
-        budget = over.spend or self.settings.agent_spend
+        budget = agent_budget(self.settings, agent)
         window = self._spend.get(agent)
         if window is None or window.window_s != budget.window_s:
             window = self._spend[agent] = _SpendWindow(budget.window_s,
@@ -356,23 +304,8 @@ class Breaker:
                               budget.window_s, now, noun="cost")
         return None
 
-    def _limit(self, rule: Rule, agent: str, kind: str) -> tuple[int, float] | None:
-        """The (max events, window_s) that apply to one counting rule, or None if none does."""
-        s, over = self.settings, self.settings.agents.get(agent, _NO_OVERRIDES)
-        if rule is Rule.OUTPUTS:
-            out = over.outputs or s.outputs
-            return out.max_outputs, out.window_s
-        if rule is Rule.KIND_OUTPUTS:
-            out = over.kinds.get(kind) or s.kinds.get(kind)
-            return None if out is None else (out.max_outputs, out.window_s)
-        if rule is Rule.LAUNCHES:
-            runs = over.launches or s.launches
-            return runs.max_runs, runs.window_s
-        dup = over.duplicates or s.duplicates
-        return dup.max_repeats, dup.window_s
-
     def _check(self, rule: Rule, agent: str, kind: str, now: float) -> Decision | None:
-        limits = self._limit(rule, agent, kind)
+        limits = counting_limit(self.settings, rule, agent, kind)
         if limits is None:
             return None
         key = (rule.value, agent, kind)
@@ -386,7 +319,7 @@ class Breaker:
 
     def _check_hash(self, agent: str, kind: str, content_hash: str,
                     now: float) -> Decision | None:
-        limits = self._limit(Rule.DUPLICATES, agent, kind)
+        limits = counting_limit(self.settings, Rule.DUPLICATES, agent, kind)
         key, hashes = (agent, content_hash), self._hashes
         window = hashes.pop(key, None)
         if window is None or not window.fits(*limits):
@@ -502,18 +435,17 @@ class Breaker:
     def _restore_windows(self, snap: _Snapshot, to_mono: Callable[[float], float]) -> None:
         # Limits come from the current settings, which may have changed while the daemon was down.
         for rule, agent, kind, stamps in snap.windows:
-            limits = self._limit(rule, agent, kind)
+            limits = counting_limit(self.settings, rule, agent, kind)
             if limits is not None:
                 self._windows[(rule.value, agent, kind)] = _Window(*limits, map(to_mono, stamps))
-        for agent, content_hash, stamps in snap.hashes:
-            limits = self._limit(Rule.DUPLICATES, agent, "")
-            self._hashes[(agent, content_hash)] = _Window(*limits, map(to_mono, stamps))
+        for agent, digest, stamps in snap.hashes:
+            limits = counting_limit(self.settings, Rule.DUPLICATES, agent, "")
+            self._hashes[(agent, digest)] = _Window(*limits, map(to_mono, stamps))
 
         def spend(entries: list[list[float]], window_s: float) -> _SpendWindow:
             return _SpendWindow(window_s, ([to_mono(a), to_mono(b), tok, cost]
                                            for a, b, tok, cost in entries))
 
         for agent, entries in snap.spend.items():
-            budget = self.settings.agents.get(agent, _NO_OVERRIDES).spend
-            self._spend[agent] = spend(entries, (budget or self.settings.agent_spend).window_s)
+            self._spend[agent] = spend(entries, agent_budget(self.settings, agent).window_s)
         self._pipeline_spend = spend(snap.pipeline_spend, self.settings.pipeline_spend.window_s)
