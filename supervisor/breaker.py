@@ -7,28 +7,27 @@ identical outputs, run launches, token or cost spend) trips the breaker: the dae
 run and sends the one alert carried by the `Trip` that the tripping call returns.
 
 Pure logic for the daemon's single-threaded loop: no threads, no I/O except the optional
-`persist` callback, which receives a JSON-able snapshot after every state change.
+`persist` callback, which receives a JSON-able snapshot after every state change. Windows are
+measured on `clock` (monotonic by default) so an NTP step cannot stretch or shrink a window
+while the daemon runs.
 
-Clocks: windows are measured on `clock` (monotonic by default) so an NTP step cannot stretch or
-shrink a window while the daemon runs. Monotonic time means nothing after a restart, so
-`snapshot()` converts every timestamp to `wall_clock` seconds and `restore()` converts them back
-by age: time the daemon was down counts as elapsed, and a wall clock that went backwards gives
-age zero, which errs towards keeping the brake on.
+This module is the state machine, the checks the loop calls and the snapshot; its parts live
+beside it: breaker_settings (the config section), breaker_states (states and transitions),
+breaker_rules (which limit applies, the verdicts) and breaker_windows (sliding windows in
+bounded memory). Their public names are importable from here.
 
-The `[breaker]` config section (limits and overrides) lives in breaker_settings, the states
-and their transitions in breaker_states, and which limit applies and the verdicts it gives in
-breaker_rules.
-
-Windows slide: each key keeps the timestamps of its newest `limit + 1` events, which is all a
-verdict needs, so memory per key is bounded by its limit and not by the event rate.
+Clocks: monotonic time means nothing after a restart, so `snapshot()` converts every timestamp
+to `wall_clock` seconds and `restore()` converts them back by age: time the daemon was down
+counts as elapsed, and a wall clock that went backwards gives age zero, which errs towards
+keeping the brake on.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -56,6 +55,7 @@ from .breaker_settings import (
     SpendBudget,
 )
 from .breaker_states import TRANSITIONS, BreakerState, IllegalTransition
+from .breaker_windows import BreakerWindows, EventWindow, SpendWindow
 
 __all__ = [
     "ALLOWED", "DENIED_OPEN", "TRANSITIONS", "AgentLimits", "Breaker", "BreakerSettings",
@@ -66,73 +66,10 @@ __all__ = [
 log = structlog.get_logger("watchkeeper.breaker")
 
 _SUMMARY_CHARS = 200
-_SPEND_GRAIN = 512  # a spend window holds at most this many merged entries (+1)
 
 
 class SnapshotError(ValueError):
     pass
-
-
-class _Window:
-    """Timestamps of one key's newest `limit + 1` events, oldest first."""
-
-    __slots__ = ("limit", "window_s", "stamps")
-
-    def __init__(self, limit: int, window_s: float, stamps: Iterable[float] = ()) -> None:
-        self.limit, self.window_s = limit, window_s
-        self.stamps: deque[float] = deque(stamps, maxlen=limit + 1)
-
-    def fits(self, limit: int, window_s: float) -> bool:
-        return self.limit == limit and self.window_s == window_s
-
-    def prune(self, now: float) -> int:
-        cutoff, stamps = now - self.window_s, self.stamps
-        while stamps and stamps[0] <= cutoff:
-            stamps.popleft()
-        return len(stamps)
-
-    def add(self, now: float) -> int:
-        """Record one event and return how many fall in the window (capped at limit + 1)."""
-        self.stamps.append(now)
-        return self.prune(now)
-
-
-class _SpendWindow:
-    """Token and cost sums over a sliding window.
-
-    Reports closer together than window_s/512 merge into one entry that expires with its
-    newest report, so memory stays bounded and the sums can only over-count, never under-count.
-    """
-
-    __slots__ = ("window_s", "entries", "tokens", "cost")
-
-    def __init__(self, window_s: float, entries: Iterable[list[float]] = ()) -> None:
-        self.window_s = window_s
-        self.entries: deque[list[float]] = deque()  # [first_ts, last_ts, tokens, cost]
-        self.tokens, self.cost = 0, 0.0
-        for first, last, tokens, cost in entries:
-            self.entries.append([first, last, tokens, cost])
-            self.tokens += int(tokens)
-            self.cost += cost
-
-    def prune(self, now: float) -> None:
-        cutoff, entries = now - self.window_s, self.entries
-        while entries and entries[0][1] <= cutoff:
-            _, _, tokens, cost = entries.popleft()
-            self.tokens -= int(tokens)
-            self.cost -= cost
-        if not entries:
-            self.tokens, self.cost = 0, 0.0  # drop float drift from the subtractions
-
-    def add(self, now: float, tokens: int, cost: float) -> None:
-        self.prune(now)
-        last = self.entries[-1] if self.entries else None
-        if last is not None and now - last[0] < self.window_s / _SPEND_GRAIN:
-            last[1], last[2], last[3] = now, last[2] + tokens, last[3] + cost
-        else:
-            self.entries.append([now, now, tokens, cost])
-        self.tokens += tokens
-        self.cost += cost
 
 
 class _Snapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -177,18 +114,12 @@ class Breaker:
         self._clear_windows()
 
     def _clear_windows(self) -> None:
-        self._windows: dict[tuple[str, str, str], _Window] = {}
-        self._hashes: OrderedDict[tuple[str, str], _Window] = OrderedDict()
-        self._spend: dict[str, _SpendWindow] = {}
-        self._pipeline_spend = _SpendWindow(self.settings.pipeline_spend.window_s)
-        self._summaries: dict[str, deque[str]] = {}
-        self._probes: dict[str, int] = {}
+        self._windows = BreakerWindows(self.settings.pipeline_spend.window_s)
 
     def apply_settings(self, settings: BreakerSettings) -> None:
         """Take new limits (config reload); windows adopt them on their next event."""
         self.settings = settings
-        for key, kept in list(self._summaries.items()):
-            self._summaries[key] = deque(kept, maxlen=settings.summaries_kept)
+        self._windows.keep_summaries(settings.summaries_kept)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -222,7 +153,7 @@ class Breaker:
         trip = Trip(
             rule=rule, agent=agent, kind=kind, count=count, window_s=window_s,
             limit=limit_text(rule, limit, window_s, kind, noun),
-            summaries=list(self._summaries.get(agent, ())), time=self._wall_clock(),
+            summaries=list(self._windows.summaries.get(agent, ())), time=self._wall_clock(),
         )
         self.last_trip = trip
         self.trips_total += 1
@@ -242,14 +173,14 @@ class Breaker:
             return DENIED_OPEN
         now = self._now(now)
         s = self.settings
-        self._summaries.setdefault(agent, deque(maxlen=s.summaries_kept)).append(
-            f"[{kind}] {summary}"[:_SUMMARY_CHARS])
+        self._windows.remember_summary(agent, f"[{kind}] {summary}"[:_SUMMARY_CHARS],
+                                       s.summaries_kept)
         decision = (self._check(Rule.OUTPUTS, agent, "", now)
                     or self._check(Rule.KIND_OUTPUTS, agent, kind, now))
         if decision is None and content_hash is not None:
             decision = self._check_hash(agent, kind, content_hash, now)
         if decision is None and self.state is BreakerState.HALF_OPEN:
-            probes = self._probes[agent] = self._probes.get(agent, 0) + 1
+            probes = self._windows.count_probe(agent)
             if probes > s.probe_outputs:
                 decision = self._trip(Rule.PROBE, agent, probes, s.probe_outputs,
                                       s.probe_window_s, now)
@@ -269,20 +200,13 @@ class Breaker:
         now = self._now(now)
         tokens, cost = self._sane_usage(agent, tokens, cost)
         budget = agent_budget(self.settings, agent)
-        window = self._spend.get(agent)
-        if window is None or window.window_s != budget.window_s:
-            window = self._spend[agent] = _SpendWindow(budget.window_s,
-                                                       window.entries if window else ())
-        window.add(now, tokens, cost)
+        window = self._windows.add_spend(agent, budget.window_s, now, tokens, cost)
         decision = self._over_budget(Rule.AGENT_SPEND, agent, budget, window, now)
         if decision is not None:
             return decision
         budget = self.settings.pipeline_spend
-        if self._pipeline_spend.window_s != budget.window_s:
-            self._pipeline_spend = _SpendWindow(budget.window_s, self._pipeline_spend.entries)
-        self._pipeline_spend.add(now, tokens, cost)
-        return (self._over_budget(Rule.PIPELINE_SPEND, agent, budget, self._pipeline_spend, now)
-                or ALLOWED)
+        window = self._windows.add_pipeline_spend(budget.window_s, now, tokens, cost)
+        return self._over_budget(Rule.PIPELINE_SPEND, agent, budget, window, now) or ALLOWED
 
     def _sane_usage(self, agent: str, tokens: int, cost: float) -> tuple[int, float]:
         # Agents report these; a NaN would poison the running sum and disable the budget for good.
@@ -294,7 +218,7 @@ class Breaker:
             cost = 0.0
         return int(tokens), float(cost)
 
-    def _over_budget(self, rule: Rule, agent: str, budget: SpendBudget, window: _SpendWindow,
+    def _over_budget(self, rule: Rule, agent: str, budget: SpendBudget, window: SpendWindow,
                      now: float) -> Decision | None:
         if budget.max_tokens is not None and window.tokens > budget.max_tokens:
             return self._trip(rule, agent, window.tokens, budget.max_tokens, budget.window_s,
@@ -308,11 +232,7 @@ class Breaker:
         limits = counting_limit(self.settings, rule, agent, kind)
         if limits is None:
             return None
-        key = (rule.value, agent, kind)
-        window = self._windows.get(key)
-        if window is None or not window.fits(*limits):
-            window = self._windows[key] = _Window(*limits, window.stamps if window else ())
-        count = window.add(now)
+        count = self._windows.count((rule.value, agent, kind), *limits, now)
         if count <= limits[0]:
             return None
         return self._trip(rule, agent, count, *limits, now, kind or None)
@@ -320,16 +240,8 @@ class Breaker:
     def _check_hash(self, agent: str, kind: str, content_hash: str,
                     now: float) -> Decision | None:
         limits = counting_limit(self.settings, Rule.DUPLICATES, agent, kind)
-        key, hashes = (agent, content_hash), self._hashes
-        window = hashes.pop(key, None)
-        if window is None or not window.fits(*limits):
-            window = _Window(*limits, window.stamps if window else ())
-        hashes[key] = window  # re-inserted last: the dict stays ordered by last sighting
-        # An agent emitting a stream of distinct outputs must not grow this without end; the
-        # output limit catches such a stream long before this cap drops a live hash.
-        while len(hashes) > self.settings.max_tracked_hashes:
-            hashes.popitem(last=False)
-        count = window.add(now)
+        count = self._windows.count_hash((agent, content_hash), *limits, now,
+                                         self.settings.max_tracked_hashes)
         if count <= limits[0]:
             return None
         return self._trip(Rule.DUPLICATES, agent, count, *limits, now, kind)
@@ -348,7 +260,7 @@ class Breaker:
     def tick(self, now: float | None = None) -> BreakerState | None:
         """Run timed transitions and drop expired windows; returns the new state if it changed."""
         now = self._now(now)
-        self._sweep(now)
+        self._windows.sweep(now)
         s = self.settings
         if (self.state is BreakerState.OPEN and s.auto_reset_after_s is not None
                 and now - self.since >= s.auto_reset_after_s):
@@ -363,25 +275,9 @@ class Breaker:
             return self.state
         return None
 
-    def _sweep(self, now: float) -> None:
-        for table in (self._windows, self._hashes):
-            for key in [k for k, w in table.items() if w.prune(now) == 0]:
-                del table[key]
-        for window in (*self._spend.values(), self._pipeline_spend):
-            window.prune(now)
-        for agent in [a for a, w in self._spend.items() if not w.entries]:
-            del self._spend[agent]
-
     def memory_footprint(self) -> dict[str, int]:
         """Counts of tracked keys and stored timestamps, for metrics and the bounded-memory test."""
-        return {
-            "windows": len(self._windows),
-            "hashes": len(self._hashes),
-            "stamps": sum(len(w.stamps) for w in (*self._windows.values(),
-                                                  *self._hashes.values())),
-            "spend_entries": len(self._pipeline_spend.entries)
-            + sum(len(w.entries) for w in self._spend.values()),
-        }
+        return self._windows.footprint()
 
     # -- persistence ---------------------------------------------------------------------------
 
@@ -392,18 +288,19 @@ class Breaker:
         def to_wall(t: float) -> float:
             return wall - (now - t)
 
-        def spend(w: _SpendWindow) -> list[list[float]]:
+        def spend(w: SpendWindow) -> list[list[float]]:
             return [[to_wall(a), to_wall(b), tok, cost] for a, b, tok, cost in w.entries]
 
+        windows = self._windows
         snap = _Snapshot(
             saved_at=wall, state=self.state, since=to_wall(self.since),
             last_trip=self.last_trip, trips_total=self.trips_total,
-            windows=[(*k, [to_wall(t) for t in w.stamps]) for k, w in self._windows.items()],
-            hashes=[(*k, [to_wall(t) for t in w.stamps]) for k, w in self._hashes.items()],
-            spend={a: spend(w) for a, w in self._spend.items()},
-            pipeline_spend=spend(self._pipeline_spend),
-            summaries={a: list(q) for a, q in self._summaries.items()},
-            probes=dict(self._probes),
+            windows=[(*k, [to_wall(t) for t in w.stamps]) for k, w in windows.counts.items()],
+            hashes=[(*k, [to_wall(t) for t in w.stamps]) for k, w in windows.hashes.items()],
+            spend={a: spend(w) for a, w in windows.spend.items()},
+            pipeline_spend=spend(windows.pipeline_spend),
+            summaries={a: list(q) for a, q in windows.summaries.items()},
+            probes=dict(windows.probes),
         )
         return msgspec.to_builtins(snap)
 
@@ -426,26 +323,29 @@ class Breaker:
         self.state, self.since = snap.state, to_mono(snap.since)
         self.last_trip, self.trips_total = snap.last_trip, snap.trips_total
         self._restore_windows(snap, to_mono)
-        self._summaries = {a: deque(q, maxlen=self.settings.summaries_kept)
-                           for a, q in snap.summaries.items()}
-        self._probes = dict(snap.probes)
+        windows = self._windows
+        windows.summaries = {a: deque(q, maxlen=self.settings.summaries_kept)
+                             for a, q in snap.summaries.items()}
+        windows.probes = dict(snap.probes)
         log.warning("breaker_restored", state=self.state.value, trips_total=self.trips_total,
                     last_trip_agent=self.last_trip.agent if self.last_trip else None)
 
     def _restore_windows(self, snap: _Snapshot, to_mono: Callable[[float], float]) -> None:
         # Limits come from the current settings, which may have changed while the daemon was down.
+        windows = self._windows
         for rule, agent, kind, stamps in snap.windows:
             limits = counting_limit(self.settings, rule, agent, kind)
             if limits is not None:
-                self._windows[(rule.value, agent, kind)] = _Window(*limits, map(to_mono, stamps))
+                windows.counts[(rule.value, agent, kind)] = EventWindow(*limits,
+                                                                        map(to_mono, stamps))
         for agent, digest, stamps in snap.hashes:
             limits = counting_limit(self.settings, Rule.DUPLICATES, agent, "")
-            self._hashes[(agent, digest)] = _Window(*limits, map(to_mono, stamps))
+            windows.hashes[(agent, digest)] = EventWindow(*limits, map(to_mono, stamps))
 
-        def spend(entries: list[list[float]], window_s: float) -> _SpendWindow:
-            return _SpendWindow(window_s, ([to_mono(a), to_mono(b), tok, cost]
-                                           for a, b, tok, cost in entries))
+        def spend(entries: list[list[float]], window_s: float) -> SpendWindow:
+            return SpendWindow(window_s, ([to_mono(a), to_mono(b), tok, cost]
+                                          for a, b, tok, cost in entries))
 
         for agent, entries in snap.spend.items():
-            self._spend[agent] = spend(entries, agent_budget(self.settings, agent).window_s)
-        self._pipeline_spend = spend(snap.pipeline_spend, self.settings.pipeline_spend.window_s)
+            windows.spend[agent] = spend(entries, agent_budget(self.settings, agent).window_s)
+        windows.pipeline_spend = spend(snap.pipeline_spend, self.settings.pipeline_spend.window_s)
