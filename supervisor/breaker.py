@@ -11,26 +11,19 @@ Pure logic for the daemon's single-threaded loop: no threads, no I/O except the 
 measured on `clock` (monotonic by default) so an NTP step cannot stretch or shrink a window
 while the daemon runs.
 
-This module is the state machine, the checks the loop calls and the snapshot; its parts live
-beside it: breaker_settings (the config section), breaker_states (states and transitions),
-breaker_rules (which limit applies, the verdicts) and breaker_windows (sliding windows in
-bounded memory). Their public names are importable from here.
-
-Clocks: monotonic time means nothing after a restart, so `snapshot()` converts every timestamp
-to `wall_clock` seconds and `restore()` converts them back by age: time the daemon was down
-counts as elapsed, and a wall clock that went backwards gives age zero, which errs towards
-keeping the brake on.
+This module is the state machine and the checks the loop calls; its parts live beside it:
+breaker_settings (the config section), breaker_states (states and transitions), breaker_rules
+(which limit applies, the verdicts), breaker_windows (sliding windows in bounded memory) and
+breaker_snapshot (persistence across restarts). Their public names are importable from here.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import structlog
 
 from .breaker_rules import (
@@ -54,8 +47,15 @@ from .breaker_settings import (
     Seconds,
     SpendBudget,
 )
+from .breaker_snapshot import (
+    BreakerMemory,
+    SnapshotError,
+    dump_snapshot,
+    load_snapshot,
+    restore_snapshot,
+)
 from .breaker_states import TRANSITIONS, BreakerState, IllegalTransition
-from .breaker_windows import BreakerWindows, EventWindow, SpendWindow
+from .breaker_windows import BreakerWindows, SpendWindow
 
 __all__ = [
     "ALLOWED", "DENIED_OPEN", "TRANSITIONS", "AgentLimits", "Breaker", "BreakerSettings",
@@ -66,27 +66,6 @@ __all__ = [
 log = structlog.get_logger("watchkeeper.breaker")
 
 _SUMMARY_CHARS = 200
-
-
-class SnapshotError(ValueError):
-    pass
-
-
-class _Snapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Persisted form; every timestamp is wall-clock seconds."""
-
-    version: int = 1
-    saved_at: float
-    state: BreakerState
-    since: float
-    last_trip: Trip | None = None
-    trips_total: int = 0
-    windows: list[tuple[Rule, str, str, list[float]]] = []  # rule, agent, kind, stamps
-    hashes: list[tuple[str, str, list[float]]] = []  # agent, hash, stamps; least recent first
-    spend: dict[str, list[list[float]]] = {}
-    pipeline_spend: list[list[float]] = []
-    summaries: dict[str, list[str]] = {}
-    probes: dict[str, int] = {}
 
 
 def _is_amount(value: object) -> bool:
@@ -283,69 +262,15 @@ class Breaker:
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """The breaker's state, trip record and windows as JSON-able builtins."""
-        now, wall = self._now(now), self._wall_clock()
-
-        def to_wall(t: float) -> float:
-            return wall - (now - t)
-
-        def spend(w: SpendWindow) -> list[list[float]]:
-            return [[to_wall(a), to_wall(b), tok, cost] for a, b, tok, cost in w.entries]
-
-        windows = self._windows
-        snap = _Snapshot(
-            saved_at=wall, state=self.state, since=to_wall(self.since),
-            last_trip=self.last_trip, trips_total=self.trips_total,
-            windows=[(*k, [to_wall(t) for t in w.stamps]) for k, w in windows.counts.items()],
-            hashes=[(*k, [to_wall(t) for t in w.stamps]) for k, w in windows.hashes.items()],
-            spend={a: spend(w) for a, w in windows.spend.items()},
-            pipeline_spend=spend(windows.pipeline_spend),
-            summaries={a: list(q) for a, q in windows.summaries.items()},
-            probes=dict(windows.probes),
-        )
-        return msgspec.to_builtins(snap)
+        memory = BreakerMemory(self.state, self.since, self.last_trip, self.trips_total,
+                               self._windows)
+        return dump_snapshot(memory, now=self._now(now), wall=self._wall_clock())
 
     def restore(self, snapshot: dict[str, Any], now: float | None = None) -> None:
         """Adopt a snapshot from `snapshot()`, e.g. one saved before the daemon restarted."""
-        try:
-            snap = msgspec.convert(snapshot, _Snapshot)
-        except msgspec.ValidationError as err:
-            raise SnapshotError(f"breaker snapshot is invalid: {err}; expected the dict "
-                                "written by Breaker.snapshot()") from err
-        if snap.version != 1:
-            raise SnapshotError(f"breaker snapshot version {snap.version} is not supported; "
-                                "this daemon reads version 1")
-        now, wall = self._now(now), self._wall_clock()
-
-        def to_mono(t: float) -> float:
-            return now - max(0.0, wall - t)
-
-        self._clear_windows()
-        self.state, self.since = snap.state, to_mono(snap.since)
-        self.last_trip, self.trips_total = snap.last_trip, snap.trips_total
-        self._restore_windows(snap, to_mono)
-        windows = self._windows
-        windows.summaries = {a: deque(q, maxlen=self.settings.summaries_kept)
-                             for a, q in snap.summaries.items()}
-        windows.probes = dict(snap.probes)
+        snap = load_snapshot(snapshot)
+        memory = restore_snapshot(snap, self.settings, now=self._now(now),
+                                  wall=self._wall_clock())
+        self.state, self.since, self.last_trip, self.trips_total, self._windows = memory
         log.warning("breaker_restored", state=self.state.value, trips_total=self.trips_total,
                     last_trip_agent=self.last_trip.agent if self.last_trip else None)
-
-    def _restore_windows(self, snap: _Snapshot, to_mono: Callable[[float], float]) -> None:
-        # Limits come from the current settings, which may have changed while the daemon was down.
-        windows = self._windows
-        for rule, agent, kind, stamps in snap.windows:
-            limits = counting_limit(self.settings, rule, agent, kind)
-            if limits is not None:
-                windows.counts[(rule.value, agent, kind)] = EventWindow(*limits,
-                                                                        map(to_mono, stamps))
-        for agent, digest, stamps in snap.hashes:
-            limits = counting_limit(self.settings, Rule.DUPLICATES, agent, "")
-            windows.hashes[(agent, digest)] = EventWindow(*limits, map(to_mono, stamps))
-
-        def spend(entries: list[list[float]], window_s: float) -> SpendWindow:
-            return SpendWindow(window_s, ([to_mono(a), to_mono(b), tok, cost]
-                                          for a, b, tok, cost in entries))
-
-        for agent, entries in snap.spend.items():
-            windows.spend[agent] = spend(entries, agent_budget(self.settings, agent).window_s)
-        windows.pipeline_spend = spend(snap.pipeline_spend, self.settings.pipeline_spend.window_s)
