@@ -41,6 +41,14 @@ from .memory_settings import (
     json_type,
     schema_error,
 )
+from .memory_sqlite import (
+    INSERT_HISTORY,
+    Transaction,
+    connect,
+    create_tables,
+    decode_value,
+    encode_value,
+)
 
 __all__ = [
     "ADMIN_AGENT", "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "MAX_NAME_CHARS", "MAX_NESTING",
@@ -57,7 +65,6 @@ EXPORT_FORMAT = "watchkeeper-memory"
 EXPORT_FORMAT_VERSION = 1
 MAX_NESTING = 64  # deeper values are malformed: merge and schema checks walk the tree
 MAX_NAME_CHARS = 512
-_SCHEMA_VERSION = 1
 
 
 class Op(StrEnum):
@@ -228,84 +235,6 @@ def _malformed(update: Update) -> str | None:
     return None
 
 
-def _encode(value: Any) -> str:
-    return msgspec.json.encode(value).decode()
-
-
-def _decode(text: str | None) -> Any:
-    return None if text is None else msgspec.json.decode(text)
-
-
-# -- SQLite ---------------------------------------------------------------------------------------
-
-_DDL = """
-create table if not exists entries (
-    id integer primary key,
-    namespace text not null,
-    key text not null,
-    value text,                -- JSON; NULL is a tombstone that keeps the version counter
-    version integer not null,
-    updated_at real not null,
-    updated_by text not null,
-    run_id text not null,
-    unique (namespace, key)
-);
-create table if not exists history (
-    seq integer primary key autoincrement,  -- autoincrement: pruned seqs are never reused
-    namespace text not null, key text not null, op text not null,
-    agent text not null, run_id text not null, time real not null,
-    old_version integer, new_version integer, old_value text, new_value text
-);
-create index if not exists history_by_key on history (namespace, key, seq);
-create index if not exists history_by_agent on history (agent, seq);
-create index if not exists history_by_run on history (run_id, seq);
-create index if not exists history_by_time on history (time);
-create table if not exists idempotency (
-    agent text not null, key text not null, result text not null, created_at real not null,
-    primary key (agent, key)
-) without rowid;
-create index if not exists idempotency_by_age on idempotency (created_at);
--- Full-text index for lazy context retrieval (supervisor/context.py). Triggers keep it in the
--- same transaction as every write path (apply, revert, import), so it can never drift.
-create virtual table if not exists entries_fts using fts5(
-    namespace, key, body, tokenize = 'porter unicode61'
-);
-create trigger if not exists entries_fts_insert after insert on entries
-when new.value is not null begin
-    insert into entries_fts (rowid, namespace, key, body) values (new.id, new.namespace, new.key,
-        (select group_concat(value, ' ') from json_tree(new.value) where type = 'text'));
-end;
-create trigger if not exists entries_fts_update after update of value on entries begin
-    delete from entries_fts where rowid = old.id;
-    insert into entries_fts (rowid, namespace, key, body)
-        select new.id, new.namespace, new.key,
-            (select group_concat(value, ' ') from json_tree(new.value) where type = 'text')
-        where new.value is not null;
-end;
-create trigger if not exists entries_fts_delete after delete on entries begin
-    delete from entries_fts where rowid = old.id;
-end;
-"""
-
-
-def connect(path: Path, settings: StewardSettings, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open a connection with the store's pragmas; readers get a read-only one."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute("pragma query_only = on")
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("pragma journal_mode = wal")
-        # WAL + synchronous=FULL fsyncs the WAL at every commit, so a commit that returned
-        # survives power loss and kernel panics, not only a killed process (NORMAL would lose the
-        # last commits on power loss). The daemon acknowledges an update only after commit, and
-        # group commit spreads that one fsync over every update of the loop turn.
-        conn.execute("pragma synchronous = full")
-    conn.execute(f"pragma busy_timeout = {int(settings.busy_timeout_ms)}")
-    return conn
-
-
 class _Reads:
     """Read queries shared by the writer (`MemoryStore`) and concurrent `MemoryReader`s."""
 
@@ -348,7 +277,7 @@ _HISTORY_COLUMNS = ("seq, namespace, key, op, agent, run_id, time, old_version, 
 
 def _entry(row: tuple) -> Entry:
     ns, key, value, version, updated_at, updated_by, run_id = row
-    return Entry(namespace=ns, key=key, value=_decode(value), version=version,
+    return Entry(namespace=ns, key=key, value=decode_value(value), version=version,
                  updated_at=updated_at, updated_by=updated_by, run_id=run_id)
 
 
@@ -356,7 +285,7 @@ def _history(row: tuple) -> HistoryRecord:
     seq, ns, key, op, agent, run_id, at, old_v, new_v, old_value, new_value = row
     return HistoryRecord(seq=seq, namespace=ns, key=key, op=HistoryOp(op), agent=agent,
                          run_id=run_id, time=at, old_version=old_v, new_version=new_v,
-                         old_value=_decode(old_value), new_value=_decode(new_value))
+                         old_value=decode_value(old_value), new_value=decode_value(new_value))
 
 
 class MemoryReader(_Reads):
@@ -380,9 +309,7 @@ class MemoryStore(_Reads):
         self.path = Path(state_dir) / self.settings.db_file
         self._clock = clock
         self._conn = connect(self.path, self.settings)
-        # One script in one transaction: several processes may open the same file at once.
-        self._conn.executescript(
-            f"begin immediate; {_DDL} pragma user_version = {_SCHEMA_VERSION}; commit;")
+        create_tables(self._conn)
 
     def integrity_check(self) -> str:
         """SQLite's `pragma integrity_check`: "ok", or the problems it found, one per line."""
@@ -454,12 +381,12 @@ class MemoryStore(_Reads):
         if update.op is Op.DELETE and old_text is None:
             return Result(status=Status.APPLIED, namespace=update.namespace, key=update.key,
                           version=counter, detail="already absent")
-        old = _decode(old_text)
+        old = decode_value(old_text)
         new, problem = _new_value(update, old, old_text is not None)
         if problem:
             return rejected(update, Reason.MALFORMED, problem)
         try:
-            new_text = None if update.op is Op.DELETE else _encode(new)
+            new_text = None if update.op is Op.DELETE else encode_value(new)
         except TypeError as exc:  # a Python caller passed a non-JSON value; agents cannot
             return rejected(update, Reason.MALFORMED, f"value is not JSON: {exc}")
         problem = self._limits_error(update.namespace, new_text, new)
@@ -467,11 +394,9 @@ class MemoryStore(_Reads):
             return rejected(update, *problem)
         self._write(update.namespace, update.key, new_text, counter + 1, row is not None,
                     update.agent, update.run_id, now)
-        self._conn.execute(
-            "insert into history (namespace, key, op, agent, run_id, time, old_version, "
-            "new_version, old_value, new_value) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (update.namespace, update.key, history_op.value, update.agent, update.run_id, now,
-             current or None, counter + 1, old_text, new_text))
+        self._conn.execute(INSERT_HISTORY, (
+            update.namespace, update.key, history_op.value, update.agent, update.run_id, now,
+            current or None, counter + 1, old_text, new_text))
         return Result(status=Status.APPLIED, namespace=update.namespace, key=update.key,
                       version=counter + 1)
 
@@ -536,7 +461,7 @@ class MemoryStore(_Reads):
             f"select count(*) from history where namespace = ? and key = ? and seq > ? "
             f"and not ({where})", (namespace, key, first_seq, *params)).fetchone()[0]
         target = Update(op=Op.DELETE if old_text is None else Op.PUT, namespace=namespace,
-                        key=key, value=_decode(old_text) if old_text is not None else msgspec.UNSET,
+                        key=key, value=decode_value(old_text) if old_text is not None else msgspec.UNSET,
                         agent=ADMIN_AGENT, run_id=f"revert:{first_seq}")
         if later and not force:
             current = self.get(namespace, key)
@@ -575,14 +500,12 @@ class MemoryStore(_Reads):
                     (e.namespace, e.key)).fetchone()
                 old_text, counter = row if row else (None, 0)
                 version = max(e.version, counter + 1) if row else e.version
-                new_text = _encode(e.value)
+                new_text = encode_value(e.value)
                 self._write(e.namespace, e.key, new_text, version, row is not None, e.updated_by,
                             e.run_id, e.updated_at)
-                self._conn.execute(
-                    "insert into history (namespace, key, op, agent, run_id, time, old_version, "
-                    "new_version, old_value, new_value) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (e.namespace, e.key, HistoryOp.IMPORT.value, ADMIN_AGENT, "import", now,
-                     counter if old_text is not None else None, version, old_text, new_text))
+                self._conn.execute(INSERT_HISTORY, (
+                    e.namespace, e.key, HistoryOp.IMPORT.value, ADMIN_AGENT, "import", now,
+                    counter if old_text is not None else None, version, old_text, new_text))
         log.info("memory_imported", entries=len(doc.entries))
         return len(doc.entries)
 
@@ -597,34 +520,8 @@ class MemoryStore(_Reads):
         log.info("memory_pruned", history=history, idempotency=keys)
         return PruneCounts(history=history, idempotency=keys)
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception.
-
-    IMMEDIATE takes the write lock up front, so a second writer waits on busy_timeout at BEGIN
-    instead of failing with SQLITE_BUSY halfway through a read-then-write.
-    """
-
-    __slots__ = ("_conn",)
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def __enter__(self) -> None:
-        self._conn.execute("begin immediate")
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        try:
-            if exc_type is None:
-                self._conn.execute("commit")
-        finally:
-            # A failed COMMIT (disk full, I/O error) may leave the transaction open; without
-            # this rollback every later BEGIN would fail with "transaction within transaction".
-            if self._conn.in_transaction:
-                self._conn.execute("rollback")
+    def _transaction(self) -> Transaction:
+        return Transaction(self._conn)
 
 
 class _ExportEntry(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
