@@ -23,10 +23,8 @@ Semantics, in one place:
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from enum import StrEnum
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from .memory_reads import Entry, HistoryRecord, MemoryReader, ReadQueries, entry_from_row
 from .memory_settings import (
     SCHEMA_KEYWORDS,
     StewardSettings,
@@ -49,6 +48,18 @@ from .memory_sqlite import (
     decode_value,
     encode_value,
 )
+from .memory_updates import (
+    ADMIN_AGENT,
+    HistoryOp,
+    MalformedUpdate,
+    Op,
+    Reason,
+    Result,
+    Status,
+    Update,
+    parse_update,
+    rejected,
+)
 
 __all__ = [
     "ADMIN_AGENT", "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "MAX_NAME_CHARS", "MAX_NESTING",
@@ -60,132 +71,15 @@ __all__ = [
 
 log = structlog.get_logger("watchkeeper.memory_store")
 
-ADMIN_AGENT = "watchkeeper-admin"
 EXPORT_FORMAT = "watchkeeper-memory"
 EXPORT_FORMAT_VERSION = 1
 MAX_NESTING = 64  # deeper values are malformed: merge and schema checks walk the tree
 MAX_NAME_CHARS = 512
 
 
-class Op(StrEnum):
-    PUT = "put"
-    MERGE = "merge"
-    APPEND = "append"
-    DELETE = "delete"
-
-
-class HistoryOp(StrEnum):
-    """What a history record did: an agent's `Op`, or an administrative write."""
-
-    PUT = "put"
-    MERGE = "merge"
-    APPEND = "append"
-    DELETE = "delete"
-    REVERT = "revert"
-    IMPORT = "import"
-
-
-class Status(StrEnum):
-    APPLIED = "applied"
-    REJECTED = "rejected"
-
-
-class Reason(StrEnum):
-    VERSION_CONFLICT = "version_conflict"
-    TOO_LARGE = "too_large"
-    SCHEMA = "schema"
-    FORBIDDEN = "forbidden"
-    MALFORMED = "malformed"
-
-
 def allowed(agent_write_globs: Iterable[str], namespace: str) -> bool:
     """True when `namespace` matches one of the agent's write globs (fnmatch, case-sensitive)."""
     return any(fnmatchcase(namespace, glob) for glob in agent_write_globs)
-
-
-# -- messages -------------------------------------------------------------------------------------
-
-class _AgentUpdate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    # The wire form has no agent/run_id fields, so an agent that tries to set them is refused.
-    op: Op
-    namespace: str
-    key: str
-    value: Any = msgspec.UNSET
-    expect_version: int | None = None
-    idempotency_key: str | None = None
-
-
-class Update(_AgentUpdate, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """One write. `agent` and `run_id` are set by the daemon from the run, never by the agent."""
-
-    agent: str = ""
-    run_id: str = ""
-
-
-class MalformedUpdate(ValueError):
-    """An agent sent something that is not an update; the message says what would be valid."""
-
-
-def parse_update(payload: bytes | str | Mapping[str, Any], *, agent: str, run_id: str) -> Update:
-    """Decode an agent's update (JSON bytes/str or a decoded dict) and stamp agent and run_id."""
-    try:
-        if isinstance(payload, bytes | str):
-            wire = msgspec.json.decode(payload, type=_AgentUpdate)
-        else:
-            wire = msgspec.convert(payload, type=_AgentUpdate)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
-        raise MalformedUpdate(f"bad update from agent {agent!r}: {exc}; expected "
-                              f"{{op: put|merge|append|delete, namespace, key, value?, "
-                              f"expect_version?, idempotency_key?}}") from exc
-    return Update(**msgspec.structs.asdict(wire), agent=agent, run_id=run_id)
-
-
-class Result(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
-    """The outcome of one update: applied with its new version, or rejected with a reason."""
-
-    status: Status
-    namespace: str = ""
-    key: str = ""
-    version: int | None = None
-    reason: Reason | None = None
-    current_version: int | None = None
-    detail: str = ""
-    replayed: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.status is Status.APPLIED
-
-
-def rejected(update: Update | None, reason: Reason, detail: str,
-             current_version: int | None = None) -> Result:
-    return Result(status=Status.REJECTED, namespace=update.namespace if update else "",
-                  key=update.key if update else "", reason=reason, detail=detail,
-                  current_version=current_version)
-
-
-class Entry(msgspec.Struct, kw_only=True, frozen=True):
-    namespace: str
-    key: str
-    value: Any
-    version: int
-    updated_at: float
-    updated_by: str
-    run_id: str
-
-
-class HistoryRecord(msgspec.Struct, kw_only=True, frozen=True):
-    seq: int
-    namespace: str
-    key: str
-    op: HistoryOp
-    agent: str
-    run_id: str
-    time: float
-    old_version: int | None
-    new_version: int | None
-    old_value: Any
-    new_value: Any
 
 
 class PruneCounts(msgspec.Struct, frozen=True):
@@ -235,69 +129,7 @@ def _malformed(update: Update) -> str | None:
     return None
 
 
-class _Reads:
-    """Read queries shared by the writer (`MemoryStore`) and concurrent `MemoryReader`s."""
-
-    _conn: sqlite3.Connection
-
-    def get(self, namespace: str, key: str) -> Entry | None:
-        row = self._conn.execute(
-            "select namespace, key, value, version, updated_at, updated_by, run_id from entries "
-            "where namespace = ? and key = ? and value is not null", (namespace, key)).fetchone()
-        return _entry(row) if row else None
-
-    def list(self, namespace: str, prefix: str = "") -> list[Entry]:
-        """Live entries of `namespace` whose key starts with `prefix`, in key order."""
-        # A range on the unique index instead of LIKE/GLOB, so '%', '_' or '*' in a prefix are
-        # literal characters.
-        rows = self._conn.execute(
-            "select namespace, key, value, version, updated_at, updated_by, run_id from entries "
-            "where namespace = ? and key >= ? and key < ? and value is not null order by key",
-            (namespace, prefix, prefix + "\U0010ffff")).fetchall()
-        return [_entry(row) for row in rows]
-
-    def history(self, namespace: str | None = None, key: str | None = None,
-                agent: str | None = None, run_id: str | None = None,
-                limit: int = 100) -> list[HistoryRecord]:
-        """History records matching every given filter, newest first."""
-        filters = {"namespace": namespace, "key": key, "agent": agent, "run_id": run_id}
-        where = [f"{column} = ?" for column, wanted in filters.items() if wanted is not None]
-        params = [wanted for wanted in filters.values() if wanted is not None]
-        sql = (f"select {_HISTORY_COLUMNS} from history "
-               f"{'where ' + ' and '.join(where) if where else ''} order by seq desc limit ?")
-        return [_history(row) for row in self._conn.execute(sql, (*params, limit))]
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-_HISTORY_COLUMNS = ("seq, namespace, key, op, agent, run_id, time, old_version, new_version, "
-                    "old_value, new_value")
-
-
-def _entry(row: tuple) -> Entry:
-    ns, key, value, version, updated_at, updated_by, run_id = row
-    return Entry(namespace=ns, key=key, value=decode_value(value), version=version,
-                 updated_at=updated_at, updated_by=updated_by, run_id=run_id)
-
-
-def _history(row: tuple) -> HistoryRecord:
-    seq, ns, key, op, agent, run_id, at, old_v, new_v, old_value, new_value = row
-    return HistoryRecord(seq=seq, namespace=ns, key=key, op=HistoryOp(op), agent=agent,
-                         run_id=run_id, time=at, old_version=old_v, new_version=new_v,
-                         old_value=decode_value(old_value), new_value=decode_value(new_value))
-
-
-class MemoryReader(_Reads):
-    """A read-only connection for concurrent readers (WAL lets them run beside the writer)."""
-
-    def __init__(self, path: Path, settings: StewardSettings | None = None) -> None:
-        self.path = Path(path)
-        self._conn = connect(self.path, settings or StewardSettings(), readonly=True)
-
-
-
-class MemoryStore(_Reads):
+class MemoryStore(ReadQueries):
     """The single writer of shared agent memory: one SQLite file under the state dir.
 
     `clock` gives wall-clock seconds for records (updated_at, history time, pruning ages).
@@ -481,7 +313,7 @@ class MemoryStore(_Reads):
             "where value is not null order by namespace, key").fetchall()
         return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
                 "exported_at": self._clock(),
-                "entries": [msgspec.to_builtins(_entry(row)) for row in entries]}
+                "entries": [msgspec.to_builtins(entry_from_row(row)) for row in entries]}
 
     def import_(self, data: Mapping[str, Any]) -> int:
         """Restore entries from `export()` output; returns how many were written.
@@ -524,14 +356,8 @@ class MemoryStore(_Reads):
         return Transaction(self._conn)
 
 
-class _ExportEntry(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    namespace: str
-    key: str
-    value: Any
-    version: int
-    updated_at: float
-    updated_by: str
-    run_id: str
+class _ExportEntry(Entry, forbid_unknown_fields=True):
+    """An exported entry: Entry's fields, and an import refuses any other."""
 
 
 class _ExportDoc(msgspec.Struct, kw_only=True, frozen=True):
