@@ -24,8 +24,7 @@ Semantics, in one place:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from fnmatch import fnmatchcase
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,6 @@ from .memory_settings import (
     SCHEMA_KEYWORDS,
     StewardSettings,
     check_schema,
-    json_type,
     schema_error,
 )
 from .memory_sqlite import (
@@ -60,6 +58,7 @@ from .memory_updates import (
     parse_update,
     rejected,
 )
+from .memory_writes import MAX_NAME_CHARS, MAX_NESTING, UpdateWriter, allowed, merge_patch
 
 __all__ = [
     "ADMIN_AGENT", "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "MAX_NAME_CHARS", "MAX_NESTING",
@@ -73,60 +72,11 @@ log = structlog.get_logger("watchkeeper.memory_store")
 
 EXPORT_FORMAT = "watchkeeper-memory"
 EXPORT_FORMAT_VERSION = 1
-MAX_NESTING = 64  # deeper values are malformed: merge and schema checks walk the tree
-MAX_NAME_CHARS = 512
-
-
-def allowed(agent_write_globs: Iterable[str], namespace: str) -> bool:
-    """True when `namespace` matches one of the agent's write globs (fnmatch, case-sensitive)."""
-    return any(fnmatchcase(namespace, glob) for glob in agent_write_globs)
 
 
 class PruneCounts(msgspec.Struct, frozen=True):
     history: int
     idempotency: int
-
-
-# -- value operations -----------------------------------------------------------------------------
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge-patch of `patch` onto `target` (inputs are not mutated)."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for name, member in patch.items():
-        if member is None:
-            result.pop(name, None)
-        else:
-            result[name] = merge_patch(result.get(name), member)
-    return result
-
-
-def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def _malformed(update: Update) -> str | None:
-    for field in ("namespace", "key"):
-        name = getattr(update, field)
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
-            return f"{field} must be a non-empty string of at most {MAX_NAME_CHARS} chars"
-        if any(ord(ch) < 32 for ch in name):
-            return f"{field} {name!r} contains control characters"
-    if update.op is not Op.DELETE and update.value is msgspec.UNSET:
-        return f"op {update.op} needs a value"
-    if update.expect_version is not None and update.expect_version < 0:
-        return f"expect_version must be >= 0 (0 = must not exist), got {update.expect_version}"
-    if update.value is not msgspec.UNSET and _too_deep(update.value):
-        return f"value nests deeper than {MAX_NESTING} levels"
-    return None
 
 
 class MemoryStore(ReadQueries):
@@ -170,94 +120,14 @@ class MemoryStore(ReadQueries):
         grants = grants or {}
         started = time.monotonic()
         with self._transaction():
-            now = self._clock()
-            results = [self._apply_checked(u, grants.get(u.agent, (u.agent,)), now)
+            now, writer = self._clock(), self._writer()
+            results = [writer.apply_checked(u, grants.get(u.agent, (u.agent,)), now)
                        for u in updates]
         applied = sum(r.ok for r in results)
         log.debug("batch_applied", updates=len(results), applied=applied,
                   rejected=len(results) - applied,
                   duration_ms=round((time.monotonic() - started) * 1000, 2))
         return results
-
-    def _apply_checked(self, update: Update, write_globs: Sequence[str], now: float) -> Result:
-        problem = _malformed(update)
-        if problem:
-            return rejected(update, Reason.MALFORMED, problem)
-        if not allowed(write_globs, update.namespace):
-            return rejected(update, Reason.FORBIDDEN,
-                            f"agent {update.agent!r} may not write namespace {update.namespace!r}; "
-                            f"allowed globs: {list(write_globs)}")
-        if update.idempotency_key is not None:
-            row = self._conn.execute("select result from idempotency where agent = ? and key = ?",
-                                     (update.agent, update.idempotency_key)).fetchone()
-            if row:
-                return msgspec.structs.replace(msgspec.json.decode(row[0], type=Result),
-                                               replayed=True)
-        result = self._apply(update, HistoryOp(update.op.value), now)
-        if result.ok and update.idempotency_key is not None:
-            self._conn.execute("insert into idempotency values (?, ?, ?, ?)",
-                               (update.agent, update.idempotency_key,
-                                msgspec.json.encode(result).decode(), now))
-        return result
-
-    def _apply(self, update: Update, history_op: HistoryOp, now: float) -> Result:
-        """Check and write one update inside the open transaction; nothing is written on reject."""
-        row = self._conn.execute("select value, version from entries where namespace = ? and key = ?",
-                                 (update.namespace, update.key)).fetchone()
-        old_text, counter = row if row else (None, 0)
-        current = counter if old_text is not None else 0
-        if update.expect_version is not None and update.expect_version != current:
-            return rejected(update, Reason.VERSION_CONFLICT,
-                            f"expected version {update.expect_version}, current is {current}",
-                            current_version=current)
-        if update.op is Op.DELETE and old_text is None:
-            return Result(status=Status.APPLIED, namespace=update.namespace, key=update.key,
-                          version=counter, detail="already absent")
-        old = decode_value(old_text)
-        new, problem = _new_value(update, old, old_text is not None)
-        if problem:
-            return rejected(update, Reason.MALFORMED, problem)
-        try:
-            new_text = None if update.op is Op.DELETE else encode_value(new)
-        except TypeError as exc:  # a Python caller passed a non-JSON value; agents cannot
-            return rejected(update, Reason.MALFORMED, f"value is not JSON: {exc}")
-        problem = self._limits_error(update.namespace, new_text, new)
-        if problem:
-            return rejected(update, *problem)
-        self._write(update.namespace, update.key, new_text, counter + 1, row is not None,
-                    update.agent, update.run_id, now)
-        self._conn.execute(INSERT_HISTORY, (
-            update.namespace, update.key, history_op.value, update.agent, update.run_id, now,
-            current or None, counter + 1, old_text, new_text))
-        return Result(status=Status.APPLIED, namespace=update.namespace, key=update.key,
-                      version=counter + 1)
-
-    def _limits_error(self, namespace: str, new_text: str | None,
-                      new: Any) -> tuple[Reason, str] | None:
-        if new_text is None:
-            return None
-        size = len(new_text.encode())
-        if size > self.settings.max_value_bytes:
-            return Reason.TOO_LARGE, (f"value is {size} bytes encoded; max_value_bytes is "
-                                      f"{self.settings.max_value_bytes}")
-        for glob, schema in self.settings.schemas.items():
-            if fnmatchcase(namespace, glob):
-                problem = schema_error(new, schema)
-                return (Reason.SCHEMA, f"schema {glob!r}: {problem}") if problem else None
-        return None
-
-    def _write(self, namespace: str, key: str, value: str | None, version: int, exists: bool,
-               agent: str, run_id: str, now: float) -> None:
-        if exists:
-            self._conn.execute(
-                "update entries set value = ?, version = ?, updated_at = ?, updated_by = ?, "
-                "run_id = ? where namespace = ? and key = ?",
-                (value, version, now, agent, run_id, namespace, key))
-        else:
-            self._conn.execute(
-                "insert into entries (namespace, key, value, version, updated_at, updated_by, "
-                "run_id) values (?, ?, ?, ?, ?, ?, ?)",
-                (namespace, key, value, version, now, agent, run_id))
 
     # -- administration ---------------------------------------------------------------------------
 
@@ -292,16 +162,16 @@ class MemoryStore(ReadQueries):
         later = self._conn.execute(
             f"select count(*) from history where namespace = ? and key = ? and seq > ? "
             f"and not ({where})", (namespace, key, first_seq, *params)).fetchone()[0]
+        value = decode_value(old_text) if old_text is not None else msgspec.UNSET
         target = Update(op=Op.DELETE if old_text is None else Op.PUT, namespace=namespace,
-                        key=key, value=decode_value(old_text) if old_text is not None else msgspec.UNSET,
-                        agent=ADMIN_AGENT, run_id=f"revert:{first_seq}")
+                        key=key, value=value, agent=ADMIN_AGENT, run_id=f"revert:{first_seq}")
         if later and not force:
             current = self.get(namespace, key)
             return rejected(target, Reason.VERSION_CONFLICT,
                             f"{later} later write(s) by others since seq {first_seq}; "
                             f"pass force=True to overwrite them",
                             current_version=current.version if current else 0)
-        result = self._apply(target, HistoryOp.REVERT, now)
+        result = self._writer().apply(target, HistoryOp.REVERT, now)
         log.info("memory_reverted", namespace=namespace, key=key, since_seq=first_seq,
                  status=result.status.value, version=result.version)
         return result
@@ -326,15 +196,14 @@ class MemoryStore(ReadQueries):
         doc = msgspec.convert(data, type=_ExportDoc)
         with self._transaction():
             now = self._clock()
+            writer = self._writer()
             for e in doc.entries:
-                row = self._conn.execute(
-                    "select value, version from entries where namespace = ? and key = ?",
-                    (e.namespace, e.key)).fetchone()
+                row = writer.stored(e.namespace, e.key)
                 old_text, counter = row if row else (None, 0)
                 version = max(e.version, counter + 1) if row else e.version
                 new_text = encode_value(e.value)
-                self._write(e.namespace, e.key, new_text, version, row is not None, e.updated_by,
-                            e.run_id, e.updated_at)
+                writer.write(e.namespace, e.key, new_text, version, row is not None, e.updated_by,
+                             e.run_id, e.updated_at)
                 self._conn.execute(INSERT_HISTORY, (
                     e.namespace, e.key, HistoryOp.IMPORT.value, ADMIN_AGENT, "import", now,
                     counter if old_text is not None else None, version, old_text, new_text))
@@ -355,6 +224,9 @@ class MemoryStore(ReadQueries):
     def _transaction(self) -> Transaction:
         return Transaction(self._conn)
 
+    def _writer(self) -> UpdateWriter:
+        return UpdateWriter(self._conn, self.settings)
+
 
 class _ExportEntry(Entry, forbid_unknown_fields=True):
     """An exported entry: Entry's fields, and an import refuses any other."""
@@ -370,19 +242,4 @@ class _ExportDoc(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"not a {EXPORT_FORMAT} v{EXPORT_FORMAT_VERSION} export: "
                              f"format={self.format!r} format_version={self.format_version}")
 
-
-def _new_value(update: Update, old: Any, exists: bool) -> tuple[Any, str | None]:
-    """The value an update produces from `old`, or a reason it cannot apply."""
-    if update.op is Op.PUT:
-        return update.value, None
-    if update.op is Op.MERGE:
-        return merge_patch(old if exists else None, update.value), None
-    if update.op is Op.APPEND:
-        if not exists:
-            return [update.value], None
-        if not isinstance(old, list):
-            return None, f"append needs a JSON list at {update.namespace}/{update.key}, " \
-                         f"found {json_type(old)}"
-        return [*old, update.value], None
-    return None, None
 

@@ -1,7 +1,7 @@
 """What an agent sends the memory store and what it gets back: updates and their results.
 
 The wire form an agent writes is checked here (`parse_update`); whether an update may apply is
-decided when the store writes it.
+decided when it is written (memory_writes).
 """
 
 from __future__ import annotations
