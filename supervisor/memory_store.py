@@ -19,6 +19,12 @@ Semantics, in one place:
   Rejections are not remembered: they wrote nothing, so evaluating a retry afresh is safe.
 - history is append-only (pruned only by age) and records old and new values, so `revert` can
   write the old values back as new, audited updates by `ADMIN_AGENT`.
+
+This module is the store itself: opening it, batches, revert, export/import and pruning. Its
+parts live beside it: memory_settings (the `[steward]` section and the JSON Schema subset),
+memory_sqlite (tables, connections, transactions), memory_updates (updates and results),
+memory_writes (checking and writing one update) and memory_reads (queries, `MemoryReader`).
+Their public names are importable from here.
 """
 
 from __future__ import annotations
