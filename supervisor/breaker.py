@@ -7,288 +7,70 @@ identical outputs, run launches, token or cost spend) trips the breaker: the dae
 run and sends the one alert carried by the `Trip` that the tripping call returns.
 
 Pure logic for the daemon's single-threaded loop: no threads, no I/O except the optional
-`persist` callback, which receives a JSON-able snapshot after every state change.
+`persist` callback, which receives a JSON-able snapshot after every state change. Windows are
+measured on `clock` (monotonic by default) so an NTP step cannot stretch or shrink a window
+while the daemon runs.
 
-Clocks: windows are measured on `clock` (monotonic by default) so an NTP step cannot stretch or
-shrink a window while the daemon runs. Monotonic time means nothing after a restart, so
-`snapshot()` converts every timestamp to `wall_clock` seconds and `restore()` converts them back
-by age: time the daemon was down counts as elapsed, and a wall clock that went backwards gives
-age zero, which errs towards keeping the brake on.
-
-Windows slide: each key keeps the timestamps of its newest `limit + 1` events, which is all a
-verdict needs, so memory per key is bounded by its limit and not by the event rate.
+This module is the state machine and the checks the loop calls; its parts live beside it:
+breaker_settings (the config section), breaker_states (states and transitions), breaker_rules
+(which limit applies, the verdicts), breaker_windows (sliding windows in bounded memory) and
+breaker_snapshot (persistence across restarts). Their public names are importable from here.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Any
 
-import msgspec
 import structlog
 
-from .hashing import blake2b
+from .breaker_rules import (
+    ALLOWED,
+    DENIED_OPEN,
+    Decision,
+    Rule,
+    Trip,
+    agent_budget,
+    content_hash,
+    counting_limit,
+    limit_text,
+)
+from .breaker_settings import (
+    AgentLimits,
+    BreakerSettings,
+    Count,
+    DuplicateLimit,
+    LaunchLimit,
+    OutputLimit,
+    Seconds,
+    SpendBudget,
+)
+from .breaker_snapshot import (
+    BreakerMemory,
+    SnapshotError,
+    dump_snapshot,
+    load_snapshot,
+    restore_snapshot,
+)
+from .breaker_states import TRANSITIONS, BreakerState, IllegalTransition
+from .breaker_windows import BreakerWindows, SpendWindow
+
+__all__ = [
+    "ALLOWED", "DENIED_OPEN", "TRANSITIONS", "AgentLimits", "Breaker", "BreakerSettings",
+    "BreakerState", "Count", "Decision", "DuplicateLimit", "IllegalTransition", "LaunchLimit",
+    "OutputLimit", "Rule", "Seconds", "SnapshotError", "SpendBudget", "Trip", "content_hash",
+]
 
 log = structlog.get_logger("watchkeeper.breaker")
 
-Count = Annotated[int, msgspec.Meta(ge=1)]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
 _SUMMARY_CHARS = 200
-_SPEND_GRAIN = 512  # a spend window holds at most this many merged entries (+1)
-
-
-class _Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    pass
-
-
-class OutputLimit(_Settings):
-    """At most `max_outputs` outputs in any `window_s` seconds."""
-
-    max_outputs: Count = 30
-    """Outputs allowed in the window; the next one trips the breaker."""
-    window_s: Seconds = 600.0
-    """Length of the sliding window."""
-
-
-class LaunchLimit(_Settings):
-    """At most `max_runs` run launches of one agent in any `window_s` seconds."""
-
-    max_runs: Count = 12
-    """Run launches of one agent allowed in the window."""
-    window_s: Seconds = 3600.0
-    """Length of the sliding window."""
-
-
-class DuplicateLimit(_Settings):
-    """One content hash may appear at most `max_repeats` times per agent in `window_s`."""
-
-    max_repeats: Count = 3
-    """Times the same content may be emitted in the window."""
-    window_s: Seconds = 3600.0
-    """Length of the sliding window."""
-
-
-class SpendBudget(_Settings):
-    """Token and cost budget per `window_s`; a budget left as None is not enforced."""
-
-    max_tokens: Count | None = None
-    """Tokens allowed in the window; null: not enforced."""
-    max_cost: Annotated[float, msgspec.Meta(gt=0)] | None = None
-    """Cost allowed in the window (the unit agents report); null: not enforced."""
-    window_s: Seconds = 3600.0
-    """Length of the sliding window."""
-
-
-class AgentLimits(_Settings):
-    """Per-agent overrides; a field left as None falls back to the global setting."""
-
-    outputs: OutputLimit | None = None
-    kinds: dict[str, OutputLimit] = {}
-    """Limits per output kind for this agent."""
-    launches: LaunchLimit | None = None
-    duplicates: DuplicateLimit | None = None
-    spend: SpendBudget | None = None
-
-
-class BreakerSettings(_Settings):
-    """The `[breaker]` config section.
-
-    `outputs` limits every agent's outputs of all kinds; `kinds` adds a limit on one kind of
-    output (e.g. `discord_post`) for every agent, which `agents.<name>.kinds` overrides. With
-    `auto_reset_after_s` unset only an operator closes the breaker; when set, an open breaker
-    turns HALF_OPEN after that long, lets each agent make `probe_outputs` outputs, re-trips on
-    the next one, and closes once `probe_window_s` passes without a trip.
-    """
-
-    outputs: OutputLimit = msgspec.field(default_factory=OutputLimit)
-    kinds: dict[str, OutputLimit] = {}
-    """Limits per output kind, for every agent."""
-    launches: LaunchLimit = msgspec.field(default_factory=LaunchLimit)
-    duplicates: DuplicateLimit = msgspec.field(default_factory=DuplicateLimit)
-    agent_spend: SpendBudget = msgspec.field(default_factory=SpendBudget)
-    pipeline_spend: SpendBudget = msgspec.field(default_factory=SpendBudget)
-    agents: dict[str, AgentLimits] = {}
-    """Per-agent overrides by agent name (an agent file's `limits:` wins)."""
-    auto_reset_after_s: Seconds | None = None
-    """Go half-open this long after a trip; null: only `watchkeeper breaker reset` closes it."""
-    probe_outputs: Count = 3
-    """Outputs each agent may make while half-open before it re-trips."""
-    probe_window_s: Seconds = 600.0
-    """Half-open closes after this long without a trip."""
-    summaries_kept: Count = 5
-    """Summaries of the last outputs kept per agent for the trip alert."""
-    max_tracked_hashes: Count = 4096
-    """Content hashes remembered per agent for the duplicate rule."""
-
-    def check_agents(self, known: Iterable[str]) -> None:
-        """Raise ValueError naming overrides for agents the config does not define."""
-        known = set(known)
-        unknown = sorted(set(self.agents) - known)
-        if unknown:
-            raise ValueError(
-                f"breaker.agents has overrides for unknown agent(s) {', '.join(unknown)}; "
-                f"defined agents are: {', '.join(sorted(known)) or '(none)'}"
-            )
-
-
-class BreakerState(enum.StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-TRANSITIONS: dict[BreakerState, frozenset[BreakerState]] = {
-    BreakerState.CLOSED: frozenset({BreakerState.OPEN}),
-    BreakerState.OPEN: frozenset({BreakerState.HALF_OPEN, BreakerState.CLOSED}),
-    BreakerState.HALF_OPEN: frozenset({BreakerState.OPEN, BreakerState.CLOSED}),
-}
-
-
-class Rule(enum.StrEnum):
-    """Which limit tripped the breaker."""
-
-    OUTPUTS = "outputs"
-    KIND_OUTPUTS = "kind_outputs"
-    DUPLICATES = "duplicates"
-    LAUNCHES = "launches"
-    AGENT_SPEND = "agent_spend"
-    PIPELINE_SPEND = "pipeline_spend"
-    PROBE = "probe"
-
-
-class IllegalTransition(RuntimeError):
-    pass
-
-
-class SnapshotError(ValueError):
-    pass
-
-
-class Trip(msgspec.Struct, frozen=True, kw_only=True):
-    """What tripped the breaker; returned once per trip so exactly one alert goes out."""
-
-    rule: Rule
-    agent: str
-    limit: str  # for people: "30 outputs in 600s"
-    count: int | float  # outputs, launches or repeats seen; tokens or cost for spend rules
-    window_s: float
-    summaries: list[str]  # the agent's last output summaries, oldest first
-    time: float  # wall-clock seconds since the epoch
-    kind: str | None = None
-
-
-class Decision(msgspec.Struct, frozen=True):
-    allowed: bool
-    reason: str = ""
-    trip: Trip | None = None  # set only on the one call that tripped the breaker
-
-
-ALLOWED = Decision(True)
-DENIED_OPEN = Decision(False, "breaker open")
-_NO_OVERRIDES = AgentLimits()
-
-
-class _Window:
-    """Timestamps of one key's newest `limit + 1` events, oldest first."""
-
-    __slots__ = ("limit", "window_s", "stamps")
-
-    def __init__(self, limit: int, window_s: float, stamps: Iterable[float] = ()) -> None:
-        self.limit, self.window_s = limit, window_s
-        self.stamps: deque[float] = deque(stamps, maxlen=limit + 1)
-
-    def fits(self, limit: int, window_s: float) -> bool:
-        return self.limit == limit and self.window_s == window_s
-
-    def prune(self, now: float) -> int:
-        cutoff, stamps = now - self.window_s, self.stamps
-        while stamps and stamps[0] <= cutoff:
-            stamps.popleft()
-        return len(stamps)
-
-    def add(self, now: float) -> int:
-        """Record one event and return how many fall in the window (capped at limit + 1)."""
-        self.stamps.append(now)
-        return self.prune(now)
-
-
-class _SpendWindow:
-    """Token and cost sums over a sliding window.
-
-    Reports closer together than window_s/512 merge into one entry that expires with its
-    newest report, so memory stays bounded and the sums can only over-count, never under-count.
-    """
-
-    __slots__ = ("window_s", "entries", "tokens", "cost")
-
-    def __init__(self, window_s: float, entries: Iterable[list[float]] = ()) -> None:
-        self.window_s = window_s
-        self.entries: deque[list[float]] = deque()  # [first_ts, last_ts, tokens, cost]
-        self.tokens, self.cost = 0, 0.0
-        for first, last, tokens, cost in entries:
-            self.entries.append([first, last, tokens, cost])
-            self.tokens += int(tokens)
-            self.cost += cost
-
-    def prune(self, now: float) -> None:
-        cutoff, entries = now - self.window_s, self.entries
-        while entries and entries[0][1] <= cutoff:
-            _, _, tokens, cost = entries.popleft()
-            self.tokens -= int(tokens)
-            self.cost -= cost
-        if not entries:
-            self.tokens, self.cost = 0, 0.0  # drop float drift from the subtractions
-
-    def add(self, now: float, tokens: int, cost: float) -> None:
-        self.prune(now)
-        last = self.entries[-1] if self.entries else None
-        if last is not None and now - last[0] < self.window_s / _SPEND_GRAIN:
-            last[1], last[2], last[3] = now, last[2] + tokens, last[3] + cost
-        else:
-            self.entries.append([now, now, tokens, cost])
-        self.tokens += tokens
-        self.cost += cost
-
-
-class _Snapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Persisted form; every timestamp is wall-clock seconds."""
-
-    version: int = 1
-    saved_at: float
-    state: BreakerState
-    since: float
-    last_trip: Trip | None = None
-    trips_total: int = 0
-    windows: list[tuple[Rule, str, str, list[float]]] = []  # rule, agent, kind, stamps
-    hashes: list[tuple[str, str, list[float]]] = []  # agent, hash, stamps; least recent first
-    spend: dict[str, list[list[float]]] = {}
-    pipeline_spend: list[list[float]] = []
-    summaries: dict[str, list[str]] = {}
-    probes: dict[str, int] = {}
-
-
-def content_hash(text: str) -> str:
-    """Hash for the duplicate rule; case and whitespace changes still count as the same post."""
-    normal = " ".join(text.casefold().split())
-    return blake2b(normal.encode(), digest_size=16).hexdigest()
 
 
 def _is_amount(value: object) -> bool:
     return (isinstance(value, int | float) and not isinstance(value, bool)
             and math.isfinite(value) and value >= 0)
-
-
-_NOUNS = {
-    Rule.OUTPUTS: "outputs",
-    Rule.KIND_OUTPUTS: "{kind} outputs",
-    Rule.DUPLICATES: "identical outputs",
-    Rule.LAUNCHES: "launches",
-    Rule.PROBE: "outputs while half-open",
-}
 
 
 class Breaker:
@@ -311,18 +93,12 @@ class Breaker:
         self._clear_windows()
 
     def _clear_windows(self) -> None:
-        self._windows: dict[tuple[str, str, str], _Window] = {}
-        self._hashes: OrderedDict[tuple[str, str], _Window] = OrderedDict()
-        self._spend: dict[str, _SpendWindow] = {}
-        self._pipeline_spend = _SpendWindow(self.settings.pipeline_spend.window_s)
-        self._summaries: dict[str, deque[str]] = {}
-        self._probes: dict[str, int] = {}
+        self._windows = BreakerWindows(self.settings.pipeline_spend.window_s)
 
     def apply_settings(self, settings: BreakerSettings) -> None:
         """Take new limits (config reload); windows adopt them on their next event."""
         self.settings = settings
-        for key, kept in list(self._summaries.items()):
-            self._summaries[key] = deque(kept, maxlen=settings.summaries_kept)
+        self._windows.keep_summaries(settings.summaries_kept)
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -353,11 +129,10 @@ class Breaker:
 
     def _trip(self, rule: Rule, agent: str, count: int | float, limit: int | float,
               window_s: float, now: float, kind: str | None = None, noun: str = "") -> Decision:
-        noun = noun or _NOUNS[rule].format(kind=kind)
         trip = Trip(
             rule=rule, agent=agent, kind=kind, count=count, window_s=window_s,
-            limit=f"{limit:g} {noun} in {window_s:g}s",
-            summaries=list(self._summaries.get(agent, ())), time=self._wall_clock(),
+            limit=limit_text(rule, limit, window_s, kind, noun),
+            summaries=list(self._windows.summaries.get(agent, ())), time=self._wall_clock(),
         )
         self.last_trip = trip
         self.trips_total += 1
@@ -377,14 +152,14 @@ class Breaker:
             return DENIED_OPEN
         now = self._now(now)
         s = self.settings
-        self._summaries.setdefault(agent, deque(maxlen=s.summaries_kept)).append(
-            f"[{kind}] {summary}"[:_SUMMARY_CHARS])
+        self._windows.remember_summary(agent, f"[{kind}] {summary}"[:_SUMMARY_CHARS],
+                                       s.summaries_kept)
         decision = (self._check(Rule.OUTPUTS, agent, "", now)
                     or self._check(Rule.KIND_OUTPUTS, agent, kind, now))
         if decision is None and content_hash is not None:
             decision = self._check_hash(agent, kind, content_hash, now)
         if decision is None and self.state is BreakerState.HALF_OPEN:
-            probes = self._probes[agent] = self._probes.get(agent, 0) + 1
+            probes = self._windows.count_probe(agent)
             if probes > s.probe_outputs:
                 decision = self._trip(Rule.PROBE, agent, probes, s.probe_outputs,
                                       s.probe_window_s, now)
@@ -403,22 +178,14 @@ class Breaker:
             return DENIED_OPEN
         now = self._now(now)
         tokens, cost = self._sane_usage(agent, tokens, cost)
-        over = self.settings.agents.get(agent, _NO_OVERRIDES)
-        budget = over.spend or self.settings.agent_spend
-        window = self._spend.get(agent)
-        if window is None or window.window_s != budget.window_s:
-            window = self._spend[agent] = _SpendWindow(budget.window_s,
-                                                       window.entries if window else ())
-        window.add(now, tokens, cost)
+        budget = agent_budget(self.settings, agent)
+        window = self._windows.add_spend(agent, budget.window_s, now, tokens, cost)
         decision = self._over_budget(Rule.AGENT_SPEND, agent, budget, window, now)
         if decision is not None:
             return decision
         budget = self.settings.pipeline_spend
-        if self._pipeline_spend.window_s != budget.window_s:
-            self._pipeline_spend = _SpendWindow(budget.window_s, self._pipeline_spend.entries)
-        self._pipeline_spend.add(now, tokens, cost)
-        return (self._over_budget(Rule.PIPELINE_SPEND, agent, budget, self._pipeline_spend, now)
-                or ALLOWED)
+        window = self._windows.add_pipeline_spend(budget.window_s, now, tokens, cost)
+        return self._over_budget(Rule.PIPELINE_SPEND, agent, budget, window, now) or ALLOWED
 
     def _sane_usage(self, agent: str, tokens: int, cost: float) -> tuple[int, float]:
         # Agents report these; a NaN would poison the running sum and disable the budget for good.
@@ -430,7 +197,7 @@ class Breaker:
             cost = 0.0
         return int(tokens), float(cost)
 
-    def _over_budget(self, rule: Rule, agent: str, budget: SpendBudget, window: _SpendWindow,
+    def _over_budget(self, rule: Rule, agent: str, budget: SpendBudget, window: SpendWindow,
                      now: float) -> Decision | None:
         if budget.max_tokens is not None and window.tokens > budget.max_tokens:
             return self._trip(rule, agent, window.tokens, budget.max_tokens, budget.window_s,
@@ -440,47 +207,20 @@ class Breaker:
                               budget.window_s, now, noun="cost")
         return None
 
-    def _limit(self, rule: Rule, agent: str, kind: str) -> tuple[int, float] | None:
-        """The (max events, window_s) that apply to one counting rule, or None if none does."""
-        s, over = self.settings, self.settings.agents.get(agent, _NO_OVERRIDES)
-        if rule is Rule.OUTPUTS:
-            out = over.outputs or s.outputs
-            return out.max_outputs, out.window_s
-        if rule is Rule.KIND_OUTPUTS:
-            out = over.kinds.get(kind) or s.kinds.get(kind)
-            return None if out is None else (out.max_outputs, out.window_s)
-        if rule is Rule.LAUNCHES:
-            runs = over.launches or s.launches
-            return runs.max_runs, runs.window_s
-        dup = over.duplicates or s.duplicates
-        return dup.max_repeats, dup.window_s
-
     def _check(self, rule: Rule, agent: str, kind: str, now: float) -> Decision | None:
-        limits = self._limit(rule, agent, kind)
+        limits = counting_limit(self.settings, rule, agent, kind)
         if limits is None:
             return None
-        key = (rule.value, agent, kind)
-        window = self._windows.get(key)
-        if window is None or not window.fits(*limits):
-            window = self._windows[key] = _Window(*limits, window.stamps if window else ())
-        count = window.add(now)
+        count = self._windows.count((rule.value, agent, kind), *limits, now)
         if count <= limits[0]:
             return None
         return self._trip(rule, agent, count, *limits, now, kind or None)
 
     def _check_hash(self, agent: str, kind: str, content_hash: str,
                     now: float) -> Decision | None:
-        limits = self._limit(Rule.DUPLICATES, agent, kind)
-        key, hashes = (agent, content_hash), self._hashes
-        window = hashes.pop(key, None)
-        if window is None or not window.fits(*limits):
-            window = _Window(*limits, window.stamps if window else ())
-        hashes[key] = window  # re-inserted last: the dict stays ordered by last sighting
-        # An agent emitting a stream of distinct outputs must not grow this without end; the
-        # output limit catches such a stream long before this cap drops a live hash.
-        while len(hashes) > self.settings.max_tracked_hashes:
-            hashes.popitem(last=False)
-        count = window.add(now)
+        limits = counting_limit(self.settings, Rule.DUPLICATES, agent, kind)
+        count = self._windows.count_hash((agent, content_hash), *limits, now,
+                                         self.settings.max_tracked_hashes)
         if count <= limits[0]:
             return None
         return self._trip(Rule.DUPLICATES, agent, count, *limits, now, kind)
@@ -499,7 +239,7 @@ class Breaker:
     def tick(self, now: float | None = None) -> BreakerState | None:
         """Run timed transitions and drop expired windows; returns the new state if it changed."""
         now = self._now(now)
-        self._sweep(now)
+        self._windows.sweep(now)
         s = self.settings
         if (self.state is BreakerState.OPEN and s.auto_reset_after_s is not None
                 and now - self.since >= s.auto_reset_after_s):
@@ -514,90 +254,23 @@ class Breaker:
             return self.state
         return None
 
-    def _sweep(self, now: float) -> None:
-        for table in (self._windows, self._hashes):
-            for key in [k for k, w in table.items() if w.prune(now) == 0]:
-                del table[key]
-        for window in (*self._spend.values(), self._pipeline_spend):
-            window.prune(now)
-        for agent in [a for a, w in self._spend.items() if not w.entries]:
-            del self._spend[agent]
-
     def memory_footprint(self) -> dict[str, int]:
         """Counts of tracked keys and stored timestamps, for metrics and the bounded-memory test."""
-        return {
-            "windows": len(self._windows),
-            "hashes": len(self._hashes),
-            "stamps": sum(len(w.stamps) for w in (*self._windows.values(),
-                                                  *self._hashes.values())),
-            "spend_entries": len(self._pipeline_spend.entries)
-            + sum(len(w.entries) for w in self._spend.values()),
-        }
+        return self._windows.footprint()
 
     # -- persistence ---------------------------------------------------------------------------
 
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """The breaker's state, trip record and windows as JSON-able builtins."""
-        now, wall = self._now(now), self._wall_clock()
-
-        def to_wall(t: float) -> float:
-            return wall - (now - t)
-
-        def spend(w: _SpendWindow) -> list[list[float]]:
-            return [[to_wall(a), to_wall(b), tok, cost] for a, b, tok, cost in w.entries]
-
-        snap = _Snapshot(
-            saved_at=wall, state=self.state, since=to_wall(self.since),
-            last_trip=self.last_trip, trips_total=self.trips_total,
-            windows=[(*k, [to_wall(t) for t in w.stamps]) for k, w in self._windows.items()],
-            hashes=[(*k, [to_wall(t) for t in w.stamps]) for k, w in self._hashes.items()],
-            spend={a: spend(w) for a, w in self._spend.items()},
-            pipeline_spend=spend(self._pipeline_spend),
-            summaries={a: list(q) for a, q in self._summaries.items()},
-            probes=dict(self._probes),
-        )
-        return msgspec.to_builtins(snap)
+        memory = BreakerMemory(self.state, self.since, self.last_trip, self.trips_total,
+                               self._windows)
+        return dump_snapshot(memory, now=self._now(now), wall=self._wall_clock())
 
     def restore(self, snapshot: dict[str, Any], now: float | None = None) -> None:
         """Adopt a snapshot from `snapshot()`, e.g. one saved before the daemon restarted."""
-        try:
-            snap = msgspec.convert(snapshot, _Snapshot)
-        except msgspec.ValidationError as err:
-            raise SnapshotError(f"breaker snapshot is invalid: {err}; expected the dict "
-                                "written by Breaker.snapshot()") from err
-        if snap.version != 1:
-            raise SnapshotError(f"breaker snapshot version {snap.version} is not supported; "
-                                "this daemon reads version 1")
-        now, wall = self._now(now), self._wall_clock()
-
-        def to_mono(t: float) -> float:
-            return now - max(0.0, wall - t)
-
-        self._clear_windows()
-        self.state, self.since = snap.state, to_mono(snap.since)
-        self.last_trip, self.trips_total = snap.last_trip, snap.trips_total
-        self._restore_windows(snap, to_mono)
-        self._summaries = {a: deque(q, maxlen=self.settings.summaries_kept)
-                           for a, q in snap.summaries.items()}
-        self._probes = dict(snap.probes)
+        snap = load_snapshot(snapshot)
+        memory = restore_snapshot(snap, self.settings, now=self._now(now),
+                                  wall=self._wall_clock())
+        self.state, self.since, self.last_trip, self.trips_total, self._windows = memory
         log.warning("breaker_restored", state=self.state.value, trips_total=self.trips_total,
                     last_trip_agent=self.last_trip.agent if self.last_trip else None)
-
-    def _restore_windows(self, snap: _Snapshot, to_mono: Callable[[float], float]) -> None:
-        # Limits come from the current settings, which may have changed while the daemon was down.
-        for rule, agent, kind, stamps in snap.windows:
-            limits = self._limit(rule, agent, kind)
-            if limits is not None:
-                self._windows[(rule.value, agent, kind)] = _Window(*limits, map(to_mono, stamps))
-        for agent, content_hash, stamps in snap.hashes:
-            limits = self._limit(Rule.DUPLICATES, agent, "")
-            self._hashes[(agent, content_hash)] = _Window(*limits, map(to_mono, stamps))
-
-        def spend(entries: list[list[float]], window_s: float) -> _SpendWindow:
-            return _SpendWindow(window_s, ([to_mono(a), to_mono(b), tok, cost]
-                                           for a, b, tok, cost in entries))
-
-        for agent, entries in snap.spend.items():
-            budget = self.settings.agents.get(agent, _NO_OVERRIDES).spend
-            self._spend[agent] = spend(entries, (budget or self.settings.agent_spend).window_s)
-        self._pipeline_spend = spend(snap.pipeline_spend, self.settings.pipeline_spend.window_s)

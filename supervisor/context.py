@@ -2,7 +2,7 @@
 
 Re-injecting the whole shared memory at every start was the biggest token bill; pulling relevant
 entries on demand cuts it. The ranking backend sits behind `RetrievalBackend`; the shipped one
-is SQLite FTS5 with BM25 over the index the store keeps in sync (see `memory_store._DDL`), so
+is SQLite FTS5 with BM25 over the index the store keeps in sync (see `memory_sqlite.DDL`), so
 nothing has to be downloaded or served at run time.
 
 Token estimate (stable, documented, model-independent): an entry is rendered by `render()` as
@@ -23,7 +23,8 @@ from typing import NamedTuple, Protocol
 import msgspec
 import structlog
 
-from supervisor.memory_store import StewardSettings, connect
+from supervisor.memory_settings import StewardSettings
+from supervisor.memory_sqlite import connect
 
 log = structlog.get_logger("watchkeeper.context")
 

@@ -19,266 +19,65 @@ Semantics, in one place:
   Rejections are not remembered: they wrote nothing, so evaluating a retry afresh is safe.
 - history is append-only (pruned only by age) and records old and new values, so `revert` can
   write the old values back as new, audited updates by `ADMIN_AGENT`.
+
+This module is the store itself: opening it, batches, revert, export/import and pruning. Its
+parts live beside it: memory_settings (the `[steward]` section and the JSON Schema subset),
+memory_sqlite (tables, connections, transactions), memory_updates (updates and results),
+memory_writes (checking and writing one update) and memory_reads (queries, `MemoryReader`).
+Their public names are importable from here.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from enum import StrEnum
-from fnmatch import fnmatchcase
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import structlog
 
+from .memory_reads import Entry, HistoryRecord, MemoryReader, ReadQueries, entry_from_row
+from .memory_settings import (
+    SCHEMA_KEYWORDS,
+    StewardSettings,
+    check_schema,
+    schema_error,
+)
+from .memory_sqlite import (
+    INSERT_HISTORY,
+    Transaction,
+    connect,
+    create_tables,
+    decode_value,
+    encode_value,
+)
+from .memory_updates import (
+    ADMIN_AGENT,
+    HistoryOp,
+    MalformedUpdate,
+    Op,
+    Reason,
+    Result,
+    Status,
+    Update,
+    parse_update,
+    rejected,
+)
+from .memory_writes import MAX_NAME_CHARS, MAX_NESTING, UpdateWriter, allowed, merge_patch
+
+__all__ = [
+    "ADMIN_AGENT", "EXPORT_FORMAT", "EXPORT_FORMAT_VERSION", "MAX_NAME_CHARS", "MAX_NESTING",
+    "SCHEMA_KEYWORDS", "Entry", "HistoryOp", "HistoryRecord", "MalformedUpdate", "MemoryReader",
+    "MemoryStore", "Op", "PruneCounts", "Reason", "Result", "Status", "StewardSettings", "Update",
+    "allowed", "check_schema", "connect", "merge_patch", "parse_update", "rejected",
+    "schema_error",
+]
+
 log = structlog.get_logger("watchkeeper.memory_store")
 
-ADMIN_AGENT = "watchkeeper-admin"
 EXPORT_FORMAT = "watchkeeper-memory"
 EXPORT_FORMAT_VERSION = 1
-MAX_NESTING = 64  # deeper values are malformed: merge and schema checks walk the tree
-MAX_NAME_CHARS = 512
-_SCHEMA_VERSION = 1
-
-
-class Op(StrEnum):
-    PUT = "put"
-    MERGE = "merge"
-    APPEND = "append"
-    DELETE = "delete"
-
-
-class HistoryOp(StrEnum):
-    """What a history record did: an agent's `Op`, or an administrative write."""
-
-    PUT = "put"
-    MERGE = "merge"
-    APPEND = "append"
-    DELETE = "delete"
-    REVERT = "revert"
-    IMPORT = "import"
-
-
-class Status(StrEnum):
-    APPLIED = "applied"
-    REJECTED = "rejected"
-
-
-class Reason(StrEnum):
-    VERSION_CONFLICT = "version_conflict"
-    TOO_LARGE = "too_large"
-    SCHEMA = "schema"
-    FORBIDDEN = "forbidden"
-    MALFORMED = "malformed"
-
-
-# -- settings -------------------------------------------------------------------------------------
-
-SCHEMA_KEYWORDS = frozenset(
-    {"type", "required", "properties", "additionalProperties", "items", "maxLength", "maxItems",
-     "enum"})
-_JSON_TYPES: dict[str, Callable[[Any], bool]] = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
-    or (isinstance(v, float) and v.is_integer()),
-}
-
-
-class StewardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """The `[steward]` config section.
-
-    `schemas` maps a namespace glob to a JSON Schema written in a small subset (see
-    `SCHEMA_KEYWORDS`); the first glob that matches a namespace applies. A subset keeps the
-    daemon free of the `jsonschema` dependency tree, and unknown keywords are refused at load
-    time rather than silently ignored.
-    """
-
-    db_file: str = "memory.sqlite3"
-    """File name of the steward's SQLite database in state_dir."""
-    max_value_bytes: int = 256 * 1024
-    """Largest JSON value one update may write."""
-    schemas: dict[str, dict[str, Any]] = {}
-    """JSON Schema (a subset) per namespace glob, checked on every write."""
-    history_retention_s: float = 30 * 86400.0
-    """History entries older than this are pruned."""
-    idempotency_ttl_s: float = 86400.0
-    """How long an idempotency key makes a retried update a no-op."""
-    busy_timeout_ms: int = 5000
-    """SQLite busy timeout for the steward's connections."""
-
-    def __post_init__(self) -> None:
-        if self.max_value_bytes <= 0:
-            raise ValueError(f"steward.max_value_bytes must be > 0, got {self.max_value_bytes}")
-        if "/" in self.db_file:
-            raise ValueError(f"steward.db_file must be a bare file name, got {self.db_file!r}")
-        for glob, schema in self.schemas.items():
-            check_schema(schema, where=f"steward.schemas[{glob!r}]")
-
-
-def check_schema(schema: Any, where: str) -> None:
-    """Raise ValueError if `schema` uses anything outside the supported subset."""
-    stack = [(schema, where)]
-    while stack:
-        node, at = stack.pop()
-        if not isinstance(node, dict):
-            raise ValueError(f"{at}: a schema must be an object, got {type(node).__name__}")
-        unknown = set(node) - SCHEMA_KEYWORDS
-        if unknown:
-            raise ValueError(f"{at}: unsupported keyword(s) {sorted(unknown)}; "
-                             f"supported: {sorted(SCHEMA_KEYWORDS)}")
-        types = node.get("type", [])
-        for name in [types] if isinstance(types, str) else types:
-            if name not in _JSON_TYPES:
-                raise ValueError(f"{at}.type: unknown type {name!r}; valid: {sorted(_JSON_TYPES)}")
-        stack.extend((sub, f"{at}.properties.{n}") for n, sub in node.get("properties", {}).items())
-        if "items" in node:
-            stack.append((node["items"], f"{at}.items"))
-        if isinstance(node.get("additionalProperties"), dict):
-            stack.append((node["additionalProperties"], f"{at}.additionalProperties"))
-
-
-def schema_error(value: Any, schema: dict[str, Any]) -> str | None:
-    """Return the first way `value` violates `schema` (subset), or None when it conforms."""
-    stack = [(value, schema, "$")]
-    while stack:
-        val, node, path = stack.pop()
-        problem = _node_error(val, node, path)
-        if problem:
-            return problem
-        if isinstance(val, dict):
-            props = node.get("properties", {})
-            extra = node.get("additionalProperties", True)
-            for name, member in val.items():
-                if name in props:
-                    stack.append((member, props[name], f"{path}.{name}"))
-                elif extra is False:
-                    return f"{path}: property {name!r} is not allowed; allowed: {sorted(props)}"
-                elif isinstance(extra, dict):
-                    stack.append((member, extra, f"{path}.{name}"))
-        if isinstance(val, list) and "items" in node:
-            stack.extend((item, node["items"], f"{path}[{i}]") for i, item in enumerate(val))
-    return None
-
-
-def _node_error(val: Any, node: dict[str, Any], path: str) -> str | None:
-    types = node.get("type")
-    if types is not None:
-        names = [types] if isinstance(types, str) else types
-        if not any(_JSON_TYPES[n](val) for n in names):
-            return f"{path}: expected {' or '.join(names)}, got {_json_type(val)}"
-    if "enum" in node and val not in node["enum"]:
-        return f"{path}: {val!r} is not one of {node['enum']}"
-    if isinstance(val, str) and len(val) > node.get("maxLength", len(val)):
-        return f"{path}: string of {len(val)} chars exceeds maxLength {node['maxLength']}"
-    if isinstance(val, list) and len(val) > node.get("maxItems", len(val)):
-        return f"{path}: array of {len(val)} items exceeds maxItems {node['maxItems']}"
-    if isinstance(val, dict):
-        missing = [name for name in node.get("required", []) if name not in val]
-        if missing:
-            return f"{path}: missing required property {missing[0]!r}"
-    return None
-
-
-def _json_type(val: Any) -> str:
-    return next(name for name, test in _JSON_TYPES.items() if name != "integer" and test(val))
-
-
-def allowed(agent_write_globs: Iterable[str], namespace: str) -> bool:
-    """True when `namespace` matches one of the agent's write globs (fnmatch, case-sensitive)."""
-    return any(fnmatchcase(namespace, glob) for glob in agent_write_globs)
-
-
-# -- messages -------------------------------------------------------------------------------------
-
-class _AgentUpdate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    # The wire form has no agent/run_id fields, so an agent that tries to set them is refused.
-    op: Op
-    namespace: str
-    key: str
-    value: Any = msgspec.UNSET
-    expect_version: int | None = None
-    idempotency_key: str | None = None
-
-
-class Update(_AgentUpdate, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """One write. `agent` and `run_id` are set by the daemon from the run, never by the agent."""
-
-    agent: str = ""
-    run_id: str = ""
-
-
-class MalformedUpdate(ValueError):
-    """An agent sent something that is not an update; the message says what would be valid."""
-
-
-def parse_update(payload: bytes | str | Mapping[str, Any], *, agent: str, run_id: str) -> Update:
-    """Decode an agent's update (JSON bytes/str or a decoded dict) and stamp agent and run_id."""
-    try:
-        if isinstance(payload, bytes | str):
-            wire = msgspec.json.decode(payload, type=_AgentUpdate)
-        else:
-            wire = msgspec.convert(payload, type=_AgentUpdate)
-    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
-        raise MalformedUpdate(f"bad update from agent {agent!r}: {exc}; expected "
-                              f"{{op: put|merge|append|delete, namespace, key, value?, "
-                              f"expect_version?, idempotency_key?}}") from exc
-    return Update(**msgspec.structs.asdict(wire), agent=agent, run_id=run_id)
-
-
-class Result(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
-    """The outcome of one update: applied with its new version, or rejected with a reason."""
-
-    status: Status
-    namespace: str = ""
-    key: str = ""
-    version: int | None = None
-    reason: Reason | None = None
-    current_version: int | None = None
-    detail: str = ""
-    replayed: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.status is Status.APPLIED
-
-
-def rejected(update: Update | None, reason: Reason, detail: str,
-             current_version: int | None = None) -> Result:
-    return Result(status=Status.REJECTED, namespace=update.namespace if update else "",
-                  key=update.key if update else "", reason=reason, detail=detail,
-                  current_version=current_version)
-
-
-class Entry(msgspec.Struct, kw_only=True, frozen=True):
-    namespace: str
-    key: str
-    value: Any
-    version: int
-    updated_at: float
-    updated_by: str
-    run_id: str
-
-
-class HistoryRecord(msgspec.Struct, kw_only=True, frozen=True):
-    seq: int
-    namespace: str
-    key: str
-    op: HistoryOp
-    agent: str
-    run_id: str
-    time: float
-    old_version: int | None
-    new_version: int | None
-    old_value: Any
-    new_value: Any
 
 
 class PruneCounts(msgspec.Struct, frozen=True):
@@ -286,189 +85,7 @@ class PruneCounts(msgspec.Struct, frozen=True):
     idempotency: int
 
 
-# -- value operations -----------------------------------------------------------------------------
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge-patch of `patch` onto `target` (inputs are not mutated)."""
-    if not isinstance(patch, dict):
-        return patch
-    result = dict(target) if isinstance(target, dict) else {}
-    for name, member in patch.items():
-        if member is None:
-            result.pop(name, None)
-        else:
-            result[name] = merge_patch(result.get(name), member)
-    return result
-
-
-def _too_deep(value: Any, limit: int = MAX_NESTING) -> bool:
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
-        stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def _malformed(update: Update) -> str | None:
-    for field in ("namespace", "key"):
-        name = getattr(update, field)
-        if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
-            return f"{field} must be a non-empty string of at most {MAX_NAME_CHARS} chars"
-        if any(ord(ch) < 32 for ch in name):
-            return f"{field} {name!r} contains control characters"
-    if update.op is not Op.DELETE and update.value is msgspec.UNSET:
-        return f"op {update.op} needs a value"
-    if update.expect_version is not None and update.expect_version < 0:
-        return f"expect_version must be >= 0 (0 = must not exist), got {update.expect_version}"
-    if update.value is not msgspec.UNSET and _too_deep(update.value):
-        return f"value nests deeper than {MAX_NESTING} levels"
-    return None
-
-
-def _encode(value: Any) -> str:
-    return msgspec.json.encode(value).decode()
-
-
-def _decode(text: str | None) -> Any:
-    return None if text is None else msgspec.json.decode(text)
-
-
-# -- SQLite ---------------------------------------------------------------------------------------
-
-_DDL = """
-create table if not exists entries (
-    id integer primary key,
-    namespace text not null,
-    key text not null,
-    value text,                -- JSON; NULL is a tombstone that keeps the version counter
-    version integer not null,
-    updated_at real not null,
-    updated_by text not null,
-    run_id text not null,
-    unique (namespace, key)
-);
-create table if not exists history (
-    seq integer primary key autoincrement,  -- autoincrement: pruned seqs are never reused
-    namespace text not null, key text not null, op text not null,
-    agent text not null, run_id text not null, time real not null,
-    old_version integer, new_version integer, old_value text, new_value text
-);
-create index if not exists history_by_key on history (namespace, key, seq);
-create index if not exists history_by_agent on history (agent, seq);
-create index if not exists history_by_run on history (run_id, seq);
-create index if not exists history_by_time on history (time);
-create table if not exists idempotency (
-    agent text not null, key text not null, result text not null, created_at real not null,
-    primary key (agent, key)
-) without rowid;
-create index if not exists idempotency_by_age on idempotency (created_at);
--- Full-text index for lazy context retrieval (supervisor/context.py). Triggers keep it in the
--- same transaction as every write path (apply, revert, import), so it can never drift.
-create virtual table if not exists entries_fts using fts5(
-    namespace, key, body, tokenize = 'porter unicode61'
-);
-create trigger if not exists entries_fts_insert after insert on entries
-when new.value is not null begin
-    insert into entries_fts (rowid, namespace, key, body) values (new.id, new.namespace, new.key,
-        (select group_concat(value, ' ') from json_tree(new.value) where type = 'text'));
-end;
-create trigger if not exists entries_fts_update after update of value on entries begin
-    delete from entries_fts where rowid = old.id;
-    insert into entries_fts (rowid, namespace, key, body)
-        select new.id, new.namespace, new.key,
-            (select group_concat(value, ' ') from json_tree(new.value) where type = 'text')
-        where new.value is not null;
-end;
-create trigger if not exists entries_fts_delete after delete on entries begin
-    delete from entries_fts where rowid = old.id;
-end;
-"""
-
-
-def connect(path: Path, settings: StewardSettings, *, readonly: bool = False) -> sqlite3.Connection:
-    """Open a connection with the store's pragmas; readers get a read-only one."""
-    if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute("pragma query_only = on")
-    else:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("pragma journal_mode = wal")
-        # WAL + synchronous=FULL fsyncs the WAL at every commit, so a commit that returned
-        # survives power loss and kernel panics, not only a killed process (NORMAL would lose the
-        # last commits on power loss). The daemon acknowledges an update only after commit, and
-        # group commit spreads that one fsync over every update of the loop turn.
-        conn.execute("pragma synchronous = full")
-    conn.execute(f"pragma busy_timeout = {int(settings.busy_timeout_ms)}")
-    return conn
-
-
-class _Reads:
-    """Read queries shared by the writer (`MemoryStore`) and concurrent `MemoryReader`s."""
-
-    _conn: sqlite3.Connection
-
-    def get(self, namespace: str, key: str) -> Entry | None:
-        row = self._conn.execute(
-            "select namespace, key, value, version, updated_at, updated_by, run_id from entries "
-            "where namespace = ? and key = ? and value is not null", (namespace, key)).fetchone()
-        return _entry(row) if row else None
-
-    def list(self, namespace: str, prefix: str = "") -> list[Entry]:
-        """Live entries of `namespace` whose key starts with `prefix`, in key order."""
-        # A range on the unique index instead of LIKE/GLOB, so '%', '_' or '*' in a prefix are
-        # literal characters.
-        rows = self._conn.execute(
-            "select namespace, key, value, version, updated_at, updated_by, run_id from entries "
-            "where namespace = ? and key >= ? and key < ? and value is not null order by key",
-            (namespace, prefix, prefix + "\U0010ffff")).fetchall()
-        return [_entry(row) for row in rows]
-
-    def history(self, namespace: str | None = None, key: str | None = None,
-                agent: str | None = None, run_id: str | None = None,
-                limit: int = 100) -> list[HistoryRecord]:
-        """History records matching every given filter, newest first."""
-        filters = {"namespace": namespace, "key": key, "agent": agent, "run_id": run_id}
-        where = [f"{column} = ?" for column, wanted in filters.items() if wanted is not None]
-        params = [wanted for wanted in filters.values() if wanted is not None]
-        sql = (f"select {_HISTORY_COLUMNS} from history "
-               f"{'where ' + ' and '.join(where) if where else ''} order by seq desc limit ?")
-        return [_history(row) for row in self._conn.execute(sql, (*params, limit))]
-
-    def close(self) -> None:
-        self._conn.close()
-
-
-_HISTORY_COLUMNS = ("seq, namespace, key, op, agent, run_id, time, old_version, new_version, "
-                    "old_value, new_value")
-
-
-def _entry(row: tuple) -> Entry:
-    ns, key, value, version, updated_at, updated_by, run_id = row
-    return Entry(namespace=ns, key=key, value=_decode(value), version=version,
-                 updated_at=updated_at, updated_by=updated_by, run_id=run_id)
-
-
-def _history(row: tuple) -> HistoryRecord:
-    seq, ns, key, op, agent, run_id, at, old_v, new_v, old_value, new_value = row
-    return HistoryRecord(seq=seq, namespace=ns, key=key, op=HistoryOp(op), agent=agent,
-                         run_id=run_id, time=at, old_version=old_v, new_version=new_v,
-                         old_value=_decode(old_value), new_value=_decode(new_value))
-
-
-class MemoryReader(_Reads):
-    """A read-only connection for concurrent readers (WAL lets them run beside the writer)."""
-
-    def __init__(self, path: Path, settings: StewardSettings | None = None) -> None:
-        self.path = Path(path)
-        self._conn = connect(self.path, settings or StewardSettings(), readonly=True)
-
-
-
-class MemoryStore(_Reads):
+class MemoryStore(ReadQueries):
     """The single writer of shared agent memory: one SQLite file under the state dir.
 
     `clock` gives wall-clock seconds for records (updated_at, history time, pruning ages).
@@ -480,9 +97,7 @@ class MemoryStore(_Reads):
         self.path = Path(state_dir) / self.settings.db_file
         self._clock = clock
         self._conn = connect(self.path, self.settings)
-        # One script in one transaction: several processes may open the same file at once.
-        self._conn.executescript(
-            f"begin immediate; {_DDL} pragma user_version = {_SCHEMA_VERSION}; commit;")
+        create_tables(self._conn)
 
     def integrity_check(self) -> str:
         """SQLite's `pragma integrity_check`: "ok", or the problems it found, one per line."""
@@ -511,96 +126,14 @@ class MemoryStore(_Reads):
         grants = grants or {}
         started = time.monotonic()
         with self._transaction():
-            now = self._clock()
-            results = [self._apply_checked(u, grants.get(u.agent, (u.agent,)), now)
+            now, writer = self._clock(), self._writer()
+            results = [writer.apply_checked(u, grants.get(u.agent, (u.agent,)), now)
                        for u in updates]
         applied = sum(r.ok for r in results)
         log.debug("batch_applied", updates=len(results), applied=applied,
                   rejected=len(results) - applied,
                   duration_ms=round((time.monotonic() - started) * 1000, 2))
         return results
-
-    def _apply_checked(self, update: Update, write_globs: Sequence[str], now: float) -> Result:
-        problem = _malformed(update)
-        if problem:
-            return rejected(update, Reason.MALFORMED, problem)
-        if not allowed(write_globs, update.namespace):
-            return rejected(update, Reason.FORBIDDEN,
-                            f"agent {update.agent!r} may not write namespace {update.namespace!r}; "
-                            f"allowed globs: {list(write_globs)}")
-        if update.idempotency_key is not None:
-            row = self._conn.execute("select result from idempotency where agent = ? and key = ?",
-                                     (update.agent, update.idempotency_key)).fetchone()
-            if row:
-                return msgspec.structs.replace(msgspec.json.decode(row[0], type=Result),
-                                               replayed=True)
-        result = self._apply(update, HistoryOp(update.op.value), now)
-        if result.ok and update.idempotency_key is not None:
-            self._conn.execute("insert into idempotency values (?, ?, ?, ?)",
-                               (update.agent, update.idempotency_key,
-                                msgspec.json.encode(result).decode(), now))
-        return result
-
-    def _apply(self, update: Update, history_op: HistoryOp, now: float) -> Result:
-        """Check and write one update inside the open transaction; nothing is written on reject."""
-        row = self._conn.execute("select value, version from entries where namespace = ? and key = ?",
-                                 (update.namespace, update.key)).fetchone()
-        old_text, counter = row if row else (None, 0)
-        current = counter if old_text is not None else 0
-        if update.expect_version is not None and update.expect_version != current:
-            return rejected(update, Reason.VERSION_CONFLICT,
-                            f"expected version {update.expect_version}, current is {current}",
-                            current_version=current)
-        if update.op is Op.DELETE and old_text is None:
-            return Result(status=Status.APPLIED, namespace=update.namespace, key=update.key,
-                          version=counter, detail="already absent")
-        old = _decode(old_text)
-        new, problem = _new_value(update, old, old_text is not None)
-        if problem:
-            return rejected(update, Reason.MALFORMED, problem)
-        try:
-            new_text = None if update.op is Op.DELETE else _encode(new)
-        except TypeError as exc:  # a Python caller passed a non-JSON value; agents cannot
-            return rejected(update, Reason.MALFORMED, f"value is not JSON: {exc}")
-        problem = self._limits_error(update.namespace, new_text, new)
-        if problem:
-            return rejected(update, *problem)
-        self._write(update.namespace, update.key, new_text, counter + 1, row is not None,
-                    update.agent, update.run_id, now)
-        self._conn.execute(
-            "insert into history (namespace, key, op, agent, run_id, time, old_version, "
-            "new_version, old_value, new_value) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (update.namespace, update.key, history_op.value, update.agent, update.run_id, now,
-             current or None, counter + 1, old_text, new_text))
-        return Result(status=Status.APPLIED, namespace=update.namespace, key=update.key,
-                      version=counter + 1)
-
-    def _limits_error(self, namespace: str, new_text: str | None,
-                      new: Any) -> tuple[Reason, str] | None:
-        if new_text is None:
-            return None
-        size = len(new_text.encode())
-        if size > self.settings.max_value_bytes:
-            return Reason.TOO_LARGE, (f"value is {size} bytes encoded; max_value_bytes is "
-                                      f"{self.settings.max_value_bytes}")
-        for glob, schema in self.settings.schemas.items():
-            if fnmatchcase(namespace, glob):
-                problem = schema_error(new, schema)
-                return (Reason.SCHEMA, f"schema {glob!r}: {problem}") if problem else None
-        return None
-
-    def _write(self, namespace: str, key: str, value: str | None, version: int, exists: bool,
-               agent: str, run_id: str, now: float) -> None:
-        if exists:
-            self._conn.execute(
-                "update entries set value = ?, version = ?, updated_at = ?, updated_by = ?, "
-                "run_id = ? where namespace = ? and key = ?",
-                (value, version, now, agent, run_id, namespace, key))
-        else:
-            self._conn.execute(
-                "insert into entries (namespace, key, value, version, updated_at, updated_by, "
-                "run_id) values (?, ?, ?, ?, ?, ?, ?)",
-                (namespace, key, value, version, now, agent, run_id))
 
     # -- administration ---------------------------------------------------------------------------
 
@@ -635,16 +168,16 @@ class MemoryStore(_Reads):
         later = self._conn.execute(
             f"select count(*) from history where namespace = ? and key = ? and seq > ? "
             f"and not ({where})", (namespace, key, first_seq, *params)).fetchone()[0]
+        value = decode_value(old_text) if old_text is not None else msgspec.UNSET
         target = Update(op=Op.DELETE if old_text is None else Op.PUT, namespace=namespace,
-                        key=key, value=_decode(old_text) if old_text is not None else msgspec.UNSET,
-                        agent=ADMIN_AGENT, run_id=f"revert:{first_seq}")
+                        key=key, value=value, agent=ADMIN_AGENT, run_id=f"revert:{first_seq}")
         if later and not force:
             current = self.get(namespace, key)
             return rejected(target, Reason.VERSION_CONFLICT,
                             f"{later} later write(s) by others since seq {first_seq}; "
                             f"pass force=True to overwrite them",
                             current_version=current.version if current else 0)
-        result = self._apply(target, HistoryOp.REVERT, now)
+        result = self._writer().apply(target, HistoryOp.REVERT, now)
         log.info("memory_reverted", namespace=namespace, key=key, since_seq=first_seq,
                  status=result.status.value, version=result.version)
         return result
@@ -656,7 +189,7 @@ class MemoryStore(_Reads):
             "where value is not null order by namespace, key").fetchall()
         return {"format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
                 "exported_at": self._clock(),
-                "entries": [msgspec.to_builtins(_entry(row)) for row in entries]}
+                "entries": [msgspec.to_builtins(entry_from_row(row)) for row in entries]}
 
     def import_(self, data: Mapping[str, Any]) -> int:
         """Restore entries from `export()` output; returns how many were written.
@@ -669,20 +202,17 @@ class MemoryStore(_Reads):
         doc = msgspec.convert(data, type=_ExportDoc)
         with self._transaction():
             now = self._clock()
+            writer = self._writer()
             for e in doc.entries:
-                row = self._conn.execute(
-                    "select value, version from entries where namespace = ? and key = ?",
-                    (e.namespace, e.key)).fetchone()
+                row = writer.stored(e.namespace, e.key)
                 old_text, counter = row if row else (None, 0)
                 version = max(e.version, counter + 1) if row else e.version
-                new_text = _encode(e.value)
-                self._write(e.namespace, e.key, new_text, version, row is not None, e.updated_by,
-                            e.run_id, e.updated_at)
-                self._conn.execute(
-                    "insert into history (namespace, key, op, agent, run_id, time, old_version, "
-                    "new_version, old_value, new_value) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (e.namespace, e.key, HistoryOp.IMPORT.value, ADMIN_AGENT, "import", now,
-                     counter if old_text is not None else None, version, old_text, new_text))
+                new_text = encode_value(e.value)
+                writer.write(e.namespace, e.key, new_text, version, row is not None, e.updated_by,
+                             e.run_id, e.updated_at)
+                self._conn.execute(INSERT_HISTORY, (
+                    e.namespace, e.key, HistoryOp.IMPORT.value, ADMIN_AGENT, "import", now,
+                    counter if old_text is not None else None, version, old_text, new_text))
         log.info("memory_imported", entries=len(doc.entries))
         return len(doc.entries)
 
@@ -697,44 +227,15 @@ class MemoryStore(_Reads):
         log.info("memory_pruned", history=history, idempotency=keys)
         return PruneCounts(history=history, idempotency=keys)
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn)
+    def _transaction(self) -> Transaction:
+        return Transaction(self._conn)
+
+    def _writer(self) -> UpdateWriter:
+        return UpdateWriter(self._conn, self.settings)
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception.
-
-    IMMEDIATE takes the write lock up front, so a second writer waits on busy_timeout at BEGIN
-    instead of failing with SQLITE_BUSY halfway through a read-then-write.
-    """
-
-    __slots__ = ("_conn",)
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self._conn = conn
-
-    def __enter__(self) -> None:
-        self._conn.execute("begin immediate")
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        try:
-            if exc_type is None:
-                self._conn.execute("commit")
-        finally:
-            # A failed COMMIT (disk full, I/O error) may leave the transaction open; without
-            # this rollback every later BEGIN would fail with "transaction within transaction".
-            if self._conn.in_transaction:
-                self._conn.execute("rollback")
-
-
-class _ExportEntry(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    namespace: str
-    key: str
-    value: Any
-    version: int
-    updated_at: float
-    updated_by: str
-    run_id: str
+class _ExportEntry(Entry, forbid_unknown_fields=True):
+    """An exported entry: Entry's fields, and an import refuses any other."""
 
 
 class _ExportDoc(msgspec.Struct, kw_only=True, frozen=True):
@@ -747,19 +248,4 @@ class _ExportDoc(msgspec.Struct, kw_only=True, frozen=True):
             raise ValueError(f"not a {EXPORT_FORMAT} v{EXPORT_FORMAT_VERSION} export: "
                              f"format={self.format!r} format_version={self.format_version}")
 
-
-def _new_value(update: Update, old: Any, exists: bool) -> tuple[Any, str | None]:
-    """The value an update produces from `old`, or a reason it cannot apply."""
-    if update.op is Op.PUT:
-        return update.value, None
-    if update.op is Op.MERGE:
-        return merge_patch(old if exists else None, update.value), None
-    if update.op is Op.APPEND:
-        if not exists:
-            return [update.value], None
-        if not isinstance(old, list):
-            return None, f"append needs a JSON list at {update.namespace}/{update.key}, " \
-                         f"found {_json_type(old)}"
-        return [*old, update.value], None
-    return None, None
 

@@ -22,7 +22,9 @@ from typing import Any
 import psycopg
 
 from ..context import Candidate
-from ..memory_store import Entry, MemoryStore, StewardSettings, _entry
+from ..memory_reads import Entry, entry_from_row
+from ..memory_settings import StewardSettings
+from ..memory_store import MemoryStore
 from .db import STEWARD_LOCK, Database
 
 
@@ -66,7 +68,7 @@ class PgMemoryStore(MemoryStore):
             "select namespace, key, value, version, updated_at, updated_by, run_id from entries "
             "where namespace = ? and starts_with(key, ?) and value is not null order by key",
             (namespace, prefix)).fetchall()
-        return [_entry(row) for row in rows]
+        return [entry_from_row(row) for row in rows]
 
     @contextlib.contextmanager
     def _transaction(self):
