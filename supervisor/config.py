@@ -146,7 +146,8 @@ class AgentSpec(_Section, kw_only=True):
 
 class LockSettings(_Section, kw_only=True):
     stale_after_s: float = 1800.0
-    """A lock older than this is removed even when its owner cannot be proved dead."""
+    """A lock, or a temporary file an interrupted acquire left, older than this is removed
+    even when its owner cannot be proved dead."""
     check_interval_s: float = 30.0
     """How often the watchdog looks for stale locks."""
 
