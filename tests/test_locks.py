@@ -256,6 +256,11 @@ def test_breaking_stale_locks_never_admits_two_holders(tmp_path):
     """Contenders that acquire, break dead owners' locks and release concurrently are never
     inside the critical section together."""
     inside = tmp_path / "inside"
+    # One holder dies holding the lock before any contender starts, so some lock is surely
+    # broken: the dying holders below can all lose their one try to busy contenders.
+    subprocess.run([sys.executable, "-c", DYING_HOLDER, str(tmp_path), "1"], timeout=60,
+                   check=True)
+    assert [(task, held) for task, _, held in locks.list_locks(tmp_path)] == [("hot", False)]
     procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(tmp_path), str(inside), "400"],
                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
     # Holders that die with the lock held make the contenders break locks all the time.
