@@ -84,7 +84,8 @@ class Job(_Section, kw_only=True):
     cwd: str | None = None
     """Working directory, relative to working_dir; default working_dir."""
     env: dict[str, str] = {}
-    """Extra environment variables for the run."""
+    """Extra environment variables for the run; names are non-empty without '=', and no
+    name or value holds a NUL byte."""
     schedule: Schedule
     jitter_s: float = 0.0
     """Random delay added to each scheduled firing, spreading load."""
