@@ -83,9 +83,17 @@ class _Document:
         self.lines: dict[str, int] = {}
         self.data = None
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as exc:
             issues.append(ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}"))
+            return
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError as exc:
+            # Raised past ConfigError, this left a reloading daemon stuck in `reloading`.
+            issues.append(ConfigIssue(str(path), raw.count(b"\n", 0, exc.start) + 1, DOCUMENT,
+                                      f"byte {raw[exc.start]:#04x} is not UTF-8 (YAML files "
+                                      "are UTF-8 text)"))
             return
         try:
             node, self.data = _parse(text)

@@ -166,6 +166,15 @@ def test_spawn_inputs_exec_cannot_take_are_errors(tmp_path):
     assert not any("s3cr" in f for f in found)
 
 
+def test_file_that_is_not_utf8_names_the_line(tmp_path):
+    """A file with bytes that are not UTF-8 is an error naming its line, not a crash."""
+    path = write(tmp_path, "state_dir: st\n", {})
+    (tmp_path / "agents.d" / "a.yaml").write_bytes(b"jobs:\n  - id: main\n"
+                                                   b"    command: [x, \"\xff\"]\n")
+    assert issues(path) == [f"{tmp_path}/agents.d/a.yaml:3: (document): byte 0xff is not UTF-8 "
+                            "(YAML files are UTF-8 text)"]
+
+
 def test_check_config_cli_prints_every_error_and_exits_nonzero(tmp_path):
     """`watchkeeper check-config` prints each error on its own line and exits 1."""
     path = write(tmp_path, "state_dir: st\nbogus: 1\n", {"a": "jobs: []\n"})
