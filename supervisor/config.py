@@ -84,7 +84,8 @@ class Job(_Section, kw_only=True):
     cwd: str | None = None
     """Working directory, relative to working_dir; default working_dir."""
     env: dict[str, str] = {}
-    """Extra environment variables for the run."""
+    """Extra environment variables for the run; names are non-empty without '=', and no
+    name or value holds a NUL byte."""
     schedule: Schedule
     jitter_s: float = 0.0
     """Random delay added to each scheduled firing, spreading load."""
@@ -146,7 +147,8 @@ class AgentSpec(_Section, kw_only=True):
 
 class LockSettings(_Section, kw_only=True):
     stale_after_s: float = 1800.0
-    """A lock older than this is removed even when its owner cannot be proved dead."""
+    """A lock, or a temporary file an interrupted acquire left, older than this is removed
+    even when its owner cannot be proved dead."""
     check_interval_s: float = 30.0
     """How often the watchdog looks for stale locks."""
 

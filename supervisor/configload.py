@@ -24,6 +24,8 @@ CONFIG_ENV = "WATCHKEEPER_CONFIG"
 # The field named by problems of a whole file (bad YAML, empty, not a mapping), so that every
 # issue reads `file:line: field: problem`.
 DOCUMENT = "(document)"
+# exec takes C strings, which end at the first NUL: no path, argument or variable can hold one.
+NUL = "contains a NUL byte"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +82,17 @@ class _Document:
         self.lines: dict[str, int] = {}
         self.data = None
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as exc:
             issues.append(ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}"))
+            return
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError as exc:
+            # Raised past ConfigError, this left a reloading daemon stuck in `reloading`.
+            issues.append(ConfigIssue(str(path), raw.count(b"\n", 0, exc.start) + 1, DOCUMENT,
+                                      f"byte {raw[exc.start]:#04x} is not UTF-8 (YAML files "
+                                      "are UTF-8 text)"))
             return
         try:
             node, self.data = _parse(text)
@@ -123,8 +133,10 @@ class _Document:
             field = parent
         return self.lines.get("", 1)
 
-    def issue(self, field: str, message: str) -> ConfigIssue:
-        return ConfigIssue(str(self.path), self.line_of(field), field, message)
+    def issue(self, field: str, message: str, line_of: str | None = None) -> ConfigIssue:
+        """The issue of `field`, on the line of `line_of` when given (a mapping's key that is
+        reported as the mapping's problem)."""
+        return ConfigIssue(str(self.path), self.line_of(line_of or field), field, message)
 
 
 _MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -225,6 +237,7 @@ def _check_job(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> 
     if isinstance(job.command, list) and not job.command:
         issues.append(doc.issue(f"{at}.command", "the argv list is empty"))
     _check_schedule(doc, job, f"{at}.schedule", issues)
+    _check_spawn_inputs(doc, job, at, issues)
     for name, value in (("jitter_s", job.jitter_s), ("misfire_grace_s", job.misfire_grace_s),
                         ("timeout_s", job.timeout_s), ("stop_grace_s", job.stop_grace_s)):
         if value is not None and value < 0:
@@ -233,6 +246,28 @@ def _check_job(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> 
         issues.append(doc.issue(f"{at}.retries.max_attempts", "must be >= 0"))
     if not 0 <= job.retries.jitter <= 1:
         issues.append(doc.issue(f"{at}.retries.jitter", "must be between 0 and 1"))
+
+
+def _check_spawn_inputs(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
+    """What exec cannot be given is refused here: a NUL ends a C string, and the variable
+    name ends at the first '='. Before, such a job loaded and every run of it raised
+    "embedded null byte" at spawn. Messages name keys, never values: env holds secrets."""
+    argv = [job.command] if isinstance(job.command, str) else job.command
+    for index, arg in enumerate(argv):
+        if "\0" in arg:
+            where = f"{at}.command" if isinstance(job.command, str) else f"{at}.command[{index}]"
+            issues.append(doc.issue(where, f"{NUL} (an argument cannot hold one)"))
+    if job.cwd is not None and "\0" in job.cwd:
+        issues.append(doc.issue(f"{at}.cwd", f"{NUL} (not a valid path)"))
+    for key, value in job.env.items():
+        problem = ("is empty" if not key else NUL if "\0" in key
+                   else "contains '='" if "=" in key else None)
+        if problem:
+            issues.append(doc.issue(f"{at}.env", f"key {key!r} {problem} (a variable name is "
+                                    "a non-empty string without '=' or NUL)", f"{at}.env.{key}"))
+        elif "\0" in value:
+            issues.append(doc.issue(f"{at}.env.{key}", f"the value {NUL} (an environment "
+                                    "value cannot hold one)"))
 
 
 def _check_schedule(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
@@ -355,7 +390,7 @@ def load_config(path: Path | str | None = None) -> Config:
         paths_ok = True
         for field in ("state_dir", "agents_dir", "working_dir", "control_socket"):
             if "\0" in (getattr(settings, field) or ""):
-                issues.append(doc.issue(field, "contains a NUL byte (not a valid path)"))
+                issues.append(doc.issue(field, f"{NUL} (not a valid path)"))
                 paths_ok = False
         if not paths_ok:
             raise ConfigError(issues)

@@ -10,6 +10,12 @@ Two races are closed here (lock libraries have had both):
   into place, so nobody can see a lock file that is not yet flocked and take it for stale.
 - Breakers hold `tasks/.breaker` exclusively and break a lock only while the path still
   names the inode they inspected, so a breaker never unlinks a newer holder's file.
+
+An acquirer killed inside acquire() leaves its temporary file behind. The breaker removes it
+at once when the pid in its name is provably no longer that acquirer (no such process, a
+zombie, or a process started after the file was written) and no flock is on it; otherwise
+once it is older than the staleness limit. A file still flocked is never removed: its owner
+is between flock() and the link(), which would fail without it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import socket
 import time
 from pathlib import Path
 
+import psutil
 import structlog
 
 from .errors import LockBusy
@@ -32,6 +39,11 @@ from .errors import LockBusy
 log = structlog.get_logger("watchkeeper.locks")
 
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# `.{task_id}.{pid}.{random}.tmp`, the name acquire() gives a lock file before its link().
+TEMP_RE = re.compile(r"^\.(?P<task>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+# A process's start time is known to about a second (/proc/stat's boot time is whole
+# seconds): only a start later than a file's time by more than this proves another process.
+PID_START_SLACK_S = 2.0
 
 
 def validate_task_id(task_id: str) -> str:
@@ -92,6 +104,10 @@ def lock_path(state_dir: Path, task_id: str) -> Path:
     return Path(state_dir) / "tasks" / f"{validate_task_id(task_id)}.lock"
 
 
+def temp_name(task_id: str, pid: int) -> str:
+    return f".{task_id}.{pid}.{os.urandom(4).hex()}.tmp"
+
+
 def acquire(state_dir: Path, task_id: str, *, agent: str = "", run_id: str = "",
             pid: int | None = None) -> HeldLock:
     """Take the lock or raise LockBusy naming its holder."""
@@ -99,7 +115,7 @@ def acquire(state_dir: Path, task_id: str, *, agent: str = "", run_id: str = "",
     path.parent.mkdir(parents=True, exist_ok=True)
     owner = LockOwner(pid=pid or os.getpid(), host=socket.gethostname(), run_id=run_id,
                       agent=agent, started=time.time())
-    tmp = path.parent / f".{task_id}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    tmp = path.parent / temp_name(task_id, os.getpid())
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -141,10 +157,12 @@ class BrokenLock:
     owner: LockOwner | None
     reason: str  # "owner_dead" or "stale"
     age_s: float
+    leftover: str | None = None  # the temporary file removed, when it is not the lock itself
 
 
 def break_stale(state_dir: Path, stale_after_s: float, now: float | None = None) -> list[BrokenLock]:
-    """Remove locks whose owner is provably dead, or older than `stale_after_s`."""
+    """Remove locks, and temporary files of interrupted acquires, whose owner is provably
+    dead or that are older than `stale_after_s`."""
     tasks = Path(state_dir) / "tasks"
     if not tasks.is_dir():
         return []
@@ -159,6 +177,12 @@ def break_stale(state_dir: Path, stale_after_s: float, now: float | None = None)
                 broken.append(result)
                 log.warning("lock_broken", task=result.task_id, reason=result.reason,
                             age_s=round(result.age_s, 1), owner=describe(result.owner))
+        for path in tasks.glob(".*.tmp"):
+            result = _maybe_remove_leftover(path, stale_after_s, now)
+            if result is not None:
+                broken.append(result)
+                log.warning("lock_leftover_removed", task=result.task_id, file=result.leftover,
+                            reason=result.reason, age_s=round(result.age_s, 1))
     finally:
         os.close(guard)
     return broken
@@ -193,6 +217,53 @@ def _maybe_break(path: Path, stale_after_s: float, now: float) -> BrokenLock | N
                           "owner_dead" if dead else "stale", age_s)
     finally:
         os.close(fd)
+
+
+def _maybe_remove_leftover(path: Path, stale_after_s: float, now: float) -> BrokenLock | None:
+    match = TEMP_RE.match(path.name)
+    if match is None:
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    written = min(st.st_mtime, st.st_ctime)  # ctime too: an mtime set in the future
+    age_s = now - written
+    dead = not _same_process_alive(int(match["pid"]), written)
+    # The pid goes first: a live acquirer may be between its open() and its flock(), and a
+    # probe holding the flock then would make its own flock() fail.
+    if not dead and age_s < stale_after_s:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None  # an acquirer still holds it: it is between flock() and link()
+        if not _same_inode(path, fd):
+            return None
+        owner = read_owner(path)
+        path.unlink()
+        return BrokenLock(match["task"], owner, "owner_dead" if dead else "stale", age_s,
+                          leftover=path.name)
+    finally:
+        os.close(fd)
+
+
+def _same_process_alive(pid: int, since: float) -> bool:
+    """Whether `pid` is alive and is the process that existed at wall time `since`: a pid
+    reused by a process started later is another process."""
+    try:
+        proc = psutil.Process(pid)
+        return (proc.status() != psutil.STATUS_ZOMBIE
+                and proc.create_time() <= since + PID_START_SLACK_S)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
 
 
 def list_locks(state_dir: Path) -> list[tuple[str, LockOwner | None, bool]]:

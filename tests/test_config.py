@@ -130,6 +130,51 @@ def test_wrong_type_and_bad_timezone(tmp_path):
                for f in found)
 
 
+def test_spawn_inputs_exec_cannot_take_are_errors(tmp_path):
+    """NUL bytes in argv, cwd or env and env names that are empty or hold '=' are refused at
+    load, naming file, line and field (and never an env value)."""
+    agent = """\
+    jobs:
+      - id: argv
+        command: [python3, "a\\0b"]
+        cwd: "work\\0dir"
+        env:
+          "": empty
+          "A=B": equals
+          "C\\0D": nul
+          TOKEN: "s3cr\\0t"
+          FINE: ok
+        schedule: {every_s: 60}
+      - id: shell
+        command: "echo \\0"
+        shell: true
+        schedule: {every_s: 60}
+    """
+    found = issues(write(tmp_path, "state_dir: st\n", {"a": agent}))
+    name_rule = "(a variable name is a non-empty string without '=' or NUL)"
+    file = f"{tmp_path}/agents.d/a.yaml"
+    assert found == [
+        f"{file}:3: jobs[0].command[1]: contains a NUL byte (an argument cannot hold one)",
+        f"{file}:4: jobs[0].cwd: contains a NUL byte (not a valid path)",
+        f"{file}:6: jobs[0].env: key '' is empty {name_rule}",
+        f"{file}:7: jobs[0].env: key 'A=B' contains '=' {name_rule}",
+        f"{file}:8: jobs[0].env: key 'C\\x00D' contains a NUL byte {name_rule}",
+        f"{file}:9: jobs[0].env.TOKEN: the value contains a NUL byte (an environment value "
+        "cannot hold one)",
+        f"{file}:13: jobs[1].command: contains a NUL byte (an argument cannot hold one)",
+    ]
+    assert not any("s3cr" in f for f in found)
+
+
+def test_file_that_is_not_utf8_names_the_line(tmp_path):
+    """A file with bytes that are not UTF-8 is an error naming its line, not a crash."""
+    path = write(tmp_path, "state_dir: st\n", {})
+    (tmp_path / "agents.d" / "a.yaml").write_bytes(b"jobs:\n  - id: main\n"
+                                                   b"    command: [x, \"\xff\"]\n")
+    assert issues(path) == [f"{tmp_path}/agents.d/a.yaml:3: (document): byte 0xff is not UTF-8 "
+                            "(YAML files are UTF-8 text)"]
+
+
 def test_check_config_cli_prints_every_error_and_exits_nonzero(tmp_path):
     """`watchkeeper check-config` prints each error on its own line and exits 1."""
     path = write(tmp_path, "state_dir: st\nbogus: 1\n", {"a": "jobs: []\n"})

@@ -35,6 +35,32 @@ def test_reload_with_broken_file_keeps_old_config(tmp_path):
         assert d.call("status")["daemon"]["state"] == "running"
 
 
+def test_reload_with_nul_in_env_is_rejected_and_old_env_kept(tmp_path):
+    """A reload whose job env holds a NUL byte is rejected at load; the old env still runs."""
+    check = "import os, sys; sys.exit(os.environ['GREETING'] != 'hello')"
+    with DaemonProc(tmp_path, {"a": every(60, check, env={"GREETING": "hello"})}).start() as d:
+        d.agents["a"] = every(60, check, env={"GREETING": "hel\0lo"})
+        d.write_config()
+        res = wk("--config", str(d.config_path), "reload")
+        assert res.returncode == 1
+        assert "a.yaml:7: jobs[0].env.GREETING: the value contains a NUL byte" in res.stderr
+        d.wait_event("reload_rejected")
+        d.call("start-now", agent="a")
+        assert d.wait_event("run_finished", agent="a")["outcome"] == "succeeded"
+        assert d.call("status")["daemon"]["state"] == "running"
+
+
+def test_reload_with_non_utf8_file_is_rejected(tmp_path):
+    """A reload whose agent file is not UTF-8 is rejected and the daemon is running again."""
+    with DaemonProc(tmp_path, {"a": every(60, "pass")}).start() as d:
+        (d.agents_dir / "b.yaml").write_bytes(b"jobs: [{id: x, command: [\"\xff\"]}]\n")
+        d.signal(signal.SIGHUP)
+        assert "b.yaml:1: (document): byte 0xff is not UTF-8" in \
+            d.wait_event("reload_config_error")["error"]
+        d.wait_event("reload_rejected")
+        assert d.call("status")["daemon"]["state"] == "running"
+
+
 def test_reload_over_control_socket_reports_errors(tmp_path):
     """`watchkeeper reload` prints the errors of a rejected configuration and exits 1."""
     with DaemonProc(tmp_path, {"a": every(60, "pass")}).start() as d:

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from harness import DaemonProc, py
 
 from supervisor import locks
 from supervisor.errors import LockBusy
@@ -88,6 +89,131 @@ def test_live_owner_past_staleness_is_broken_by_age(tmp_path):
         proc.wait()
 
 
+PAUSED_ACQUIRER = """
+import fcntl, os, sys
+from supervisor import locks
+state, task, step = sys.argv[1:4]
+module = fcntl if step == "flock" else os
+real = getattr(module, step)
+def paused(*args):
+    print("paused", flush=True)
+    sys.stdin.readline()
+    return real(*args)
+setattr(module, step, paused)
+locks.acquire(state, task)
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def paused_acquirer(state_dir, task, step: str) -> subprocess.Popen:
+    """A child inside the real acquire(), stopped just before it calls `step` (flock or link);
+    a line on its stdin lets it go on."""
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_ACQUIRER, str(state_dir), task, step],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "paused"
+    return proc
+
+
+def resume(proc: subprocess.Popen) -> str:
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().strip()
+
+
+def leftovers(state_dir) -> list[str]:
+    return sorted(p.name for p in (state_dir / "tasks").glob(".*.tmp"))
+
+
+def test_leftover_of_killed_acquirer_is_removed_at_once(tmp_path):
+    """The temporary file of an acquirer SIGKILLed before its link() is removed on the next
+    check, however young."""
+    proc = paused_acquirer(tmp_path, "job", "link")
+    [name] = leftovers(tmp_path)
+    assert name.startswith(f".job.{proc.pid}.")
+    proc.kill()
+    proc.wait()
+    broken = locks.break_stale(tmp_path, stale_after_s=1800)
+    assert [(b.task_id, b.reason, b.leftover) for b in broken] == [("job", "owner_dead", name)]
+    assert leftovers(tmp_path) == []
+    locks.acquire(tmp_path, "job").release()
+
+
+def test_daemon_lock_check_removes_killed_acquirers_leftover(tmp_path):
+    """The daemon's periodic lock check removes the leftover of an acquirer SIGKILLed
+    inside acquire() and logs it."""
+    agents = {"a": {"jobs": [{"id": "main", "command": py("pass"),
+                              "schedule": {"every_s": 3600}}]}}
+    with DaemonProc(tmp_path, agents, locks={"check_interval_s": 0.2}).start() as d:
+        proc = paused_acquirer(d.state_dir, "job", "link")
+        [name] = leftovers(d.state_dir)
+        proc.kill()
+        proc.wait()
+        ev = d.wait_event("lock_leftover_removed", file=name)
+        assert ev["task"] == "job" and ev["reason"] == "owner_dead"
+        assert leftovers(d.state_dir) == []
+
+
+def test_acquirer_before_its_flock_keeps_its_leftover(tmp_path):
+    """A live acquirer's temporary file that has no flock yet is kept, and its acquire
+    then succeeds."""
+    proc = paused_acquirer(tmp_path, "job", "flock")
+    try:
+        assert locks.break_stale(tmp_path, stale_after_s=1800) == []
+        assert len(leftovers(tmp_path)) == 1
+        assert resume(proc) == "held"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_acquirer_holding_its_flock_keeps_its_leftover_past_staleness(tmp_path):
+    """A temporary file its live acquirer holds an flock on is kept even past the staleness
+    limit, and the acquire then succeeds."""
+    proc = paused_acquirer(tmp_path, "job", "link")
+    try:
+        assert locks.break_stale(tmp_path, stale_after_s=0, now=time.time() + 3600) == []
+        assert len(leftovers(tmp_path)) == 1
+        assert resume(proc) == "held"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def write_leftover(state_dir, task: str, pid: int, age_s: float = 0.0) -> str:
+    """A temporary file in acquire()'s name format, as `pid` would have left it `age_s` ago."""
+    (state_dir / "tasks").mkdir(exist_ok=True)
+    path = state_dir / "tasks" / locks.temp_name(task, pid)
+    path.write_text("")
+    written = time.time() - age_s
+    os.utime(path, (written, written))
+    return path.name
+
+
+def test_leftover_of_a_reused_pid_is_removed_at_once(tmp_path):
+    """A temporary file whose pid now names a process started after the file was written is
+    removed at once: that process is not the acquirer."""
+    later = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    try:
+        name = write_leftover(tmp_path, "job", later.pid, age_s=60)
+        broken = locks.break_stale(tmp_path, stale_after_s=1800)
+        assert [(b.reason, b.leftover) for b in broken] == [("owner_dead", name)]
+    finally:
+        later.kill()
+        later.wait()
+
+
+def test_leftover_of_a_live_pid_ages_out(tmp_path):
+    """A temporary file without an flock whose pid is still its live writer is removed only
+    once older than the staleness limit."""
+    name = write_leftover(tmp_path, "job", os.getpid())
+    assert locks.break_stale(tmp_path, stale_after_s=1800) == []
+    broken = locks.break_stale(tmp_path, stale_after_s=1800, now=time.time() + 3600)
+    assert [(b.reason, b.leftover) for b in broken] == [("stale", name)]
+    assert leftovers(tmp_path) == []
+
+
 CONTENDER = """
 import os, sys, time
 from supervisor import locks
@@ -130,6 +256,11 @@ def test_breaking_stale_locks_never_admits_two_holders(tmp_path):
     """Contenders that acquire, break dead owners' locks and release concurrently are never
     inside the critical section together."""
     inside = tmp_path / "inside"
+    # One holder dies holding the lock before any contender starts, so some lock is surely
+    # broken: the dying holders below can all lose their one try to busy contenders.
+    subprocess.run([sys.executable, "-c", DYING_HOLDER, str(tmp_path), "1"], timeout=60,
+                   check=True)
+    assert [(task, held) for task, _, held in locks.list_locks(tmp_path)] == [("hot", False)]
     procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(tmp_path), str(inside), "400"],
                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
     # Holders that die with the lock held make the contenders break locks all the time.
