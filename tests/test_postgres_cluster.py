@@ -187,3 +187,21 @@ def test_task_lock_is_exclusive_across_hosts(tmp_path, schema):
         stop_all(daemons)
     code, message = json.loads(line)
     assert code == 4 and "agent holder" in message and "on h1" in message
+
+
+def test_leadership_holds_with_a_tick_longer_than_the_lease(tmp_path, schema):
+    """The cluster renews its leases on its own cadence: with a housekeeping tick three times
+    the leader lease, the leader keeps the lease over several lease periods, never lost."""
+    daemons = hosts(tmp_path, schema, {"x": every(3600, "pass")}, count=2, tick_s=3.0,
+                    storage_overrides={"leader_lease_s": 1.0, "poll_s": 0.3})
+    try:
+        start(daemons)
+        daemons[0].wait_event("leader_elected")
+        t_end = time.monotonic() + 4.0  # four lease periods, more than one tick
+        wait_until(lambda: time.monotonic() > t_end or daemons[0].find("leader_lost")
+                   or daemons[1].find("leader_elected"), 10, interval_s=0.1)
+        assert not daemons[0].find("leader_lost")
+        assert not daemons[1].find("leader_elected")
+        assert daemons[1].call("status")["cluster"]["leader"] == "h1"
+    finally:
+        stop_all(daemons)

@@ -71,6 +71,7 @@ class Cluster:
         self._next = {"renew": 0.0, "poll": 0.0, "leader": 0.0, "duties": 0.0, "beats": 0.0}
         self._pushed_beats: dict[str, float] = {}
         self._pulled_beat_ts = 0.0
+        self._timer = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, daemon) -> None:
@@ -93,7 +94,7 @@ class Cluster:
         daemon.pipeline.claim_firing = self.claim_firing
         daemon.pipeline.on_run_started.append(self._run_started)
         daemon.pipeline.on_run_finished.append(self._run_finished)
-        daemon.on_tick.append(self._tick)
+        self._timer = daemon.timers.call_later(0, self._on_timer)
         self._listen()
         self._elect()
         self._warn_unpinned_always(daemon)
@@ -101,6 +102,8 @@ class Cluster:
                  leader=self.leadership.leading, listen=self.listener is not None)
 
     def stop(self, daemon) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         if self.leadership is None:  # start failed before joining: nothing to leave
             if self.db is not None:
                 self.db.close()
@@ -149,6 +152,18 @@ class Cluster:
                                 hint="it runs on every host; set `host:` to run one instance")
 
     # -- the loop's duties -------------------------------------------------------------------------
+    def _on_timer(self) -> None:
+        """The cluster keeps its own cadence (leases are renewed every few seconds), not
+        the daemon's housekeeping tick, which may be much longer."""
+        try:
+            self._tick(time.monotonic())
+        finally:
+            kinds = ["renew", "leader", "poll", "beats"]
+            if self.leadership.leading:
+                kinds.append("duties")
+            delay = min(self._next[k] for k in kinds) - time.monotonic()
+            self._timer = self.daemon.timers.call_later(max(0.01, delay), self._on_timer)
+
     def _tick(self, now: float) -> None:
         s, due = self.settings, self._next
         if now >= due["renew"]:
