@@ -188,7 +188,7 @@ class Settings(_Section, kw_only=True):
     """Lowest level logged."""
     stop_grace_s: float = 10.0
     """SIGTERM to SIGKILL, for runs and for the daemon's own shutdown."""
-    tick_s: float = 5.0
+    tick_s: float = 10.0
     """Period of the daemon's housekeeping tick: stale heartbeats, process caps, stale
     locks and the breaker's timed transitions are checked this often (timeouts, retries
     and schedules are exact, not tick-bound)."""

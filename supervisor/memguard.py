@@ -67,8 +67,8 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     # Leave pressure only below this, so usage hovering at the threshold does not flap.
     clear_percent: float = 75.0
     # Far from the threshold the guard samples as rarely as a climb at fill_rate_mb_s allows:
-    # each wakeup of an idle daemon costs ~0.2 ms of CPU, more than the reading itself.
-    slow_interval_s: float = 5.0
+    # each wakeup of an idle daemon costs ~0.3 ms of CPU, ten times the reading itself.
+    slow_interval_s: float = 10.0
     """Longest interval between two memory readings (below warn_percent)."""
     fast_interval_s: float = 0.25
     """Sampling interval near the threshold."""

@@ -151,11 +151,11 @@ def make_guard(source, *, live=None, agents=None, **kw):
 
 
 def test_settings_defaults_suit_a_small_vps():
-    """The defaults are warn 80 %, act 87 %, clear 75 %, 5 s / 0.25 s intervals planned for
+    """The defaults are warn 80 %, act 87 %, clear 75 %, 10 s / 0.25 s intervals planned for
     a 1000 MB/s climb, 2 s grace."""
     s = msgspec.convert({}, MemoryGuardSettings)
     assert (s.warn_percent, s.act_percent, s.clear_percent) == (80, 87, 75)
-    assert (s.slow_interval_s, s.fast_interval_s, s.kill_grace_s) == (5, 0.25, 2)
+    assert (s.slow_interval_s, s.fast_interval_s, s.kill_grace_s) == (10, 0.25, 2)
     assert s.fill_rate_mb_s == 1000
     assert s.include_foreign is False
 
