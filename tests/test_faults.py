@@ -56,11 +56,11 @@ def tmpfs(path: Path, size: str):
 def fill(directory: Path) -> Path:
     """Write a file until the file system is full."""
     filler = directory / "filler"
-    with open(filler, "wb") as f:
+    # Unbuffered: a buffered file would flush its rest again at close and raise ENOSPC there.
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
     return filler

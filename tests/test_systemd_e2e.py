@@ -174,6 +174,14 @@ def deployed(tmp_path_factory):
         box.stop()
 
 
+@pytest.fixture
+def started(deployed):
+    """The service running, so that a test needing it passes when run alone too."""
+    if deployed.prop("ActiveState") != "active":
+        deployed.box.run("systemctl", "start", UNIT, timeout_s=90)
+    return deployed
+
+
 def _python_version(python: str) -> str:
     return subprocess.run([python, "-c", "import sys; print(*sys.version_info[:2], sep='.')"],
                           capture_output=True, text=True).stdout.strip()
@@ -232,6 +240,7 @@ def test_start_returns_after_ready(deployed):
     assert status["daemon"]["pid"] == int(deployed.prop("MainPID"))
 
 
+@pytest.mark.usefixtures("started")
 def test_systemctl_status_shows_status_line(deployed):
     """`systemctl status` shows the daemon's STATUS= line."""
     wait_until(lambda: 'Status: "2 agents: 1 running' in deployed.box.status(UNIT)
@@ -239,6 +248,7 @@ def test_systemctl_status_shows_status_line(deployed):
                timeout_s=10, message=f"status line in:\n{deployed.box.status(UNIT)}")
 
 
+@pytest.mark.usefixtures("started")
 def test_journal_selects_one_agents_lines(deployed):
     """`journalctl -u watchkeeper AGENT=ticker` returns ticker's lines and events, only them."""
     entries = wait_until(
@@ -256,6 +266,7 @@ def test_journal_selects_one_agents_lines(deployed):
     assert keeper and {entry["LINE"] for entry in keeper} == {"keeper alive"}
 
 
+@pytest.mark.usefixtures("started")
 def test_watchkeeper_logs_reads_the_journal(deployed):
     """`watchkeeper logs ticker -p info -o json` prints ticker's journal entries and no other's."""
     output = deployed.box.run(WATCHKEEPER, "logs", "ticker", "-p", "info", "-o", "json").stdout
@@ -265,6 +276,7 @@ def test_watchkeeper_logs_reads_the_journal(deployed):
     assert {entry["_SYSTEMD_UNIT"] for entry in entries} == {UNIT}
 
 
+@pytest.mark.usefixtures("started")
 def test_runs_get_cgroups_of_their_own(deployed):
     """Under Delegate=yes the daemon sits in supervisor/ and each run in runs/<run_id>."""
     started = deployed.unit_journal("EVENT=daemon_started")
@@ -275,6 +287,7 @@ def test_runs_get_cgroups_of_their_own(deployed):
     assert deployed.cgroup_of(grandchild) == f"{CGROUP}/runs/{run_id}"
 
 
+@pytest.mark.usefixtures("started")
 def test_reload_with_broken_config_keeps_running(deployed):
     """`systemctl reload` with a broken agent file keeps the daemon and journals why."""
     main_pid = deployed.prop("MainPID")
@@ -296,6 +309,7 @@ def test_reload_with_broken_config_keeps_running(deployed):
                message="reload_applied once the file is gone")
 
 
+@pytest.mark.usefixtures("started")
 def test_frozen_daemon_is_restarted_by_the_watchdog(deployed):
     """A daemon frozen with SIGSTOP is killed by the watchdog and restarted with its agents."""
     old_pid = deployed.prop("MainPID")
@@ -321,6 +335,7 @@ def test_frozen_daemon_is_restarted_by_the_watchdog(deployed):
     assert not deployed.alive(old_keeper) and not deployed.alive(old_grandchild)
 
 
+@pytest.mark.usefixtures("started")
 def test_stop_leaves_no_process_behind(deployed):
     """`systemctl stop` ends the daemon cleanly, no agent or grandchild survives it, and
     systemd had nothing left to kill."""
