@@ -274,6 +274,14 @@ def _cgroup_v2_writable() -> bool:
                                      if (m / "cgroup.controllers").exists())
 
 
+def _cgroup_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return f.read().splitlines()[-1]
+    except OSError:
+        return ""
+
+
 def test_runs_get_their_own_cgroup_and_leftovers_die_with_it(tmp_path):
     """With cgroups on, each run lives in STATE's runs/<run_id> cgroup, and a grandchild that
     ignores SIGTERM in a session of its own is killed through cgroup.kill."""
@@ -287,15 +295,17 @@ def test_runs_get_their_own_cgroup_and_leftovers_die_with_it(tmp_path):
             "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
             "open(os.environ[\"PIDFILE\"], \"w\").write(str(os.getpid())); time.sleep(300)'], "
             "start_new_session=True)\n"
-            "print(open('/proc/self/cgroup').read().splitlines()[-1], flush=True)\n"
             "time.sleep(300)\n")
     spec = every(60, code, env={"PIDFILE": str(pidfile)}, stop_grace_s=0.5)
     with DaemonProc(tmp_path, {"cg": spec}, cgroups="on").start() as d:
         cgroup_base = d.find("daemon_started")[0]["cgroups"]
         assert cgroup_base
         run_id = d.call("start-now", agent="cg")["run_id"]
-        line = d.wait_event("agent_output", agent="cg", timeout_s=15)["line"]
-        assert line.endswith(f"/runs/{run_id}")
+        pid = d.call("status")["agents"][0]["pid"]
+        # The daemon moves the child right after the fork, so the child's first instructions
+        # may still run in the daemon's own cgroup: look from outside, with a deadline.
+        wait_until(lambda: _cgroup_of(pid).endswith(f"/runs/{run_id}"), 10,
+                   message=f"run {pid} never in runs/{run_id}")
         grandchild = int(wait_until(lambda: pidfile.exists() and pidfile.read_text(), 10))
         os.kill(d.call("status")["agents"][0]["pid"], signal.SIGKILL)
         d.wait_event("run_leftovers_killed", run_id=run_id, timeout_s=15)
