@@ -72,6 +72,11 @@ def main() -> int:
     parser.add_argument("--dsn", default=DEFAULT_DSN)
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    try:
+        psycopg.connect(args.dsn, connect_timeout=5).close()
+    except psycopg.OperationalError as exc:
+        print(f"PostgreSQL not reachable ({args.dsn}): {str(exc).strip()}; not measured")
+        return 0
     single, batched, claims = (300, 5000, 500) if args.quick else (2000, 50000, 5000)
     schema = f"wk_bench_{secrets.token_hex(4)}"
     db = Database(StorageSettings(backend="postgresql", dsn=args.dsn, schema=schema,

@@ -23,7 +23,8 @@ def venv_specs() -> dict[str, list[str]]:
     """pip arguments of each venv by its name under bench/."""
     return {
         ".venv-harness": ["psutil>=5.9", "APScheduler>=3.11,<3.12"],
-        ".venv-watchkeeper": ["-e", str(REPO_DIR)],
+        # With the postgresql extra: bench/postgres_vs_sqlite.py runs in this venv too.
+        ".venv-watchkeeper": ["-e", f"{REPO_DIR}[postgresql]"],
         ".venv-supervisord": ["supervisor==4.3.0"],
     }
 
