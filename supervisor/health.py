@@ -157,7 +157,8 @@ class Health:
             if verdict is Verdict.FRESH:
                 beat = reading.heartbeat
                 last = max(beat.ts if beat is not None else 0.0, run.started_wall)
-                # A beat from the future is fresh now: look again one window later.
+                # Read again when this beat can first be stale, but never on the very next
+                # tick: a beat exactly at the edge would otherwise be read twice.
                 self._beat_due[run.run_id] = max(last + settings.stale_after_s,
                                                  now + min(1.0, settings.stale_after_s))
                 continue
