@@ -18,3 +18,15 @@ def pytest_runtest_makereport(item, call):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"strict mode forbids skips: {reason}"
+
+
+@pytest.fixture
+def schema(request):
+    """A fresh PostgreSQL schema for one test, dropped after it; skips without a server."""
+    from pg_harness import PG_MISSING, drop_schema, new_schema, pg_available
+    from support import require
+
+    require(pg_available, PG_MISSING)
+    name = new_schema(request.node.name[5:20].lower())
+    yield name
+    drop_schema(name)

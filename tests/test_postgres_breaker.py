@@ -5,18 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
 from harness import py, wk
 from pg_harness import (
-    PG_MISSING,
-    drop_schema,
     hosts,
-    new_schema,
-    pg_available,
     query,
     start,
 )
-from support import require, wait_until
+from support import wait_until
 
 EMIT_TWICE = """
 from supervisor.sdk import Agent, OutputDenied
@@ -28,14 +23,6 @@ for n in range(2):
     except OutputDenied:
         print("denied", flush=True)
 """
-
-
-@pytest.fixture
-def schema(request):
-    require(pg_available, PG_MISSING)
-    name = new_schema(request.node.name[5:20].lower())
-    yield name
-    drop_schema(name)
 
 
 def alerts(path) -> list[dict]:

@@ -7,27 +7,13 @@ import signal
 import time
 
 import psutil
-import pytest
 from harness import py, wk
 from pg_harness import (
-    PG_MISSING,
-    drop_schema,
     hosts,
-    new_schema,
-    pg_available,
     query,
     start,
 )
-from support import require, wait_until
-
-
-@pytest.fixture
-def schema(request):
-    require(pg_available, PG_MISSING)
-    name = new_schema(request.node.name[5:20].lower())
-    yield name
-    drop_schema(name)
-
+from support import wait_until
 
 MANY_LAUNCHES = {"launches": {"max_runs": 10000}}
 

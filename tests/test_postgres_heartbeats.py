@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
 from harness import py
-from pg_harness import PG_MISSING, drop_schema, hosts, new_schema, pg_available, start
-from support import require, wait_until
+from pg_harness import hosts, start
+from support import wait_until
 
 from supervisor.heartbeat import heartbeat_path, read_heartbeat
 
 BEATER = ("import time; from supervisor.sdk import Agent; a = Agent(); a.heartbeat(); "
           "print('beat', flush=True); time.sleep(60)")
-
-
-@pytest.fixture
-def schema(request):
-    require(pg_available, PG_MISSING)
-    name = new_schema("beats")
-    yield name
-    drop_schema(name)
 
 
 def test_heartbeat_on_one_host_reaches_the_other(tmp_path, schema):

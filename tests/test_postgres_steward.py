@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from harness import py
 from pg_harness import (
-    PG_MISSING,
-    drop_schema,
     hosts,
-    new_schema,
-    pg_available,
     query,
     start,
 )
-from support import require, wait_until
+from support import wait_until
 
 WRITER = """
 import os, sys
@@ -35,14 +30,6 @@ with open(os.path.join(os.environ["WATCHKEEPER_STATE_DIR"], "acks.txt"), "a",
         acks.write(f"{key} {version}\\n")
         i += 1
 """
-
-
-@pytest.fixture
-def schema(request):
-    require(pg_available, PG_MISSING)
-    name = new_schema(request.node.name[5:20].lower())
-    yield name
-    drop_schema(name)
 
 
 def acked(d) -> dict[str, int]:
