@@ -20,25 +20,16 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED = 0, 1, 2, 3, 4
 
 
 def _socket_path(args) -> Path:
-    """--socket, then WATCHKEEPER_SOCKET (set for agents), then the config's setting."""
-    if getattr(args, "socket", None):
-        return Path(args.socket)
-    if os.environ.get("WATCHKEEPER_SOCKET"):
-        return Path(os.environ["WATCHKEEPER_SOCKET"])
-    import yaml
+    """The daemon's socket, found the one way every verb uses (supervisor/discovery.py)."""
+    from .discovery import find_socket
 
-    from .configload import default_config_path
+    return find_socket(getattr(args, "socket", None), getattr(args, "config", None))
 
-    path = Path(args.config) if args.config else default_config_path()
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise DaemonNotRunning(f"cannot find the control socket: {path}: {exc}") from None
-    base = path.resolve().parent
-    if data.get("control_socket"):
-        return (base / os.path.expanduser(data["control_socket"])).resolve()
-    state_dir = Path(os.path.expanduser(data.get("state_dir", "/var/lib/watchkeeper")))
-    return (base / state_dir).resolve() / "control.sock"
+
+def _config_path(args) -> Path:
+    from .discovery import find_config
+
+    return find_config(getattr(args, "config", None))
 
 
 def _client(args):
@@ -65,7 +56,7 @@ def cmd_run(args) -> int:
     from .features import install_features
     from .logs import configure
 
-    config = load_config(args.config)
+    config = load_config(_config_path(args))
     configure(args.log_format or config.settings.log_format, config.settings.log_level)
     daemon = Daemon(config)
     install_features(daemon)
@@ -77,7 +68,7 @@ def cmd_migrate(args) -> int:
     from .pg.db import Database
     from .pg.migrations import LATEST, migrate
 
-    storage = load_config(args.config).settings.storage
+    storage = load_config(_config_path(args)).settings.storage
     if storage.backend != "postgresql":
         print("watchkeeper migrate: storage.backend is sqlite; migrations are for "
               "`storage: {backend: postgresql, dsn: ...}`", file=sys.stderr)
@@ -99,7 +90,7 @@ def cmd_check_config(args) -> int:
     from .configload import load_config
 
     try:
-        config = load_config(args.config)
+        config = load_config(_config_path(args))
     except ConfigError as exc:
         for issue in exc.issues:
             print(issue, file=sys.stderr)
@@ -238,9 +229,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="watchkeeper", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", "-c", help="main config file (default: $WATCHKEEPER_CONFIG "
-                        "or /etc/watchkeeper/watchkeeper.yaml)")
-    parser.add_argument("--socket", help="control socket (default: from the config)")
+    parser.add_argument("--config", "-c", help="main config file (default: $WATCHKEEPER_CONFIG, "
+                        "/etc/watchkeeper/watchkeeper.yaml if present, config/watchkeeper.yaml)")
+    parser.add_argument("--socket", help="control socket (default: $WATCHKEEPER_SOCKET inside a "
+                        "run, else from the config)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -282,11 +274,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ops_commands(sub)
     for subparser in sub.choices.values():
-        # `--json` may also follow the command: `watchkeeper status --json`.
-        if "--json" not in subparser._option_string_actions:
-            subparser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                                   help="machine-readable output")
+        _accept_global_options(subparser)
     return parser
+
+
+def _accept_global_options(parser: argparse.ArgumentParser) -> None:
+    """`--config`, `--socket` and `--json` may also follow the verb (`watchkeeper status
+    --json`), at any depth (`memory list NS --json`); SUPPRESS keeps a value given before
+    the verb."""
+    for flags, kwargs in ((("--config", "-c"), {"help": "main config file"}),
+                          (("--socket",), {"help": "control socket"}),
+                          (("--json",), {"action": "store_true",
+                                         "help": "machine-readable output"})):
+        if flags[0] not in parser._option_string_actions:
+            parser.add_argument(*flags, default=argparse.SUPPRESS, **kwargs)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _accept_global_options(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,10 +26,7 @@ def _sdk(args):
     from .cli import _socket_path
     from .sdk import Agent
 
-    socket = None
-    if getattr(args, "socket", None) or getattr(args, "config", None):
-        socket = str(_socket_path(args))
-    return Agent(socket)
+    return Agent(str(_socket_path(args)))
 
 
 def cmd_heartbeat(args) -> int:
