@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import ConfigError, ControlError, DaemonNotRunning, WatchkeeperError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED = 0, 1, 2, 3, 4
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by one
 
 
 def _socket_path(args) -> Path:
@@ -89,14 +90,23 @@ def cmd_migrate(args) -> int:
 def cmd_check_config(args) -> int:
     from .configload import load_config
 
+    path = _config_path(args)
     try:
-        config = load_config(_config_path(args))
+        config = load_config(path)
     except ConfigError as exc:
+        if args.json:
+            _print({"path": str(path), "ok": False, "agents": None, "jobs": None,
+                    "errors": [str(i) for i in exc.issues]}, True)
+            return EXIT_ERROR
         for issue in exc.issues:
             print(issue, file=sys.stderr)
         print(f"{len(exc.issues)} error(s)", file=sys.stderr)
         return EXIT_ERROR
     jobs = sum(len(a.jobs) for a in config.agents.values())
+    if args.json:
+        _print({"path": str(config.path), "ok": True, "agents": len(config.agents),
+                "jobs": jobs, "errors": []}, True)
+        return EXIT_OK
     print(f"{config.path}: OK ({len(config.agents)} agents, {jobs} jobs)")
     return EXIT_OK
 
@@ -107,27 +117,16 @@ def cmd_status(args) -> int:
     if args.json:
         _print(status, True)
         return EXIT_OK
-    d = status["daemon"]
-    flags = " HALTED by the circuit breaker" if d.get("halted") else ""
-    print(f"watchkeeper {d['version']} pid {d['pid']} {d['state']} up {d['uptime_s']:.0f}s"
-          f"{flags}")
+    from .cli_views import show_status
+
+    prefix = "watchkeeper" + (f" --config {args.config}" if args.config else "")
     cluster = status.get("cluster")
-    rows = [("AGENT", "STATE", "RUN", "LAST", "EXIT", "NEXT") + (("HOST",) if cluster else ())]
-    for a in status["agents"]:
-        state = a["state"] + (" paused" if a["paused"] else "") + (
-            f" degraded({','.join(a['degraded'])})" if a["degraded"] else "")
-        rows.append((a["agent"], state, a["run_id"] or "-",
-                     _when(a["last_ended"]) + (f" {a['last_outcome']}" if a["last_outcome"] else ""),
-                     a["last_exit"] or "-", _when(a["next_run"]))
-                    + ((_where(a),) if cluster else ()))
+    show_status(status, prefix, _where if cluster else None)
     if cluster:
         _print_hosts(cluster)
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     for name, ext in status.get("extensions", {}).items():
         summary = ext.get("summary") if isinstance(ext, dict) else None
-        if summary:
+        if summary and name not in ("breaker", "health"):  # shown above
             print(f"{name}: {summary}")
     return EXIT_OK
 
@@ -169,7 +168,9 @@ def cmd_simple(name: str):
         if args.json:
             _print(result, True)
         else:
-            print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in (result or {}).items()))
+            from .cli_views import show_control_result
+
+            show_control_result(name, result)
         return EXIT_OK
     return run
 
@@ -179,12 +180,20 @@ def cmd_runs(args) -> int:
     if args.json:
         _print(runs, True)
         return EXIT_OK
-    for r in runs:
-        ended = _when(r["ended"]) if r["ended"] else "running"
-        exit_text = f"signal {r['signal']}" if r["signal"] else f"exit {r['exit_code']}"
-        print(f"{r['run_id']}  {r['job']:<12} {_when(r['started'])} -> {ended:<8} "
-              f"{r['outcome'] or '-':<12} {exit_text if r['ended'] else ''} "
-              f"{r['stop_reason'] or ''} {r['stop_signal'] or ''}".rstrip())
+    from .cli_views import show_runs
+
+    show_runs(runs)
+    return EXIT_OK
+
+
+def cmd_locks(args) -> int:
+    locks = _client(args).call("locks")
+    if args.json:
+        _print(locks, True)
+        return EXIT_OK
+    from .cli_views import show_locks
+
+    show_locks(locks)
     return EXIT_OK
 
 
@@ -261,8 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("agent", nargs="?")
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=cmd_runs)
-    sub.add_parser("locks", help="task locks and their owners").set_defaults(
-        func=lambda a: (_print(_client(a).call("locks"), True), EXIT_OK)[1])
+    sub.add_parser("locks", help="task locks and their owners").set_defaults(func=cmd_locks)
     for name in ("lock", "unlock"):
         p = sub.add_parser(name, help=f"{name} a task for the calling run (agents)")
         p.add_argument("task")
@@ -298,7 +306,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # `watchkeeper status | head -1`: the reader left; say nothing more, and keep the
+        # interpreter's final flush from raising again on the same closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except DaemonNotRunning as exc:
         print(f"watchkeeper: {exc}", file=sys.stderr)
         return EXIT_NOT_RUNNING

@@ -68,13 +68,19 @@ def cmd_memory(args) -> int:
         value = agent.memory.entry(args.namespace, args.key)
         print(json.dumps(value["value"] if value else None))
         return 0 if value else 1
-    if op == "list":
-        print(json.dumps(agent.memory.list(args.namespace, args.prefix or ""), indent=2))
-        return 0
-    if op == "history":
-        filters = {k: v for k, v in (("namespace", args.namespace), ("key", args.key),
-                                     ("agent", args.agent), ("run_id", args.run_id)) if v}
-        print(json.dumps(agent.memory.history(limit=args.limit, **filters), indent=2))
+    if op in ("list", "history"):
+        from . import cli_views
+
+        if op == "list":
+            result = agent.memory.list(args.namespace, args.prefix or "")
+        else:
+            filters = {k: v for k, v in (("namespace", args.namespace), ("key", args.key),
+                                         ("agent", args.agent), ("run_id", args.run_id)) if v}
+            result = agent.memory.history(limit=args.limit, **filters)
+        if args.json:
+            cli_views.print_json(result)
+        else:
+            (cli_views.show_memory_list if op == "list" else cli_views.show_memory_history)(result)
         return 0
     if op == "revert":
         target = {k: v for k, v in (("seq", args.seq), ("agent", args.agent),
@@ -119,8 +125,14 @@ def cmd_upstream_ok(args) -> int:
 
 
 def cmd_outputs(args) -> int:
-    print(json.dumps(_sdk(args).call("outputs", **({"agent": args.agent} if args.agent else {}),
-                                     limit=args.limit), indent=2))
+    from . import cli_views
+
+    outputs = _sdk(args).call("outputs", **({"agent": args.agent} if args.agent else {}),
+                              limit=args.limit)
+    if args.json:
+        cli_views.print_json(outputs)
+    else:
+        cli_views.show_outputs(outputs)
     return 0
 
 
@@ -145,7 +157,10 @@ def cmd_breaker(args) -> int:
     except ControlError as exc:
         print(f"watchkeeper breaker reset: {exc}", file=sys.stderr)
         return 1
-    print("breaker reset" + ("" if result["was_open"] else " (it was not open)"))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("breaker reset" + ("" if result["was_open"] else " (it was not open)"))
     return 0
 
 

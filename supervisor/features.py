@@ -33,6 +33,9 @@ def install_features(daemon) -> None:
         shared.append(Cluster())
     daemon.extensions.extend([OutputGate(), *shared, Steward(), Health(), Metrics(),
                               SystemdService()])
+    from .status_details import StatusDetails
+
+    daemon.extensions.append(StatusDetails())  # last: it reads what the others set up
     if os.environ.get(DEBUG_COMMANDS_ENV) == "1":
         from .debug_commands import install_debug_commands
 

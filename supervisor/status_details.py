@@ -1,0 +1,93 @@
+"""What `watchkeeper status` and `top` show beyond the pipeline's own snapshot: how close
+each agent is to its breaker limit, its heartbeat age, why it is degraded, how full memory
+is, and why and since when the pipeline is halted.
+
+An extension that adds one status extender; it only reads (the loop owns every state it
+looks at, and status is answered from the loop).
+"""
+
+from __future__ import annotations
+
+import time
+
+from .breaker_rules import Rule, counting_limit
+from .heartbeat import heartbeat_path, load_heartbeat
+
+
+class StatusDetails:
+    name = "status_details"
+
+    def __init__(self) -> None:
+        self.daemon = None
+
+    def start(self, daemon) -> None:
+        self.daemon = daemon
+        # After the shared-storage extension, which sets its own list.
+        daemon.status_extenders = [*getattr(daemon, "status_extenders", ()), self.extend]
+
+    def stop(self, daemon) -> None:
+        pass
+
+    def extend(self, snapshot: dict) -> None:
+        now_wall = time.time()
+        for agent in snapshot["agents"]:
+            agent.update(self.agent_details(agent["agent"], now_wall))
+        snapshot["daemon"].update(self.halt_details())
+        snapshot["memory"] = self.memory_details()
+
+    # -- per agent -------------------------------------------------------------------------
+    def agent_details(self, name: str, now_wall: float) -> dict:
+        rt = self.daemon.pipeline.agents[name]
+        beat = load_heartbeat(heartbeat_path(self.daemon.state_dir, name)).heartbeat
+        return {"breaker_window": self.output_window(name),
+                "heartbeat_age_s": round(now_wall - beat.ts, 1) if beat else None,
+                "degraded_reason": self.degraded_reason(rt.degraded)}
+
+    def output_window(self, agent: str) -> dict | None:
+        """{"outputs": 9, "max_outputs": 10, "window_s": 60}: the agent's outputs rule."""
+        gate = getattr(self.daemon, "output_gate", None)
+        breaker = getattr(gate, "breaker", None)
+        if breaker is None:
+            return None
+        limit, window_s = counting_limit(breaker.settings, Rule.OUTPUTS, agent, "")
+        # Read, never add: the window is the breaker's; pruning a copy leaves it untouched.
+        window = breaker._windows.counts.get((Rule.OUTPUTS.value, agent, ""))
+        stamps = window.stamps if window is not None else ()
+        now = breaker._clock()  # the clock the breaker stamped its events with
+        count = sum(1 for t in stamps if t > now - window_s)
+        return {"outputs": count, "max_outputs": limit, "window_s": window_s}
+
+    def degraded_reason(self, upstreams: list[str]) -> str | None:
+        if not upstreams:
+            return None
+        agents = self.daemon.pipeline.agents
+        parts = []
+        for name in upstreams:
+            rt = agents.get(name)
+            why = ("its last run failed" if rt and rt.last_outcome not in (None, "succeeded")
+                   else "degraded itself" if rt and rt.degraded
+                   else "heartbeat stale or missing")
+            parts.append(f"{name}: {why}")
+        return "upstream " + "; ".join(parts)
+
+    # -- the daemon ------------------------------------------------------------------------
+    def halt_details(self) -> dict:
+        pipeline = self.daemon.pipeline
+        gate = getattr(self.daemon, "output_gate", None)
+        trip = getattr(getattr(gate, "breaker", None), "last_trip", None)
+        if not pipeline.halted:
+            return {"halt_reason": None, "halted_since": None}
+        reason = (f"circuit breaker tripped by {trip.agent}: {trip.count:g} seen, limit "
+                  f"{trip.limit}" if trip else "circuit breaker open")
+        return {"halt_reason": reason, "halted_since": trip.time if trip else None}
+
+    def memory_details(self) -> dict | None:
+        health = next((e for e in self.daemon.extensions if e.name == "health"), None)
+        guard = getattr(health, "guard", None)
+        if guard is None:
+            return None
+        # The guard's own source, so a scope_cgroup setting is honoured here too.
+        reading = guard._source.system()
+        s = guard.settings
+        return {"level": guard.level.value, "percent_used": round(reading.percent_used, 1),
+                "warn_percent": s.warn_percent, "act_percent": s.act_percent}
