@@ -83,7 +83,9 @@ def optimise(agent, meter: Meter, slug: str, draft: dict, version: int) -> bool:
 
 def main(agent, meter: Meter, argv: list[str]) -> int:
     if not agent.upstream_ok("content"):
-        say(agent, "degraded: content is stale or failing; optimising the drafts already stored")
+        chain = ", ".join(agent.degraded_upstreams)  # e.g. content<-research
+        say(agent, f"degraded: content is stale or failing ({chain}); optimising the drafts "
+                   "already stored")
     done = {e["key"]: e["value"].get("draft_version") for e in agent.memory.list("seo")}
     pending = [e for e in agent.memory.list("drafts") if done.get(e["key"]) != e["version"]]
     if not pending:

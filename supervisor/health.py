@@ -52,6 +52,7 @@ class Health:
         self._beat_due: dict[str, float] = {}
         self._next_degraded_check = 0.0
         self._caps_checked_at_pid: int | None = None
+        self._inherited_agents: set[str] = set()  # degraded only through an upstream
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, daemon) -> None:
@@ -117,10 +118,43 @@ class Health:
 
     # -- heartbeats --------------------------------------------------------------------------
     def degraded_upstreams(self, spec: AgentSpec) -> list[str]:
-        """Upstreams of `spec` that are stale, missing or whose last run failed."""
+        """Upstreams of `spec` that are stale, missing or whose last run failed ("research"),
+        and upstreams degraded themselves, with their chain ("content<-research")."""
         statuses = self._upstreams(spec)
         self.tracker.observe(spec.name, statuses)
-        return sorted(name for name, st in statuses.items() if st.degraded)
+        direct = sorted(name for name, st in statuses.items() if st.degraded)
+        chains = [*direct, *self._inherited(spec, set(direct))]
+        self._note_inherited(spec.name, direct, chains)
+        rt = self.daemon.pipeline.agents.get(spec.name)
+        if rt is not None:
+            rt.degraded = chains  # what its own downstreams inherit
+        return chains
+
+    def _inherited(self, spec: AgentSpec, direct: set[str]) -> list[str]:
+        """The chains of upstreams that are degraded themselves: seo, downstream of a
+        degraded content, runs on drafts made without fresh notes."""
+        agents = self.daemon.pipeline.agents
+        chains = []
+        for name in spec.depends_on:
+            if name in direct or name not in agents:
+                continue
+            for chain in agents[name].degraded:
+                if spec.name not in chain.split("<-"):  # a cycle would grow without end
+                    chains.append(f"{name}<-{chain}")
+        return sorted(chains)
+
+    def _note_inherited(self, agent: str, direct: list[str], chains: list[str]) -> None:
+        """Log entering and leaving a degradation that is only inherited (the tracker logs
+        the direct ones)."""
+        inherited = not direct and bool(chains)
+        if inherited and agent not in self._inherited_agents:
+            self._inherited_agents.add(agent)
+            log.warning("agent_degraded", agent=agent, upstreams=chains,
+                        reasons={c: "upstream degraded" for c in chains})
+        elif not inherited and agent in self._inherited_agents:
+            self._inherited_agents.discard(agent)
+            if not direct:
+                log.info("agent_recovered", agent=agent, upstreams=[])
 
     def _upstreams(self, spec: AgentSpec):
         agents = self.daemon.pipeline.agents
@@ -128,15 +162,26 @@ class Health:
         last_ok = {n: (None if agents[n].last_outcome is None else
                        agents[n].last_outcome == Outcome.SUCCEEDED.value)
                    for n in spec.depends_on if n in agents}
-        return upstream_status(self.daemon.state_dir, spec.depends_on, settings, last_ok,
-                               time.time())
+        statuses = upstream_status(self.daemon.state_dir, spec.depends_on, settings, last_ok,
+                                   time.time())
+        return {n: st for n, st in statuses.items() if not self._still_starting(n, st)}
+
+    def _still_starting(self, name: str, status) -> bool:
+        """An upstream with no heartbeat file that has not run since the daemon started,
+        younger than its stale_after_s, is starting, not down: a clean start must not
+        warn that every downstream is degraded before any agent could beat."""
+        rt = self.daemon.pipeline.agents.get(name)
+        return (status.verdict is Verdict.MISSING and rt is not None
+                and rt.last_outcome is None
+                and self.daemon.uptime_s() < rt.spec.heartbeat.stale_after_s)
 
     def _tick(self, now_mono: float) -> None:
         self._check_heartbeats(time.time())
         self._enforce_process_caps()
         if now_mono >= self._next_degraded_check:
             self._next_degraded_check = now_mono + DEGRADED_CHECK_INTERVAL_S
-            for rt in self.daemon.pipeline.agents.values():
+            # Upstreams first, so a chain reaches the end of the pipeline in one check.
+            for rt in _upstreams_first(self.daemon.pipeline.agents):
                 if rt.spec.depends_on:
                     rt.degraded = self.degraded_upstreams(rt.spec)
 
@@ -213,6 +258,23 @@ class Health:
         guard = self.guard
         return {"degraded": degraded, "memory_level": guard.level.value if guard else None,
                 "summary": f"memory {guard.level.value}" if guard else None}
+
+
+def _upstreams_first(agents: dict) -> list:
+    """The agents ordered so that each comes after the upstreams it depends on."""
+    ordered, seen = [], set()
+
+    def visit(name: str, path: frozenset) -> None:
+        if name in seen or name in path or name not in agents:
+            return
+        for upstream in agents[name].spec.depends_on:
+            visit(upstream, path | {name})
+        seen.add(name)
+        ordered.append(agents[name])
+
+    for name in sorted(agents):
+        visit(name, frozenset())
+    return ordered
 
 
 @command(AGENT, "heartbeat")

@@ -172,7 +172,7 @@ class Agent:
 
     def upstream_ok(self, name: str) -> bool:
         """False when `name` was stale or failed as this run started (degraded mode)."""
-        return name not in self.degraded_upstreams
+        return name not in {chain.split("<-")[0] for chain in self.degraded_upstreams}
 
     def upstream_last_output(self, name: str, kind: str | None = None) -> dict | None:
         """The newest output `name` was allowed to publish (for degraded fallbacks)."""

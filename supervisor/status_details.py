@@ -58,17 +58,19 @@ class StatusDetails:
         return {"outputs": count, "max_outputs": limit, "window_s": window_s}
 
     def degraded_reason(self, upstreams: list[str]) -> str | None:
+        """'upstream research: its last run failed; upstream content degraded by research'."""
         if not upstreams:
             return None
         agents = self.daemon.pipeline.agents
         parts = []
-        for name in upstreams:
+        for chain in upstreams:
+            name, _, cause = chain.partition("<-")
             rt = agents.get(name)
-            why = ("its last run failed" if rt and rt.last_outcome not in (None, "succeeded")
-                   else "degraded itself" if rt and rt.degraded
+            why = (f"degraded by {cause.replace('<-', ' <- ')}" if cause
+                   else "its last run failed" if rt and rt.last_outcome not in (None, "succeeded")
                    else "heartbeat stale or missing")
             parts.append(f"{name}: {why}")
-        return "upstream " + "; ".join(parts)
+        return "upstream " + "; upstream ".join(parts)
 
     # -- the daemon ------------------------------------------------------------------------
     def halt_details(self) -> dict:

@@ -158,6 +158,21 @@ def test_content_writes_degraded_from_stored_notes_when_research_fails(tmp_path)
     assert draft["value"]["degraded"] is True
 
 
+def test_seo_downstream_of_degraded_content_carries_the_chain(tmp_path):
+    """In research-down, seo (downstream of content) runs degraded with the chain
+    content<-research in its environment, its run record and its own words."""
+    with start(demo(tmp_path, scenario="research-down")) as d:
+        d.wait_event("run_finished", agent="research", outcome="failed", timeout_s=30)
+        wait_until(lambda: any(a["agent"] == "content" and a["degraded"]
+                               for a in d.call("status")["agents"]), 15)
+        d.call("start-now", agent="seo")
+        wait_until(lambda: any(line.startswith("seo: degraded:") for line in lines(d, "seo")),
+                   30, message=f"seo said it is degraded; last events: {d.tail()}")
+        runs = d.call("runs", agent="seo")
+    assert any(r["degraded"] == "content<-research" for r in runs), runs
+    assert any("(content<-research)" in line for line in lines(d, "seo"))
+
+
 def test_3am_retry_loop_halts_the_pipeline_with_one_alert(tmp_path):
     """The 3am switch's runaway retries trip the breaker: one alert, no agent left running."""
     with start(demo(tmp_path, scenario="3am")) as d:
