@@ -272,5 +272,7 @@ class Breaker:
         memory = restore_snapshot(snap, self.settings, now=self._now(now),
                                   wall=self._wall_clock())
         self.state, self.since, self.last_trip, self.trips_total, self._windows = memory
-        log.warning("breaker_restored", state=self.state.value, trips_total=self.trips_total,
-                    last_trip_agent=self.last_trip.agent if self.last_trip else None)
+        # A restored closed breaker is routine: warning only when it holds the pipeline.
+        (log.info if self.state is BreakerState.CLOSED else log.warning)(
+            "breaker_restored", state=self.state.value, trips_total=self.trips_total,
+            last_trip_agent=self.last_trip.agent if self.last_trip else None)

@@ -58,7 +58,8 @@ def cmd_run(args) -> int:
     from .logs import configure
 
     config = load_config(_config_path(args))
-    configure(args.log_format or config.settings.log_format, config.settings.log_level)
+    configure(args.log_format or config.settings.log_format, config.settings.log_level,
+              verbose=args.verbose)
     daemon = Daemon(config)
     install_features(daemon)
     return daemon.run()
@@ -247,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the daemon in the foreground")
     p.add_argument("--log-format", choices=["auto", "console", "json", "journal"])
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="in a terminal, also show bookkeeping events (run_started, ...)")
     p.set_defaults(func=cmd_run)
     sub.add_parser("check-config", help="validate the configuration, print every error"
                    ).set_defaults(func=cmd_check_config)

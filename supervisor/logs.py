@@ -1,9 +1,11 @@
-"""Logging setup: readable lines in a terminal, JSON lines otherwise, journald fields under
-systemd. Configured once by the command that needs it, never at import time."""
+"""Logging setup: short lines for a person in a terminal (console.py), JSON lines otherwise,
+journald fields under systemd. Configured once by the command that needs it, never at
+import time."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -25,7 +27,8 @@ def choose_format(requested: str) -> str:
     return "console" if sys.stderr.isatty() else "json"
 
 
-def configure(fmt: str = "auto", level: str = "info") -> str:
+def configure(fmt: str = "auto", level: str = "info", verbose: bool = False) -> str:
+    """`verbose` shows the console's bookkeeping events too (`watchkeeper run -v`)."""
     fmt = choose_format(fmt)
     processors: list = [
         structlog.contextvars.merge_contextvars,
@@ -37,7 +40,10 @@ def configure(fmt: str = "auto", level: str = "info") -> str:
 
         processors.append(JournalRenderer())
     elif fmt == "console":
-        processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+        from .console import PersonConsole
+
+        colors = sys.stderr.isatty() and "NO_COLOR" not in os.environ
+        processors.append(PersonConsole(verbose=verbose, colors=colors))
     else:
         processors.append(structlog.processors.JSONRenderer())
     structlog.configure(
