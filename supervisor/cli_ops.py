@@ -179,9 +179,11 @@ def install_unit(unit_file: Path, systemd_dir: Path, exec_path: Path, config_dir
     drop_in = systemd_dir / f"{SERVICE}.d" / "install.conf"
     if (exec_path, config_dir) != (DEFAULT_EXEC, DEFAULT_CONFIG_DIR):
         drop_in.parent.mkdir(mode=0o755, exist_ok=True)
+        config = config_dir / "watchkeeper.yaml"
         _write_if_changed(drop_in, "# Written by `watchkeeper install-systemd`.\n[Service]\n"
-                          f"ExecStart=\nExecStart={exec_path} --config "
-                          f"{config_dir / 'watchkeeper.yaml'} run\n", 0o644)
+                          f"ExecStart=\nExecStart={exec_path} --config {config} run\n"
+                          f"ExecReload=\nExecReload={exec_path} --config {config} check-config\n"
+                          "ExecReload=/bin/kill -HUP $MAINPID\n", 0o644)
     elif drop_in.exists():
         drop_in.unlink()
         print(f"{drop_in}: removed (the unit's ExecStart fits)")

@@ -162,6 +162,10 @@ def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[Confi
             message = f"unknown key (valid keys here: {valid})"
         elif message.startswith("Invalid enum value"):
             message += _enum_hint(struct, sub)
+        elif message.startswith("Expected `object`"):
+            from .config_hints import object_hint, value_at
+
+            message += object_hint(_struct_at(struct, sub), value_at(data, sub))
         issues.append(doc.issue(field or DOCUMENT, message))
         return None
 

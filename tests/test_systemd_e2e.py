@@ -289,12 +289,19 @@ def test_runs_get_cgroups_of_their_own(deployed):
 
 @pytest.mark.usefixtures("started")
 def test_reload_with_broken_config_keeps_running(deployed):
-    """`systemctl reload` with a broken agent file keeps the daemon and journals why."""
+    """`systemctl reload` with a broken agent file fails (check-config runs first) and
+    says why; a SIGHUP all the same keeps the daemon and journals why."""
     main_pid = deployed.prop("MainPID")
     deployed.write_etc("/etc/watchkeeper/agents.d/broken.yaml",
                        "jobs:\n  - id: x\n    command: [x]\n"
                        "    schedule: {cron: '*/61 * * * *'}\n")
-    deployed.box.run("systemctl", "reload", UNIT)
+    refused = deployed.box.run("systemctl", "reload", UNIT, check=False)
+    assert refused.returncode != 0
+    wait_until(lambda: any("broken.yaml:4: jobs[0].schedule.cron" in e.get("MESSAGE", "")
+                           for e in deployed.journal(f"_SYSTEMD_UNIT={UNIT}")),
+               timeout_s=10, message="check-config's reason in the unit's journal")
+    assert deployed.prop("MainPID") == main_pid
+    deployed.box.run("systemctl", "kill", "--kill-whom=main", "--signal=HUP", UNIT)
     errors = wait_until(lambda: deployed.unit_journal("EVENT=reload_config_error"),
                         timeout_s=10, message="reload_config_error in the journal")
     assert "broken.yaml:4: jobs[0].schedule.cron" in errors[0]["ERROR"]
