@@ -132,6 +132,22 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def cmd_top(args) -> int:
+    client = _client(args)
+    if args.json:  # one snapshot of what the screen shows
+        _print({"status": client.call("status"), "runs": client.call("runs", limit=500),
+                "outputs": client.call("outputs", limit=20)}, True)
+        return EXIT_OK
+    if not sys.stdout.isatty():
+        print("watchkeeper top: needs a terminal; `watchkeeper status` or `top --json` for a "
+              "pipe", file=sys.stderr)
+        return EXIT_USAGE
+    from .top import main as top_main
+
+    command = "watchkeeper" + (f" --config {args.config}" if args.config else "")
+    return top_main(client, args.interval_s, args.hours, command)
+
+
 def _where(agent: dict) -> str:
     if agent.get("running_on"):
         return f"running on {agent['running_on']}"
@@ -259,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                    ).set_defaults(func=lambda a: (print(_config_reference()), EXIT_OK)[1])
     sub.add_parser("status", help="agents, their state, last and next run"
                    ).set_defaults(func=cmd_status)
+    p = sub.add_parser("top", help="the pipeline live, full-screen: agents, timelines, events")
+    p.add_argument("--interval-s", type=float, default=2.0, help="refresh every N seconds")
+    p.add_argument("--hours", type=float, default=3.0, help="the timeline's span")
+    p.set_defaults(func=cmd_top)
     p = sub.add_parser("start-now", help="fire an agent's job now")
     p.add_argument("agent")
     p.add_argument("--job")

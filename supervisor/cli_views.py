@@ -54,6 +54,11 @@ def _span(seconds: float) -> str | None:
     return f"{seconds:.0f} s"
 
 
+def span(seconds: float) -> str:
+    """'3 min', '2 h', '0 s'."""
+    return _span(seconds) or "0 s"
+
+
 def when(ts: float | None, now: float | None = None) -> str:
     """Local clock time and how long ago: '14:02:07, 3 min ago'; the date when not today."""
     if not ts:
@@ -214,12 +219,16 @@ def undelivered_alerts(status: dict) -> int | None:
     return None
 
 
-def window_fill(window: dict | None) -> str:
-    """'outputs 9/10 in 60 s', red from 80 % of the limit."""
+def window_fill(window: dict | None, painted: bool = True) -> str:
+    """'9/10 in 60 s', red from 80 % of the limit when `painted`."""
     if not window:
         return "-"
     text = f"{window['outputs']}/{window['max_outputs']} in {window['window_s']:g} s"
-    return paint(text, RED) if window["outputs"] >= 0.8 * window["max_outputs"] else text
+    return paint(text, RED) if painted and window_near_limit(window) else text
+
+
+def window_near_limit(window: dict | None) -> bool:
+    return bool(window) and window["outputs"] >= 0.8 * window["max_outputs"]
 
 
 def _age(seconds: float | None) -> str:

@@ -67,7 +67,7 @@ JSON_VERBS = {
     "search": ("search", "hello"), "check-config": ("check-config",),
     "pause": ("pause", "worker"), "resume": ("resume", "worker"), "reload": ("reload",),
     "start-now": ("start-now", "worker"),
-    "breaker reset": ("breaker", "reset", "--reason", "test"),
+    "breaker reset": ("breaker", "reset", "--reason", "test"), "top": ("top",),
 }
 
 
