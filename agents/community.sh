@@ -24,7 +24,7 @@ if ! watchkeeper upstream-ok seo; then
 fi
 
 # `memory list` prints JSON with two-space indents: each entry's key is on a line of its own.
-slugs=$(watchkeeper memory list approved | sed -n 's/^    "key": "\([a-z0-9-]*\)",$/\1/p')
+slugs=$(watchkeeper memory list approved --json | sed -n 's/^    "key": "\([a-z0-9-]*\)",$/\1/p')
 posted=0 waiting=0
 for slug in $slugs; do
     if watchkeeper memory get community "posted-$slug" >/dev/null; then

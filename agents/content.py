@@ -109,6 +109,10 @@ def main(agent, meter: Meter, argv: list[str]) -> int:
         topic = roundup_topic(notes)
         if topic["key"] in drafted:
             topic = None
+    if topic is None and scenario() == "3am" and notes and drafted:
+        # The seed's bug struck on republishing as well: the scenario trips the breaker
+        # even when every topic already has its article (a demo started again later).
+        topic = max(notes, key=lambda n: n["updated_at"])
     if topic is None:
         say(agent, f"every note has its article ({len(drafted)} drafts); nothing to write")
         return 0

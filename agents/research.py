@@ -145,8 +145,24 @@ def make_note(meter: Meter, url: str, page: PageText, method: str) -> dict:
             "digest": hashlib.sha256((text + "".join(page.facts)).encode()).hexdigest()[:16]}
 
 
+CHROMIUM_HINT_KEY = "chromium-hint-given"
+
+
+def hint_chromium_once(agent, fetcher: Fetcher) -> None:
+    """Without Chromium, say once (per state: remembered in memory) how to get it, instead
+    of falling back to plain HTTP silently on every run."""
+    if fetcher.chromium or agent.memory.get("research", CHROMIUM_HINT_KEY) is not None:
+        return
+    say(agent, "no Chromium on PATH: reading pages with plain HTTP, which misses text that "
+               "JavaScript adds; install it with `apt-get install chromium` (Debian) and the "
+               "next run uses it")
+    agent.memory.put("research", CHROMIUM_HINT_KEY, True)
+
+
 def fetch(agent, meter: Meter, index_urls: list[str]) -> int:
     fetcher = Fetcher(os.environ.get("RESEARCH_FETCHER", "auto"))
+    if os.environ.get("RESEARCH_FETCHER", "auto") == "auto":
+        hint_chromium_once(agent, fetcher)
     known = {e["key"] for e in agent.memory.list("notes")}
     new = [u for u in page_links(fetcher, index_urls) if slug_of(u) not in known]
     limit = int(os.environ.get("RESEARCH_MAX_PAGES", "2"))

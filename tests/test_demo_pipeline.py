@@ -191,6 +191,51 @@ def test_3am_retry_loop_halts_the_pipeline_with_one_alert(tmp_path):
     assert len(posts) == len(set(posts))
 
 
+def every_topic_done() -> dict:
+    """A memory export as after a long first demo: every topic has its note and its draft."""
+    topics = json.loads((ROOT / "demo" / "topics.json").read_text())
+    entries = []
+    for n, t in enumerate(topics, start=1):
+        note = {"title": t["title"], "url": f"http://127.0.0.1/pages/{t['slug']}.html",
+                "summary": t["paragraphs"][0], "text": " ".join(t["paragraphs"]), "facts": []}
+        draft = {"title": t["title"], "body": t["paragraphs"][0], "url": note["url"],
+                 "sources": [t["slug"]], "degraded": False}
+        for namespace, by, value in (("notes", "research", note), ("drafts", "content", draft)):
+            entries.append({"namespace": namespace, "key": t["slug"], "version": 1,
+                            "updated_at": float(n), "updated_by": by, "run_id": "earlier",
+                            "value": value})
+    return {"format": "watchkeeper-memory", "format_version": 1, "entries": entries}
+
+
+def test_3am_trips_even_after_every_topic_has_its_article(tmp_path):
+    """Started after an earlier demo used up every topic, the 3am scenario still trips."""
+    d = demo(tmp_path, scenario="3am")
+    d.start(extra_env=d.demo_env)
+    with d:
+        d.call("memory-import", data=every_topic_done())
+        d.call("start-now", agent="content")
+        d.wait_event("breaker_tripped", agent="content", timeout_s=60)
+    assert any("retrying at once" in line for line in lines(d, "content"))
+
+
+def test_research_without_chromium_says_once_how_to_install_it(tmp_path):
+    """With no Chromium on PATH, research says how to install it in its first run only."""
+    d = demo(tmp_path, fetcher="auto")
+    bin_dir = tmp_path / "bin"  # every command of the system but a browser
+    bin_dir.mkdir()
+    for directory in ("/usr/local/bin", "/usr/bin", "/bin"):
+        for tool in Path(directory).iterdir():
+            if not any(name in tool.name for name in ("chrom", "headless_shell")) \
+                    and not (bin_dir / tool.name).exists():
+                (bin_dir / tool.name).symlink_to(tool)
+    d.demo_env["PATH"] = str(bin_dir)
+    with start(d):
+        wait_until(lambda: len(d.find("run_finished", agent="research")) >= 2, 60,
+                   message=f"two research runs; last events: {d.tail()}")
+    hints = [line for line in lines(d, "research") if "no Chromium on PATH" in line]
+    assert len(hints) == 1 and "apt-get install chromium" in hints[0]
+
+
 # -- agent logic without a daemon ----------------------------------------------------------------
 class FakeMemory:
     def __init__(self) -> None:
