@@ -276,6 +276,44 @@ def test_watchkeeper_logs_reads_the_journal(deployed):
     assert {entry["_SYSTEMD_UNIT"] for entry in entries} == {UNIT}
 
 
+# Every verb of the README's command table that talks to the daemon or reads its
+# configuration, with no --config: the installed /etc/watchkeeper/watchkeeper.yaml is found.
+READ_VERBS = [("status",), ("status", "--json"), ("top", "--json"), ("runs",),
+              ("runs", "ticker"), ("check-config",), ("breaker", "status"), ("outputs",),
+              ("locks",), ("memory", "list", "notes"), ("memory", "history"),
+              ("search", "anything"), ("config-reference",)]
+ADMIN_VERBS = [("pause", "ticker"), ("resume", "ticker"), ("start-now", "ticker"),
+               ("reload",), ("breaker", "reset", "--reason", "e2e"), ("memory", "export")]
+OPERATOR = "wkoperator"
+
+
+@pytest.mark.usefixtures("started")
+def test_every_verb_finds_the_installed_daemon_as_root(deployed):
+    """As root, every verb of the command table works without --config."""
+    # `logs` runs journalctl, which shows the unit's entries to root and to the
+    # systemd-journal group: only root's run is checked.
+    for verb in READ_VERBS + ADMIN_VERBS + [("logs", "ticker", "-n", "1")]:
+        result = deployed.box.run(WATCHKEEPER, *verb, check=False)
+        assert result.returncode == 0, (verb, result.stderr)
+    assert "keeper" in deployed.box.run(WATCHKEEPER, "status").stdout
+
+
+@pytest.mark.usefixtures("started")
+def test_every_read_verb_finds_the_installed_daemon_as_a_group_member(deployed):
+    """A member of the watchkeeper group runs every read verb without --config; an admin
+    verb is refused in one line (socket_group is not set), never 'not running'."""
+    box = deployed.box
+    if box.run("id", OPERATOR, check=False).returncode != 0:
+        box.run("useradd", "--no-create-home", "--groups", "watchkeeper", OPERATOR)
+    as_operator = ("runuser", "-u", OPERATOR, "--", WATCHKEEPER)
+    for verb in READ_VERBS:
+        result = box.run(*as_operator, *verb, check=False)
+        assert result.returncode == 0, (verb, result.stderr)
+    refused = box.run(*as_operator, "pause", "ticker", check=False)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "not running" not in refused.stderr
+
+
 @pytest.mark.usefixtures("started")
 def test_runs_get_cgroups_of_their_own(deployed):
     """Under Delegate=yes the daemon sits in supervisor/ and each run in runs/<run_id>."""
