@@ -77,6 +77,12 @@ def journalctl_argv(args) -> list[str]:
 
 def cmd_logs(args) -> int:
     argv = journalctl_argv(args)
+    if _unit_inactive(args.unit):
+        # The demo and any `watchkeeper run` by hand log to their terminal: without this,
+        # the journal's "-- No entries --" reads as "the agent said nothing".
+        print(f"watchkeeper logs: the {args.unit} unit is not running here; a daemon started "
+              "by hand (`watchkeeper run`, the demo) prints its agents' lines on its own "
+              "terminal, not to the journal", file=sys.stderr)
     sys.stdout.flush()
     try:
         os.execvp(argv[0], argv)
@@ -85,6 +91,17 @@ def cmd_logs(args) -> int:
               "under systemd; a daemon started by hand logs them on its stderr",
               file=sys.stderr)
     return 1
+
+
+def _unit_inactive(unit: str) -> bool:
+    """True when systemctl says the unit is not active; False when it is, or when there
+    is no systemctl to ask (journalctl alone may still hold older entries)."""
+    try:
+        result = subprocess.run(["systemctl", "is-active", "--quiet", unit],
+                                capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode != 0
 
 
 # -- install-systemd --------------------------------------------------------------------------

@@ -62,3 +62,15 @@ def test_install_names_missing_unit_file(tmp_path):
     res = wk("install-systemd", "--unit-file", str(tmp_path / "absent.service"))
     assert res.returncode == 1
     assert f"no unit file at {tmp_path / 'absent.service'}: pass --unit-file" in res.stderr
+
+
+def test_logs_says_where_the_lines_are_when_the_unit_is_not_running(tmp_path):
+    """When systemctl says the unit is inactive, `logs` says a hand-started daemon logs to
+    its terminal, then still runs journalctl."""
+    env = fake_path(tmp_path)
+    (tmp_path / "bin" / "systemctl").write_text("#!/bin/sh\nexit 3\n")
+    (tmp_path / "bin" / "systemctl").chmod(0o755)
+    res = wk("logs", "content", env=env)
+    assert res.returncode == 0
+    assert res.stderr.startswith("watchkeeper logs: the watchkeeper unit is not running here")
+    assert res.stdout.splitlines() == ["--unit=watchkeeper", "AGENT=content"]
