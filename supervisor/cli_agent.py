@@ -202,7 +202,8 @@ def add_agent_commands(sub) -> None:
 
     p = sub.add_parser("search", help="memory entries relevant to a query (lazy context)")
     p.add_argument("query")
-    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--k", type=int, help="at most this many entries (default: fill the budget, "
+                                          "or 8 without one)")
     p.add_argument("--budget", type=int, help="token budget")
     p.add_argument("--namespace", action="append", help="restrict to a namespace (repeatable)")
     p.set_defaults(func=cmd_search)

@@ -30,7 +30,13 @@ log = structlog.get_logger("watchkeeper.context")
 
 CHARS_PER_TOKEN = 4
 MAX_QUERY_TERMS = 48
-CANDIDATE_FACTOR = 4  # with a budget, rank this many times k so smaller entries can fill it
+DEFAULT_K = 8  # hits when the caller gives neither k nor a budget
+CANDIDATE_FACTOR = 4  # with a budget and k, rank this many times k so smaller entries can fill it
+# With a budget and no k, rank enough candidates to fill it: one per MIN_ENTRY_TOKENS of budget
+# (a rendered entry is rarely smaller), within these bounds so a huge budget stays fast.
+MIN_ENTRY_TOKENS = 8
+MIN_BUDGET_CANDIDATES = 32
+MAX_BUDGET_CANDIDATES = 1000
 
 # Words that carry no topic: dropping them keeps the OR query small and the ranking on content.
 STOPWORDS = frozenset("""
@@ -156,15 +162,19 @@ class ContextRetriever:
     def __init__(self, backend: RetrievalBackend) -> None:
         self.backend = backend
 
-    def search(self, query: str, k: int = 8, token_budget: int | None = None,
+    def search(self, query: str, k: int | None = None, token_budget: int | None = None,
                namespaces: Sequence[str] | None = None) -> list[Hit]:
-        """Up to `k` entries, best first, whose total estimated tokens fit `token_budget`.
+        """The best entries, best first, that fit `token_budget`; at most `k` when k is given.
 
-        Packing is greedy in rank order: an entry that does not fit the remaining budget is
-        skipped and a smaller, lower-ranked one may take its place. `namespaces` are globs.
+        The budget is the knob: with a budget and no k, entries are packed until no ranked
+        candidate fits what remains. k caps the count only when the caller sets it; with
+        neither, DEFAULT_K hits. Packing is greedy in rank order: an entry that does not fit the
+        remaining budget is skipped and a smaller, lower-ranked one may take its place.
+        `namespaces` are globs.
         """
         terms = query_terms(query)
-        limit = k * CANDIDATE_FACTOR if token_budget is not None else k
+        limit = candidate_limit(k, token_budget)
+        cap = k if k is not None else (DEFAULT_K if token_budget is None else math.inf)
         hits: list[Hit] = []
         remaining = token_budget if token_budget is not None else math.inf
         for cand in self.backend.candidates(terms, namespaces, limit):
@@ -175,11 +185,21 @@ class ContextRetriever:
             hits.append(Hit(namespace=cand.namespace, key=cand.key, version=cand.version,
                             score=cand.score, text=text, tokens=tokens))
             remaining -= tokens
-            if len(hits) == k:
+            if len(hits) >= cap or remaining <= 0:
                 break
         log.debug("context_searched", terms=len(terms), hits=len(hits),
                   tokens=total_tokens(hits), token_budget=token_budget)
         return hits
+
+
+def candidate_limit(k: int | None, token_budget: int | None) -> int:
+    """How many ranked candidates to fetch for a search with this k and budget."""
+    if token_budget is None:
+        return k if k is not None else DEFAULT_K
+    if k is not None:
+        return k * CANDIDATE_FACTOR
+    by_budget = max(token_budget, 0) // MIN_ENTRY_TOKENS
+    return max(MIN_BUDGET_CANDIDATES, min(MAX_BUDGET_CANDIDATES, by_budget))
 
 
 def render_hits(hits: Iterable[Hit]) -> str:

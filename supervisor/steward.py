@@ -141,18 +141,38 @@ def _memory_history(h, conn, req):
 @command(READ_ONLY, "search")
 def _search(h, conn, req):
     a = req.args
-    query, k, budget, namespaces = a.get("query"), a.get("k", 8), a.get("token_budget"), \
+    query, k, budget, namespaces = a.get("query"), a.get("k"), a.get("token_budget"), \
         a.get("namespaces")
-    if not isinstance(query, str) or not isinstance(k, int) or not 0 < k <= 100 or \
-            (budget is not None and not isinstance(budget, int)) or \
-            (namespaces is not None and not isinstance(namespaces, list)):
-        return error(req.id, "search needs `query` (string), optional `k` (1-100), "
-                             "`token_budget` (int), `namespaces` (list)")
+    problem = search_args_problem(query, k, budget, namespaces)
+    if problem:
+        return error(req.id, f"search: {problem}; it takes `query` (string), optional `k` "
+                             f"(1-{MAX_SEARCH_K}), `token_budget` (0-{MAX_TOKEN_BUDGET}), "
+                             f"`namespaces` (list of glob strings)")
     started = time.monotonic()
     hits = _steward(h).retriever.search(query, k=k, token_budget=budget, namespaces=namespaces)
     return ok(req.id, {"hits": msgspec.to_builtins(hits), "tokens": total_tokens(hits),
                        "text": render_hits(hits),
                        "elapsed_ms": round((time.monotonic() - started) * 1000, 2)})
+
+
+MAX_SEARCH_K = 1000
+MAX_TOKEN_BUDGET = 1_000_000
+
+
+def search_args_problem(query, k, budget, namespaces) -> str | None:
+    """What is wrong with a search request's arguments, or None."""
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+    if not isinstance(query, str):
+        return "`query` must be a string"
+    if k is not None and not (is_int(k) and 0 < k <= MAX_SEARCH_K):
+        return f"`k` is {k!r}"
+    if budget is not None and not (is_int(budget) and 0 <= budget <= MAX_TOKEN_BUDGET):
+        return f"`token_budget` is {budget!r}"
+    if namespaces is not None and not (isinstance(namespaces, list)
+                                       and all(isinstance(n, str) for n in namespaces)):
+        return f"`namespaces` is {namespaces!r}"
+    return None
 
 
 @command(ADMIN, "memory-revert")
