@@ -18,17 +18,22 @@ import re
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import msgspec
 import structlog
 
+from supervisor.embeddings import MODEL_ID
 from supervisor.memory_settings import StewardSettings
 from supervisor.memory_sqlite import connect
+
+if TYPE_CHECKING:
+    from supervisor.semantic_index import SemanticIndex
 
 log = structlog.get_logger("watchkeeper.context")
 
 CHARS_PER_TOKEN = 4
+TOKEN_RULE = "ceil(characters / 4) of each rendered entry"
 MAX_QUERY_TERMS = 48
 DEFAULT_K = 8  # hits when the caller gives neither k nor a budget
 CANDIDATE_FACTOR = 4  # with a budget and k, rank this many times k so smaller entries can fill it
@@ -52,14 +57,21 @@ _WORD = re.compile(r"\w+")
 
 
 class Hit(msgspec.Struct, kw_only=True, frozen=True):
-    """One retrieved entry: its rendered text, its token estimate, and its BM25 relevance."""
+    """One retrieved entry: its rendered text, its token estimate, and why it ranked.
+
+    `score` is the negated FTS5 bm25 when search is lexical only, and the reciprocal-rank-fusion
+    score when it is hybrid; higher is more relevant either way. The ranks are 1-based places in
+    each ranking (None: not in that ranking's candidates).
+    """
 
     namespace: str
     key: str
     version: int
-    score: float  # higher is more relevant (negated FTS5 bm25)
+    score: float
     text: str
     tokens: int
+    lexical_rank: int | None = None
+    semantic_rank: int | None = None
 
 
 class Candidate(NamedTuple):
@@ -68,6 +80,14 @@ class Candidate(NamedTuple):
     version: int
     value_json: str
     score: float
+    entry_id: int | None = None
+
+
+class Ranked(NamedTuple):
+    candidate: Candidate
+    score: float
+    lexical_rank: int | None
+    semantic_rank: int | None
 
 
 class RetrievalBackend(Protocol):
@@ -139,7 +159,7 @@ class Fts5Backend:
             # Filter through the entries table first: bm25 is then computed only for rows in
             # scope (p50 23 ms vs 39 ms at 100k entries, bench/steward_store.py).
             scope = " or ".join("e.namespace glob ?" for _ in namespaces)
-            sql = (f"select e.namespace, e.key, e.version, e.value, {rank} as rank "
+            sql = (f"select e.namespace, e.key, e.version, e.value, {rank} as rank, e.id "
                    f"from entries_fts join entries e on e.id = entries_fts.rowid "
                    f"where entries_fts match ? and ({scope}) "
                    f"order by rank, e.namespace, e.key limit ?")
@@ -147,20 +167,55 @@ class Fts5Backend:
         else:
             # Rank and cut inside the FTS table, then join only the top rows (p50 33 ms vs
             # 66 ms when every match is joined first). Tombstones are never in the index.
-            sql = (f"select e.namespace, e.key, e.version, e.value, top.rank from ("
+            sql = (f"select e.namespace, e.key, e.version, e.value, top.rank, e.id from ("
                    f"select rowid, {rank} as rank from entries_fts where entries_fts match ? "
                    f"order by rank limit ?) as top join entries e on e.id = top.rowid "
                    f"order by top.rank, e.namespace, e.key")
             params = (fts_query(terms), limit)
         rows = self._conn.execute(sql, params).fetchall()
-        return [Candidate(ns, key, version, value, -rank) for ns, key, version, value, rank in rows]
+        return [Candidate(ns, key, version, value, -rank, entry_id)
+                for ns, key, version, value, rank, entry_id in rows]
+
+    def by_ids(self, wanted: Sequence[tuple[int, int]]) -> list[Candidate]:
+        """The live entries among (id, version) pairs, in the given order; changed ones drop."""
+        if not wanted:
+            return []
+        marks = ",".join("?" * len(wanted))
+        rows = {row[0]: row for row in self._conn.execute(
+            f"select id, namespace, key, version, value from entries "
+            f"where id in ({marks}) and value is not null", [i for i, _ in wanted])}
+        return [Candidate(row[1], row[2], row[3], row[4], 0.0, row[0])
+                for entry_id, version in wanted
+                if (row := rows.get(entry_id)) is not None and row[3] == version]
 
 
 class ContextRetriever:
-    """Turns a task description into the best entries that fit a token budget."""
+    """Turns a task description into the best entries that fit a token budget.
 
-    def __init__(self, backend: RetrievalBackend) -> None:
+    With a `SemanticIndex` it is hybrid: the FTS5 ranking and the embedding ranking are fused by
+    reciprocal rank fusion (score = sum of 1 / (RRF_K + rank)), which needs no calibration
+    between bm25 and cosine and lets an entry that shares no word with the query (only meaning)
+    rank beside exact matches. Without one, the FTS5 ranking alone, and `explain()` says why.
+    """
+
+    RRF_K = 60
+
+    def __init__(self, backend: RetrievalBackend, semantic: SemanticIndex | None = None,
+                 semantic_off: str = "no semantic index configured") -> None:
         self.backend = backend
+        self.semantic = semantic
+        self.semantic_off = semantic_off
+
+    def explain(self) -> dict:
+        """How search ranks right now, for `search --explain`."""
+        if self.semantic is None:
+            return {"retrieval": "lexical", "ranking": "SQLite FTS5 BM25 (porter stemming)",
+                    "semantic": f"off: {self.semantic_off}", "token_estimate": TOKEN_RULE}
+        return {"retrieval": "hybrid",
+                "ranking": f"FTS5 BM25 and {MODEL_ID} cosine, fused by reciprocal rank "
+                           f"(k={self.RRF_K})",
+                "semantic": f"on: {len(self.semantic)} entry vectors",
+                "token_estimate": TOKEN_RULE}
 
     def search(self, query: str, k: int | None = None, token_budget: int | None = None,
                namespaces: Sequence[str] | None = None) -> list[Hit]:
@@ -172,24 +227,54 @@ class ContextRetriever:
         remaining budget is skipped and a smaller, lower-ranked one may take its place.
         `namespaces` are globs.
         """
-        terms = query_terms(query)
         limit = candidate_limit(k, token_budget)
+        ranked = self.rank(query, namespaces, limit)
         cap = k if k is not None else (DEFAULT_K if token_budget is None else math.inf)
-        hits: list[Hit] = []
-        remaining = token_budget if token_budget is not None else math.inf
-        for cand in self.backend.candidates(terms, namespaces, limit):
-            text = render(cand.namespace, cand.key, cand.value_json)
-            tokens = estimate_tokens(text)
-            if tokens > remaining:
-                continue
-            hits.append(Hit(namespace=cand.namespace, key=cand.key, version=cand.version,
-                            score=cand.score, text=text, tokens=tokens))
-            remaining -= tokens
-            if len(hits) >= cap or remaining <= 0:
-                break
-        log.debug("context_searched", terms=len(terms), hits=len(hits),
+        hits = pack(ranked, cap, token_budget)
+        log.debug("context_searched", candidates=len(ranked), hits=len(hits),
                   tokens=total_tokens(hits), token_budget=token_budget)
         return hits
+
+    def rank(self, query: str, namespaces: Sequence[str] | None, limit: int) -> list[Ranked]:
+        """Candidates best first: lexical alone, or fused with the semantic ranking."""
+        lexical = self.backend.candidates(query_terms(query), namespaces, limit)
+        if self.semantic is None:
+            return [Ranked(c, c.score, place, None) for place, c in enumerate(lexical, 1)]
+        near = self.semantic.nearest(query, namespaces, limit)
+        semantic = self.backend.by_ids([(entry_id, version) for entry_id, version, _ in near])
+        return fuse(lexical, semantic, self.RRF_K)
+
+
+def fuse(lexical: Sequence[Candidate], semantic: Sequence[Candidate], rrf_k: int) -> list[Ranked]:
+    """Reciprocal rank fusion of two rankings of the same entries, best first."""
+    places: dict[tuple[str, str], list] = {}
+    for which, ranking in ((0, lexical), (1, semantic)):
+        for place, cand in enumerate(ranking, 1):
+            slot = places.setdefault((cand.namespace, cand.key), [cand, None, None])
+            slot[1 + which] = place
+    fused = [Ranked(cand, sum(1 / (rrf_k + p) for p in (lex, sem) if p is not None), lex, sem)
+             for cand, lex, sem in places.values()]
+    fused.sort(key=lambda r: (-r.score, r.candidate.namespace, r.candidate.key))
+    return fused
+
+
+def pack(ranked: Iterable[Ranked], cap: float, token_budget: int | None) -> list[Hit]:
+    """Greedy in rank order: take each candidate that fits what remains of the budget."""
+    hits: list[Hit] = []
+    remaining = token_budget if token_budget is not None else math.inf
+    for r in ranked:
+        cand = r.candidate
+        text = render(cand.namespace, cand.key, cand.value_json)
+        tokens = estimate_tokens(text)
+        if tokens > remaining:
+            continue
+        hits.append(Hit(namespace=cand.namespace, key=cand.key, version=cand.version,
+                        score=r.score, text=text, tokens=tokens, lexical_rank=r.lexical_rank,
+                        semantic_rank=r.semantic_rank))
+        remaining -= tokens
+        if len(hits) >= cap or remaining <= 0:
+            break
+    return hits
 
 
 def candidate_limit(k: int | None, token_budget: int | None) -> int:
