@@ -16,6 +16,7 @@ import structlog
 from .context import ContextRetriever, Fts5Backend, render_hits, total_tokens
 from .control.handlers import ADMIN, AGENT, READ_ONLY, command
 from .control.protocol import encode, error, ok
+from .embeddings import load_embedder
 from .memory_store import MalformedUpdate, MemoryStore, parse_update
 
 log = structlog.get_logger("watchkeeper.steward")
@@ -31,6 +32,7 @@ class Steward:
         self.daemon = None
         self.store: MemoryStore | None = None
         self.retriever: ContextRetriever | None = None
+        self.indexer = None  # SemanticIndexer, with the [semantic] extra and a local store
         self.pending: list = []  # (connection, request id, Update)
         self._next_prune = 0.0
         self.applied = 0
@@ -42,15 +44,50 @@ class Steward:
         open_shared = getattr(daemon, "open_memory", None)
         if open_shared is not None:
             self.store, backend = open_shared(daemon.config.settings.steward)
+            self.retriever = ContextRetriever(backend, semantic_off="not available with "
+                                                                    "shared (PostgreSQL) storage")
         else:
             self.store = MemoryStore(daemon.state_dir, daemon.config.settings.steward)
             backend = Fts5Backend.open(self.store.path, daemon.config.settings.steward)
-        self.retriever = ContextRetriever(backend)
+            self.retriever = self._hybrid_or_lexical(backend)
         daemon.after_batch.append(self.flush)
+        daemon.after_batch.append(self.embed_pending)
         daemon.on_tick.append(self._tick)
+
+    def _hybrid_or_lexical(self, backend: Fts5Backend) -> ContextRetriever:
+        """Hybrid search when the packaged model loads; lexical, saying why, when not."""
+        from .semantic_index import SemanticIndex, SemanticIndexer
+
+        embedder, why = load_embedder()
+        if embedder is None:
+            log.info("semantic_search_off", reason=why)
+            return ContextRetriever(backend, semantic_off=why)
+        index = SemanticIndex(embedder)
+        self.indexer = SemanticIndexer.open(self.store.path, self.daemon.config.settings.steward,
+                                            index)
+        # Entries acknowledged but never embedded (the daemon died in between) are found here
+        # and embedded over the next loop turns, off the start path.
+        self.indexer.start()
+        return ContextRetriever(backend, index)
+
+    def embed_pending(self) -> None:
+        """Embed a batch of written entries, after their writes were acknowledged."""
+        if self.indexer is None:
+            return
+        try:
+            self.indexer.embed_pending()
+        except Exception as exc:  # noqa: BLE001 - disk full, I/O error: search stays lexical
+            log.error("embedding_failed", error=str(exc))
+
+    def wrote(self) -> None:
+        """Entries changed outside a flush (revert, import): embed what needs it."""
+        if self.indexer is not None:
+            self.indexer.mark_dirty()
 
     def stop(self, daemon) -> None:
         self.flush()
+        if self.indexer is not None:
+            self.indexer.close()
         self.store.close()
 
     def queue_depth(self) -> int:
@@ -78,6 +115,7 @@ class Steward:
                 conn.send(error(request_id, f"not applied: {exc}", retry=True))
             return
         self.applied += sum(1 for r in results if r.ok)
+        self.wrote()
         for (conn, request_id, _), result in zip(batch, results, strict=True):
             body = msgspec.to_builtins(result)
             if result.ok:
@@ -92,7 +130,10 @@ class Steward:
             self.store.prune()
 
     def status(self) -> dict:
-        return {"applied": self.applied, "pending": len(self.pending)}
+        status = {"applied": self.applied, "pending": len(self.pending)}
+        if self.indexer is not None:
+            status["embedded"] = self.indexer.embedded
+        return status
 
 
 def _steward(h) -> Steward:
@@ -148,11 +189,18 @@ def _search(h, conn, req):
         return error(req.id, f"search: {problem}; it takes `query` (string), optional `k` "
                              f"(1-{MAX_SEARCH_K}), `token_budget` (0-{MAX_TOKEN_BUDGET}), "
                              f"`namespaces` (list of glob strings)")
+    explain = a.get("explain", False)
+    if not isinstance(explain, bool):
+        return error(req.id, f"search: `explain` is {explain!r}; it must be true or false")
     started = time.monotonic()
-    hits = _steward(h).retriever.search(query, k=k, token_budget=budget, namespaces=namespaces)
-    return ok(req.id, {"hits": msgspec.to_builtins(hits), "tokens": total_tokens(hits),
-                       "text": render_hits(hits),
-                       "elapsed_ms": round((time.monotonic() - started) * 1000, 2)})
+    retriever = _steward(h).retriever
+    hits = retriever.search(query, k=k, token_budget=budget, namespaces=namespaces)
+    result = {"hits": msgspec.to_builtins(hits), "tokens": total_tokens(hits),
+              "text": render_hits(hits),
+              "elapsed_ms": round((time.monotonic() - started) * 1000, 2)}
+    if explain:
+        result["explain"] = retriever.explain()
+    return ok(req.id, result)
 
 
 MAX_SEARCH_K = 1000
@@ -183,6 +231,7 @@ def _memory_revert(h, conn, req):
     _steward(h).flush()
     results = _steward(h).store.revert(seq=a.get("seq"), agent=a.get("agent"),
                                        run_id=a.get("run_id"), force=bool(a.get("force")))
+    _steward(h).wrote()
     log.warning("memory_reverted", by_uid=conn.peer.uid, seq=a.get("seq"), agent=a.get("agent"),
                 run_id=a.get("run_id"), updates=len(results))
     return ok(req.id, msgspec.to_builtins(results))
@@ -204,4 +253,5 @@ def _memory_import(h, conn, req):
         count = _steward(h).store.import_(data)
     except (ValueError, msgspec.ValidationError) as exc:
         return error(req.id, f"import rejected: {exc}")
+    _steward(h).wrote()
     return ok(req.id, {"imported": count})
