@@ -190,3 +190,19 @@ def test_bad_search_arguments_get_a_clear_error(tmp_path: Path) -> None:
                 assert reply["ok"] is False and "search:" in reply["error"], (bad, reply)
         finally:
             client.close()
+
+
+def test_when_question_ranks_the_turn_that_says_when_first(tmp_path: Path) -> None:
+    """For a "when" question, an entry with a relative time ("last week") outranks an equally
+    matching one without; other questions keep plain relevance order."""
+    with MemoryStore(tmp_path) as store:
+        put_all(store, "chat", {
+            "s01/t001": {"text": "Ana loved Rome."},
+            "s01/t002": {"text": "Ana went to Rome last week with her brother and cousins."}})
+        backend = Fts5Backend.open(store.path)
+        retriever = ContextRetriever(backend)
+        when = retriever.search("When did Ana go to Rome?", k=2)
+        plain = retriever.search("Ana Rome", k=2)
+        backend.close()
+    assert [h.key for h in when] == ["s01/t002", "s01/t001"]
+    assert [h.key for h in plain] == ["s01/t001", "s01/t002"]
