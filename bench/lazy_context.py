@@ -277,7 +277,7 @@ def report(title: str, corpus: Corpus, systems: dict[str, Search], budgets: list
                   f"{cells} |")
 
 
-def latency(state_dir: Path, questions: list[str], size: int) -> None:
+def latency(state_dir: Path, questions: list[str], size: int, rounds: int) -> None:
     """Search p50/p99 over `size` entries (pipeline memories of several seeds), budget 2,000."""
     entries: list[tuple[str, str, object]] = []
     seed = 7
@@ -293,7 +293,7 @@ def latency(state_dir: Path, questions: list[str], size: int) -> None:
         if retriever is None:
             continue
         times = []
-        for _ in range(3):
+        for _ in range(rounds):
             for q in questions:
                 started = time.monotonic()
                 retriever.search(q, token_budget=2000)
@@ -308,10 +308,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--locomo", type=Path, default=DEFAULT_LOCOMO,
                         help=f"LoCoMo dev folder (default {DEFAULT_LOCOMO})")
-    parser.add_argument("--budgets", default="500,1000,2000,4000")
-    parser.add_argument("--quick", action="store_true", help="LoCoMo only, no latency run")
+    parser.add_argument("--budgets", help="token budgets (default 500,1000,2000,4000; "
+                                              "--quick: 1000,2000)")
+    parser.add_argument("--quick", action="store_true", help="two budgets, one latency pass")
     args = parser.parse_args()
-    budgets = [int(b) for b in args.budgets.split(",")]
+    budgets = [int(b) for b in (args.budgets or ("1000,2000" if args.quick else
+                                                 "500,1000,2000,4000")).split(",")]
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
     _, semantic_note = load_embedder()
     print(f"semantic model: {semantic_note}")
@@ -334,8 +336,6 @@ def main() -> None:
             wk.close()
         else:
             print(f"LoCoMo dev: not found at {args.locomo} (pass --locomo PATH); skipped")
-        if args.quick:
-            return
         corpus = load_pipeline()
         (tmp_path / "pipeline").mkdir()
         wk = Watchkeeper(tmp_path / "pipeline", corpus.entries, one_by_one=False)
@@ -347,7 +347,8 @@ def main() -> None:
                f"hand-written questions, all namespaces", corpus, systems, budgets, [0])
         wk.close()
         (tmp_path / "latency").mkdir()
-        latency(tmp_path / "latency", [q.text for q in corpus.questions] * 5, 6000)
+        latency(tmp_path / "latency", [q.text for q in corpus.questions], 6000,
+                rounds=2 if args.quick else 10)
 
 
 if __name__ == "__main__":

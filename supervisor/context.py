@@ -39,9 +39,10 @@ TOKEN_RULE = "ceil(characters / 4) of each rendered entry"
 MAX_QUERY_TERMS = 48
 DEFAULT_K = 8  # hits when the caller gives neither k nor a budget
 CANDIDATE_FACTOR = 4  # with a budget and k, rank this many times k so smaller entries can fill it
-# With a budget and no k, rank enough candidates to fill it: one per MIN_ENTRY_TOKENS of budget
-# (a rendered entry is rarely smaller), within these bounds so a huge budget stays fast.
-MIN_ENTRY_TOKENS = 8
+# With a budget and no k, rank one candidate per TYPICAL_ENTRY_TOKENS of budget first (ranking
+# fewer keeps search fast), within these bounds; if they run out before the budget is full,
+# rank four times as many and pack again.
+TYPICAL_ENTRY_TOKENS = 20
 MIN_BUDGET_CANDIDATES = 32
 MAX_BUDGET_CANDIDATES = 1000
 
@@ -263,14 +264,29 @@ class ContextRetriever:
         `namespaces` are globs.
         """
         limit = candidate_limit(k, token_budget)
-        ranked = self.rank(query, namespaces, limit)
         cap = k if k is not None else (DEFAULT_K if token_budget is None else math.inf)
         # Neighbours only fill a budget: without one, the caller asked for the k best.
         neighbours = getattr(self.backend, "neighbours", None) if token_budget else None
-        hits = pack(ranked, cap, token_budget, neighbours, self.NEIGHBOUR_FACTOR)
+        while True:
+            ranked = self.rank(query, namespaces, limit)
+            hits = pack(ranked, cap, token_budget, neighbours, self.NEIGHBOUR_FACTOR)
+            if not self._may_fill_more(hits, ranked, limit, cap, token_budget):
+                break
+            limit = min(limit * 4, MAX_BUDGET_CANDIDATES)
         log.debug("context_searched", candidates=len(ranked), hits=len(hits),
                   tokens=total_tokens(hits), token_budget=token_budget)
         return hits
+
+    @staticmethod
+    def _may_fill_more(hits: list[Hit], ranked: list[Ranked], limit: int, cap: float,
+                       token_budget: int | None) -> bool:
+        """Whether ranking more candidates could bring the hits within one entry of the budget."""
+        if token_budget is None or len(hits) >= cap or limit >= MAX_BUDGET_CANDIDATES:
+            return False
+        if len(ranked) < limit:  # every match was ranked already
+            return False
+        largest = max((hit.tokens for hit in hits), default=0)
+        return total_tokens(hits) < token_budget - largest
 
     def rank(self, query: str, namespaces: Sequence[str] | None, limit: int) -> list[Ranked]:
         """Candidates best first: lexical alone or fused with the semantic ranking; for a
@@ -368,7 +384,7 @@ def candidate_limit(k: int | None, token_budget: int | None) -> int:
         return k if k is not None else DEFAULT_K
     if k is not None:
         return k * CANDIDATE_FACTOR
-    by_budget = max(token_budget, 0) // MIN_ENTRY_TOKENS
+    by_budget = max(token_budget, 0) // TYPICAL_ENTRY_TOKENS
     return max(MIN_BUDGET_CANDIDATES, min(MAX_BUDGET_CANDIDATES, by_budget))
 
 

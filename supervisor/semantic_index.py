@@ -118,7 +118,8 @@ class SemanticIndex:
         [query_vector] = self.embedder.embed([query])
         if not query_vector.any():
             return []
-        scores = self._matrix[:self._size] @ query_vector
+        # einsum, not `@`: BLAS threads on a busy 2-core host made this 4-7 ms instead of 0.5.
+        scores = np.einsum("ij,j->i", self._matrix[:self._size], query_vector)
         if namespaces:
             scores = np.where(self._namespace_mask(namespaces), scores, -np.inf)
         top = min(limit, self._size)
