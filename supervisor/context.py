@@ -232,8 +232,8 @@ class ContextRetriever:
     """
 
     # Chosen on the LoCoMo dev split only (bench/lazy_context.py): the static embedding model
-    # is the weaker signal, so it adds at most 0.3 to a lexical score scaled to at most 1.
-    SEMANTIC_WEIGHT = 0.3
+    # is the weaker signal, so it adds at most 0.6 to a lexical score scaled to at most 1.
+    SEMANTIC_WEIGHT = 0.6
     NEIGHBOUR_FACTOR = 0.7  # a neighbour ranks at this share of its hit's score
 
     def __init__(self, backend: RetrievalBackend, semantic: SemanticIndex | None = None,

@@ -33,6 +33,10 @@ create table if not exists entry_vectors (
     model text not null,
     vector blob not null        -- float32 little-endian, DIMENSIONS wide, unit length
 );
+create table if not exists token_counts (  -- tokens embedded so far, for SIF weights
+    token integer primary key,
+    count integer not null
+);
 create trigger if not exists entry_vectors_stale after update of value on entries begin
     delete from entry_vectors where id = old.id;
 end;
@@ -159,6 +163,8 @@ class SemanticIndexer:
         """Create the table, load stored vectors, and return how many entries still lack one."""
         create_vector_table(self._conn)
         self.index.load(self._conn)
+        self.index.embedder.learned(dict(self._conn.execute("select token, count from "
+                                                            "token_counts")))
         missing = self._conn.execute(
             "select count(*) from entries e left join entry_vectors v on v.id = e.id "
             "and v.model = ? where e.value is not null and v.id is null", (MODEL_ID,)).fetchone()
@@ -177,8 +183,12 @@ class SemanticIndexer:
         self.dirty = len(rows) == batch
         if not rows:
             return 0
-        vectors = self.index.embedder.embed(
-            [entry_text(msgspec.json.decode(value)) for *_, value in rows])
+        embedder = self.index.embedder
+        before = embedder.counts.copy()
+        vectors = embedder.embed([entry_text(msgspec.json.decode(value)) for *_, value in rows],
+                                 learn=True)
+        grown = (embedder.counts - before).nonzero()[0]
+        added = [(int(t), int(embedder.counts[t] - before[t])) for t in grown]
         # Only vectors whose entry is still at that version: the loop is the one writer, so
         # nothing changed between the read above and this transaction.
         self._conn.execute("begin immediate")
@@ -187,6 +197,9 @@ class SemanticIndexer:
                 "insert or replace into entry_vectors (id, version, model, vector) "
                 "values (?, ?, ?, ?)",
                 [(r[0], r[1], MODEL_ID, v.tobytes()) for r, v in zip(rows, vectors, strict=True)])
+            self._conn.executemany(
+                "insert into token_counts (token, count) values (?, ?) "
+                "on conflict (token) do update set count = count + excluded.count", added)
             self._conn.execute("commit")
         except BaseException:
             if self._conn.in_transaction:

@@ -206,3 +206,17 @@ def test_when_question_ranks_the_turn_that_says_when_first(tmp_path: Path) -> No
         backend.close()
     assert [h.key for h in when] == ["s01/t002", "s01/t001"]
     assert [h.key for h in plain] == ["s01/t001", "s01/t002"]
+
+
+def test_token_counts_are_stored_and_restored_at_start(chat, tmp_path: Path) -> None:
+    """The token counts behind the rarity weights are stored with the vectors and reloaded by
+    the next indexer, so a restart weighs query words as before."""
+    store, indexer, _, _ = chat
+    needs_model()
+    seen = indexer.index.embedder.total
+    assert seen > 0
+    embedder, _ = load_embedder()
+    again = SemanticIndexer.open(store.path, StewardSettings(), SemanticIndex(embedder))
+    assert again.start() == 0  # nothing left to embed
+    again.close()
+    assert embedder.total == seen and (embedder.counts == indexer.index.embedder.counts).all()
