@@ -50,7 +50,8 @@ def chat(tmp_path: Path):
         turns = {f"s01/t{i:03d}": value for i, value in enumerate([*OTHERS[:2], ANSWER,
                                                                      *OTHERS[2:]], 1)}
         put_all(store, "chat", turns)
-        index = SemanticIndex(EMBEDDER)
+        embedder, _ = load_embedder()  # its own token counts: they grow with what it embeds
+        index = SemanticIndex(embedder)
         indexer = SemanticIndexer.open(store.path, StewardSettings(), index)
         indexer.start()
         indexer.embed_pending()
