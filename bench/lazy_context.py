@@ -263,8 +263,9 @@ def report(title: str, corpus: Corpus, systems: dict[str, Search], budgets: list
         sum(t for name, t in tokens_of.items() if q.namespace is None or
             name.startswith(q.namespace + "/")) for q in corpus.questions)
     print(f"\n### {title}\n")
-    cols = " | ".join(CATEGORIES.get(c, "all") for c in categories)
-    print(f"| system | budget | tokens (mean) | recall (cat. 1-4) | {cols} |")
+    cols = " | ".join(CATEGORIES.get(c, "every question") for c in categories)
+    main = "recall (cat. 1-4)" if categories != [0] else "recall"
+    print(f"| system | budget | tokens (mean) | {main} | {cols} |")
     print("|---|---:|---:|---:|" + "---:|" * len(categories))
     print(f"| full context | - | {full:,.0f} | 100.0% | " + " | ".join(["100.0%"] * len(categories))
           + " |")
