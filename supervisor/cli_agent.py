@@ -111,7 +111,7 @@ def cmd_search(args) -> int:
     if args.explain:
         return _search_explained(args)
     result = _sdk(args).search(args.query, k=args.k, token_budget=args.budget,
-                               namespaces=args.namespace or None)
+                               namespaces=args.namespace or None, speakers=args.speaker)
     if args.json:
         print(json.dumps({"hits": result.hits, "tokens": result.tokens}, indent=2))
     else:
@@ -124,7 +124,8 @@ def _search_explained(args) -> int:
     request = {"query": args.query, "explain": True,
                **({"k": args.k} if args.k is not None else {}),
                **({"token_budget": args.budget} if args.budget is not None else {}),
-               **({"namespaces": args.namespace} if args.namespace else {})}
+               **({"namespaces": args.namespace} if args.namespace else {}),
+               **({"speakers": args.speaker} if args.speaker else {})}
     result = _sdk(args).call("search", **request)
     if args.json:
         print(json.dumps({k: result[k] for k in ("explain", "hits", "tokens")}, indent=2))
@@ -230,6 +231,8 @@ def add_agent_commands(sub) -> None:
                                           "or 8 without one)")
     p.add_argument("--budget", type=int, help="token budget")
     p.add_argument("--namespace", action="append", help="restrict to a namespace (repeatable)")
+    p.add_argument("--speaker", action="append",
+                   help="only entries whose value's `speaker` is this (repeatable)")
     p.add_argument("--explain", action="store_true",
                    help="say how search ranks (hybrid or lexical only) and why each hit ranked")
     p.set_defaults(func=cmd_search)

@@ -254,23 +254,32 @@ class ContextRetriever:
                 "token_estimate": TOKEN_RULE}
 
     def search(self, query: str, k: int | None = None, token_budget: int | None = None,
-               namespaces: Sequence[str] | None = None) -> list[Hit]:
+               namespaces: Sequence[str] | None = None,
+               speakers: Sequence[str] | None = None) -> list[Hit]:
         """The best entries, best first, that fit `token_budget`; at most `k` when k is given.
 
         The budget is the knob: with a budget and no k, entries are packed until no ranked
         candidate fits what remains. k caps the count only when the caller sets it; with
         neither, DEFAULT_K hits. Packing is greedy in rank order: an entry that does not fit the
         remaining budget is skipped and a smaller, lower-ranked one may take its place.
-        `namespaces` are globs.
+        `namespaces` are globs; `speakers` keeps only entries whose value is an object with a
+        "speaker" member equal to one of them (any case), neighbours included.
         """
         limit = candidate_limit(k, token_budget)
         cap = k if k is not None else (DEFAULT_K if token_budget is None else math.inf)
         # Neighbours only fill a budget: without one, the caller asked for the k best.
         neighbours = getattr(self.backend, "neighbours", None) if token_budget else None
+        said_by = speaker_filter(speakers)
+        if said_by is not None and neighbours is not None:
+            def neighbours(cand, _all=neighbours):
+                return [near for near in _all(cand) if said_by(near)]
         while True:
             ranked = self.rank(query, namespaces, limit)
+            seen = len(ranked)
+            if said_by is not None:
+                ranked = [r for r in ranked if said_by(r.candidate)]
             hits = pack(ranked, cap, token_budget, neighbours, self.NEIGHBOUR_FACTOR)
-            if not self._may_fill_more(hits, ranked, limit, cap, token_budget):
+            if not self._may_fill_more(hits, seen, limit, cap, token_budget):
                 break
             limit = min(limit * 4, MAX_BUDGET_CANDIDATES)
         log.debug("context_searched", candidates=len(ranked), hits=len(hits),
@@ -278,12 +287,12 @@ class ContextRetriever:
         return hits
 
     @staticmethod
-    def _may_fill_more(hits: list[Hit], ranked: list[Ranked], limit: int, cap: float,
+    def _may_fill_more(hits: list[Hit], seen: int, limit: int, cap: float,
                        token_budget: int | None) -> bool:
         """Whether ranking more candidates could bring the hits within one entry of the budget."""
         if token_budget is None or len(hits) >= cap or limit >= MAX_BUDGET_CANDIDATES:
             return False
-        if len(ranked) < limit:  # every match was ranked already
+        if seen < limit:  # every match was ranked already
             return False
         largest = max((hit.tokens for hit in hits), default=0)
         return total_tokens(hits) < token_budget - largest
@@ -376,6 +385,22 @@ def pack(ranked: Iterable[Ranked], cap: float, token_budget: int | None,
                                            Ranked(near, r.score * neighbour_factor, None, None),
                                            f"{cand.namespace}/{cand.key}"))
     return hits
+
+
+def speaker_filter(speakers: Sequence[str] | None) -> Callable[[Candidate], bool] | None:
+    """A test for "said by one of these speakers", or None when there is no filter."""
+    if speakers is None:
+        return None
+    wanted = {name.casefold() for name in speakers}
+
+    def said_by(cand: Candidate) -> bool:
+        try:
+            value = msgspec.json.decode(cand.value_json)
+        except msgspec.DecodeError:
+            return False
+        speaker = value.get("speaker") if isinstance(value, dict) else None
+        return isinstance(speaker, str) and speaker.casefold() in wanted
+    return said_by
 
 
 def candidate_limit(k: int | None, token_budget: int | None) -> int:

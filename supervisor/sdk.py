@@ -219,7 +219,8 @@ class Agent:
 
     # -- context --------------------------------------------------------------------------------
     def search(self, query: str, k: int | None = None, token_budget: int | None = None,
-               namespaces: list[str] | None = None) -> SearchResult:
+               namespaces: list[str] | None = None,
+               speakers: list[str] | None = None) -> SearchResult:
         """The memory entries most relevant to `query` that fill `token_budget` (k caps if set)."""
         args: dict[str, Any] = {"query": query}
         if k is not None:
@@ -228,6 +229,8 @@ class Agent:
             args["token_budget"] = token_budget
         if namespaces is not None:
             args["namespaces"] = namespaces
+        if speakers is not None:
+            args["speakers"] = speakers
         result = self.call("search", **args)
         return SearchResult(result["hits"], result["tokens"], result["text"])
 

@@ -184,17 +184,23 @@ def _search(h, conn, req):
     a = req.args
     query, k, budget, namespaces = a.get("query"), a.get("k"), a.get("token_budget"), \
         a.get("namespaces")
-    problem = search_args_problem(query, k, budget, namespaces)
+    speakers = a.get("speakers")
+    problem = search_args_problem(query, k, budget, namespaces) or (
+        None if speakers is None or (isinstance(speakers, list)
+                                     and all(isinstance(n, str) for n in speakers))
+        else f"`speakers` is {speakers!r}")
     if problem:
         return error(req.id, f"search: {problem}; it takes `query` (string), optional `k` "
                              f"(1-{MAX_SEARCH_K}), `token_budget` (0-{MAX_TOKEN_BUDGET}), "
-                             f"`namespaces` (list of glob strings)")
+                             f"`namespaces` (list of glob strings), `speakers` (list of "
+                             f"strings), `explain` (true or false)")
     explain = a.get("explain", False)
     if not isinstance(explain, bool):
         return error(req.id, f"search: `explain` is {explain!r}; it must be true or false")
     started = time.monotonic()
     retriever = _steward(h).retriever
-    hits = retriever.search(query, k=k, token_budget=budget, namespaces=namespaces)
+    hits = retriever.search(query, k=k, token_budget=budget, namespaces=namespaces,
+                            speakers=speakers)
     result = {"hits": msgspec.to_builtins(hits), "tokens": total_tokens(hits),
               "text": render_hits(hits),
               "elapsed_ms": round((time.monotonic() - started) * 1000, 2)}

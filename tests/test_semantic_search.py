@@ -186,7 +186,8 @@ def test_bad_search_arguments_get_a_clear_error(tmp_path: Path) -> None:
         client = d.client()
         try:
             for bad in ({"k": 0}, {"k": True}, {"token_budget": -1}, {"token_budget": "9"},
-                        {"namespaces": "chat"}, {"namespaces": [1]}, {"explain": "yes"}):
+                        {"namespaces": "chat"}, {"namespaces": [1]}, {"explain": "yes"},
+                    {"speakers": "Evan"}):
                 reply = client.call_raw("search", {"query": "x", **bad})
                 assert reply["ok"] is False and "search:" in reply["error"], (bad, reply)
         finally:
@@ -221,3 +222,19 @@ def test_token_counts_are_stored_and_restored_at_start(chat, tmp_path: Path) -> 
     assert again.start() == 0  # nothing left to embed
     again.close()
     assert embedder.total == seen and (embedder.counts == indexer.index.embedder.counts).all()
+
+
+def test_speaker_filter_keeps_only_that_speakers_entries(tmp_path: Path) -> None:
+    """With `speakers`, every hit (neighbours too) was said by one of them, in any case."""
+    with MemoryStore(tmp_path) as store:
+        put_all(store, "chat", {
+            "s01/t001": {"speaker": "Maya", "text": "I adopted a puppy called Biscuit."},
+            "s01/t002": {"speaker": "Evan", "text": "A puppy! Mine is a grumpy old cat."},
+            "s01/t003": {"speaker": "Maya", "text": "Biscuit already chewed my puppy books."}})
+        backend = Fts5Backend.open(store.path)
+        retriever = ContextRetriever(backend)
+        maya = retriever.search("puppy", token_budget=500, speakers=["maya"])
+        everyone = retriever.search("puppy", token_budget=500)
+        backend.close()
+    assert sorted(h.key for h in maya) == ["s01/t001", "s01/t003"]
+    assert len(everyone) == 3
