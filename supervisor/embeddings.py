@@ -82,8 +82,8 @@ class Embedder:
                 self.total += count
 
 
-def load_embedder() -> tuple[Embedder | None, str]:
-    """The packaged model, or None and why semantic retrieval is off."""
+def model_files() -> tuple[Path | None, str]:
+    """Where the packaged model is, or None and why not (cheap: imports nothing)."""
     spec = importlib.util.find_spec("wordllama")
     if spec is None or not spec.submodule_search_locations:
         return None, "the semantic extra is not installed (pip install 'watchkeeper[semantic]')"
@@ -91,6 +91,14 @@ def load_embedder() -> tuple[Embedder | None, str]:
     missing = [name for name in (_WEIGHTS, _TOKENIZER) if not (package_dir / name).is_file()]
     if missing:
         return None, f"wordllama at {package_dir} lacks {', '.join(missing)}"
+    return package_dir, f"{MODEL_ID} from {package_dir}"
+
+
+def load_embedder() -> tuple[Embedder | None, str]:
+    """The packaged model, or None and why semantic retrieval is off."""
+    package_dir, why = model_files()
+    if package_dir is None:
+        return None, why
     try:
         return Embedder(package_dir), f"{MODEL_ID} from {package_dir}"
     except ImportError as exc:

@@ -16,7 +16,7 @@ import structlog
 from .context import ContextRetriever, Fts5Backend, render_hits, total_tokens
 from .control.handlers import ADMIN, AGENT, READ_ONLY, command
 from .control.protocol import encode, error, ok
-from .embeddings import load_embedder
+from .embeddings import load_embedder, model_files
 from .memory_store import MalformedUpdate, MemoryStore, parse_update
 
 log = structlog.get_logger("watchkeeper.steward")
@@ -33,6 +33,9 @@ class Steward:
         self.store: MemoryStore | None = None
         self.retriever: ContextRetriever | None = None
         self.indexer = None  # SemanticIndexer, with the [semantic] extra and a local store
+        self._backend: Fts5Backend | None = None
+        self._semantic_waiting = False  # extra present, model not loaded until memory has entries
+        self._maybe_entries = True  # worth asking the store whether it has entries now
         self.pending: list = []  # (connection, request id, Update)
         self._next_prune = 0.0
         self.applied = 0
@@ -49,7 +52,12 @@ class Steward:
         else:
             self.store = MemoryStore(daemon.state_dir, daemon.config.settings.steward)
             backend = Fts5Backend.open(self.store.path, daemon.config.settings.steward)
-            self.retriever = self._hybrid_or_lexical(backend)
+            self._backend = backend
+            package_dir, why = model_files()
+            self._semantic_waiting = package_dir is not None
+            self.retriever = ContextRetriever(backend, semantic_off=why if package_dir is None
+                                              else "waiting: the model loads once memory has "
+                                                   "an entry")
         daemon.after_batch.append(self.flush)
         daemon.after_batch.append(self.embed_pending)
         daemon.on_tick.append(self._tick)
@@ -60,7 +68,7 @@ class Steward:
 
         embedder, why = load_embedder()
         if embedder is None:
-            log.info("semantic_search_off", reason=why)
+            log.warning("semantic_search_off", reason=why)
             return ContextRetriever(backend, semantic_off=why)
         index = SemanticIndex(embedder)
         self.indexer = SemanticIndexer.open(self.store.path, self.daemon.config.settings.steward,
@@ -71,7 +79,16 @@ class Steward:
         return ContextRetriever(backend, index)
 
     def embed_pending(self) -> None:
-        """Embed a batch of written entries, after their writes were acknowledged."""
+        """Embed a batch of written entries, after their writes were acknowledged.
+
+        The model (47 MiB) loads here, on the loop's first turn with an entry in memory, so a
+        daemon with an empty memory never pays for it and start-up never waits on it.
+        """
+        if self._semantic_waiting and self._maybe_entries:
+            self._maybe_entries = False
+            if self.store.has_live_entries():
+                self._semantic_waiting = False
+                self.retriever = self._hybrid_or_lexical(self._backend)
         if self.indexer is None:
             return
         try:
@@ -80,7 +97,8 @@ class Steward:
             log.error("embedding_failed", error=str(exc))
 
     def wrote(self) -> None:
-        """Entries changed outside a flush (revert, import): embed what needs it."""
+        """Entries were written (a flush, revert, import): embed what needs it."""
+        self._maybe_entries = True
         if self.indexer is not None:
             self.indexer.mark_dirty()
 

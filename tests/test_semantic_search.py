@@ -238,3 +238,18 @@ def test_speaker_filter_keeps_only_that_speakers_entries(tmp_path: Path) -> None
         backend.close()
     assert sorted(h.key for h in maya) == ["s01/t001", "s01/t003"]
     assert len(everyone) == 3
+
+
+def test_model_loads_only_once_memory_has_an_entry(tmp_path: Path) -> None:
+    """A daemon with an empty memory searches lexically without loading the model; after the
+    first write it loads it and search becomes hybrid."""
+    needs_model()
+
+    def explain(d: DaemonProc) -> dict:
+        return d.call("search", query="anything", explain=True)["explain"]
+
+    with writer_daemon(tmp_path / "d").start(extra_env={"PYTHONPATH": str(ROOT)}) as d:
+        before = explain(d)
+        run_writer(d)
+        wait_until(lambda: explain(d)["retrieval"] == "hybrid", timeout_s=20)
+    assert before["retrieval"] == "lexical" and before["semantic"].startswith("off: waiting")
