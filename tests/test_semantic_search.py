@@ -139,24 +139,30 @@ def vectors(d: DaemonProc) -> int:
 
 
 def test_embeddings_are_recomputed_at_start_after_sigkill(tmp_path: Path) -> None:
-    """Entries acknowledged but never embedded when the daemon was SIGKILLed get vectors at the
-    next start, and the paraphrase then finds its entry."""
+    """Entries committed but not yet embedded when the daemon is SIGKILLed get their vectors
+    after the next start, and the paraphrase then finds its entry."""
     needs_model()
     env = {"PYTHONPATH": str(ROOT)}
-    with writer_daemon(tmp_path / "d").start(extra_env=env) as d:
-        run_writer(d)
-        wait_until(lambda: vectors(d) == 5, timeout_s=20)
-        d.kill()
-        d.proc.wait(timeout=10)
-        db = d.state_dir / "memory.sqlite3"
-        # What a SIGKILL right after the acknowledgement leaves: entries, no vectors yet.
-        with sqlite3.connect(db) as conn:
-            conn.execute("delete from entry_vectors")
-    with writer_daemon(tmp_path / "d").start(extra_env=env) as d2:
-        wait_until(lambda: vectors(d2) == 5, timeout_s=20)
-        hits = d2.call("search", query="What kind of car do they drive?", k=1,
-                       namespaces=["chat"])["hits"]
-    assert [h["key"] for h in hits] == ["s01/t003"]
+    turns = [*OTHERS[:2], ANSWER, *OTHERS[2:]]
+    many = [{"speaker": "Maya", "text": f"Filler remark number {i} about the weather."}
+            for i in range(1000)]
+    doc = {"format": "watchkeeper-memory", "format_version": 1, "entries": [
+        {"namespace": "chat", "key": f"s{1 + i // 1000:02d}/t{i % 1000:03d}", "value": value,
+         "version": 1, "updated_at": 0.0, "updated_by": "t", "run_id": "r"}
+        for i, value in enumerate([*turns, *many])]}
+    # A slow tick: the import is acknowledged at once, then 256 entries are embedded per loop
+    # turn, so the kill lands with most of the 1,005 entries committed and not embedded.
+    slow = DaemonProc(tmp_path / "d", {}, tick_s=2).start(extra_env=env)
+    with slow:
+        assert slow.call("memory-import", data=doc) == {"imported": 1005}
+        slow.kill()
+        slow.proc.wait(timeout=10)
+        assert vectors(slow) < 1005
+    with DaemonProc(tmp_path / "d", {}).start(extra_env=env) as d:
+        wait_until(lambda: vectors(d) == 1005, timeout_s=60)
+        hits = d.call("search", query="What kind of car do they drive?", k=1,
+                      namespaces=["chat"])["hits"]
+    assert [h["key"] for h in hits] == ["s01/t002"]
 
 
 def test_search_explain_without_the_extra_says_lexical_only(tmp_path: Path) -> None:
