@@ -103,6 +103,8 @@ def load_embedder() -> tuple[Embedder | None, str]:
         return Embedder(package_dir), f"{MODEL_ID} from {package_dir}"
     except ImportError as exc:
         return None, f"the semantic extra is incomplete: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a damaged wheel must not stop the daemon
+        return None, f"the model at {package_dir} did not load: {exc}"
 
 
 def entry_text(value: Any) -> str:

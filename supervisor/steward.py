@@ -88,7 +88,15 @@ class Steward:
             self._maybe_entries = False
             if self.store.has_live_entries():
                 self._semantic_waiting = False
-                self.retriever = self._hybrid_or_lexical(self._backend)
+                try:
+                    self.retriever = self._hybrid_or_lexical(self._backend)
+                except Exception as exc:  # noqa: BLE001 - disk, lock: search stays lexical
+                    log.error("semantic_search_off", reason=str(exc))
+                    self.retriever = ContextRetriever(self._backend,
+                                                      semantic_off=f"failed to start: {exc}")
+                    if self.indexer is not None:
+                        self.indexer.close()
+                        self.indexer = None
         if self.indexer is None:
             return
         try:
