@@ -1,9 +1,11 @@
 """Lazy context retrieval: give a run the few memory entries its task needs, not all of them.
 
 Re-injecting the whole shared memory at every start was the biggest token bill; pulling relevant
-entries on demand cuts it. The ranking backend sits behind `RetrievalBackend`; the shipped one
-is SQLite FTS5 with BM25 over the index the store keeps in sync (see `memory_sqlite.DDL`), so
-nothing has to be downloaded or served at run time.
+entries on demand cuts it. The lexical ranking sits behind `RetrievalBackend`; the shipped one
+is SQLite FTS5 with BM25 over the index the store keeps in sync (see `memory_sqlite.DDL`). With
+the `[semantic]` extra, a `SemanticIndex` (semantic_index.py) adds a ranking by meaning and
+`fuse` merges the two. The token budget is what the caller sets: `pack` fills it greedily in
+rank order, bringing each hit's neighbours along. Nothing is downloaded or served at run time.
 
 Token estimate (stable, documented, model-independent): an entry is rendered by `render()` as
 "## {namespace}/{key}\\n{compact JSON value}\\n" and costs ceil(len(text) / 4) tokens, counting
