@@ -111,12 +111,37 @@ def cmd_memory(args) -> int:
 
 
 def cmd_search(args) -> int:
+    if args.explain:
+        return _search_explained(args)
     result = _sdk(args).search(args.query, k=args.k, token_budget=args.budget,
-                               namespaces=args.namespace or None)
+                               namespaces=args.namespace or None, speakers=args.speaker)
     if args.json:
         print(json.dumps({"hits": result.hits, "tokens": result.tokens}, indent=2))
     else:
         print(result.text)
+    return 0
+
+
+def _search_explained(args) -> int:
+    """The hits with why each ranked, after how search ranks (lexical or hybrid, and why)."""
+    request = {"query": args.query, "explain": True,
+               **({"k": args.k} if args.k is not None else {}),
+               **({"token_budget": args.budget} if args.budget is not None else {}),
+               **({"namespaces": args.namespace} if args.namespace else {}),
+               **({"speakers": args.speaker} if args.speaker else {})}
+    result = _sdk(args).call("search", **request)
+    if args.json:
+        print(json.dumps({k: result[k] for k in ("explain", "hits", "tokens")}, indent=2))
+        return 0
+    for name, value in result["explain"].items():
+        print(f"{name}: {value}")
+    print(f"{len(result['hits'])} hits, {result['tokens']} tokens, {result['elapsed_ms']} ms")
+    for place, hit in enumerate(result["hits"], 1):
+        why = [f"lexical #{hit['lexical_rank']}" if hit.get("lexical_rank") else "",
+               f"semantic #{hit['semantic_rank']}" if hit.get("semantic_rank") else "",
+               f"beside {hit['neighbour_of']}" if hit.get("neighbour_of") else ""]
+        print(f"{place:3d}. {hit['namespace']}/{hit['key']}  score {hit['score']:.4f}  "
+              f"{hit['tokens']} tokens  ({', '.join(w for w in why if w)})")
     return 0
 
 
@@ -214,9 +239,14 @@ def add_agent_commands(sub) -> None:
 
     p = sub.add_parser("search", help="memory entries relevant to a query (lazy context)")
     p.add_argument("query")
-    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--k", type=int, help="at most this many entries (default: fill the budget, "
+                                          "or 8 without one)")
     p.add_argument("--budget", type=int, help="token budget")
     p.add_argument("--namespace", action="append", help="restrict to a namespace (repeatable)")
+    p.add_argument("--speaker", action="append",
+                   help="only entries whose value's `speaker` is this (repeatable)")
+    p.add_argument("--explain", action="store_true",
+                   help="say how search ranks (hybrid or lexical only) and why each hit ranked")
     p.set_defaults(func=cmd_search)
     p = sub.add_parser("upstream-ok", help="(agents) exit 0 if the upstream was healthy at start")
     p.add_argument("name")

@@ -65,6 +65,11 @@ class ReadQueries:
             (namespace, prefix, prefix + "\U0010ffff")).fetchall()
         return [entry_from_row(row) for row in rows]
 
+    def has_live_entries(self) -> bool:
+        """Whether any entry holds a value (not only tombstones)."""
+        return self._conn.execute(
+            "select exists (select 1 from entries where value is not null)").fetchone()[0] == 1
+
     def history(self, namespace: str | None = None, key: str | None = None,
                 agent: str | None = None, run_id: str | None = None,
                 limit: int = 100) -> list[HistoryRecord]:

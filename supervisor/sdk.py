@@ -218,14 +218,19 @@ class Agent:
             raise
 
     # -- context --------------------------------------------------------------------------------
-    def search(self, query: str, k: int = 8, token_budget: int | None = None,
-               namespaces: list[str] | None = None) -> SearchResult:
-        """The memory entries most relevant to `query` that fit `token_budget`."""
-        args: dict[str, Any] = {"query": query, "k": k}
+    def search(self, query: str, k: int | None = None, token_budget: int | None = None,
+               namespaces: list[str] | None = None,
+               speakers: list[str] | None = None) -> SearchResult:
+        """The memory entries most relevant to `query` that fill `token_budget` (k caps if set)."""
+        args: dict[str, Any] = {"query": query}
+        if k is not None:
+            args["k"] = k
         if token_budget is not None:
             args["token_budget"] = token_budget
         if namespaces is not None:
             args["namespaces"] = namespaces
+        if speakers is not None:
+            args["speakers"] = speakers
         result = self.call("search", **args)
         return SearchResult(result["hits"], result["tokens"], result["text"])
 

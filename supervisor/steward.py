@@ -16,6 +16,7 @@ import structlog
 from .context import ContextRetriever, Fts5Backend, render_hits, total_tokens
 from .control.handlers import ADMIN, AGENT, READ_ONLY, command
 from .control.protocol import encode, error, ok
+from .embeddings import load_embedder, model_files
 from .memory_store import MalformedUpdate, MemoryStore, parse_update
 
 log = structlog.get_logger("watchkeeper.steward")
@@ -31,6 +32,10 @@ class Steward:
         self.daemon = None
         self.store: MemoryStore | None = None
         self.retriever: ContextRetriever | None = None
+        self.indexer = None  # SemanticIndexer, with the [semantic] extra and a local store
+        self._backend: Fts5Backend | None = None
+        self._semantic_waiting = False  # extra present, model not loaded until memory has entries
+        self._maybe_entries = True  # worth asking the store whether it has entries now
         self.pending: list = []  # (connection, request id, Update)
         self._next_prune = 0.0
         self.applied = 0
@@ -42,15 +47,73 @@ class Steward:
         open_shared = getattr(daemon, "open_memory", None)
         if open_shared is not None:
             self.store, backend = open_shared(daemon.config.settings.steward)
+            self.retriever = ContextRetriever(backend, semantic_off="not available with "
+                                                                    "shared (PostgreSQL) storage")
         else:
             self.store = MemoryStore(daemon.state_dir, daemon.config.settings.steward)
             backend = Fts5Backend.open(self.store.path, daemon.config.settings.steward)
-        self.retriever = ContextRetriever(backend)
+            self._backend = backend
+            package_dir, why = model_files()
+            self._semantic_waiting = package_dir is not None
+            self.retriever = ContextRetriever(backend, semantic_off=why if package_dir is None
+                                              else "waiting: the model loads once memory has "
+                                                   "an entry")
         daemon.after_batch.append(self.flush)
+        daemon.after_batch.append(self.embed_pending)
         daemon.on_tick.append(self._tick)
+
+    def _hybrid_or_lexical(self, backend: Fts5Backend) -> ContextRetriever:
+        """Hybrid search when the packaged model loads; lexical, saying why, when not."""
+        from .semantic_index import SemanticIndex, SemanticIndexer
+
+        embedder, why = load_embedder()
+        if embedder is None:
+            log.warning("semantic_search_off", reason=why)
+            return ContextRetriever(backend, semantic_off=why)
+        index = SemanticIndex(embedder)
+        self.indexer = SemanticIndexer.open(self.store.path, self.daemon.config.settings.steward,
+                                            index)
+        # Entries acknowledged but never embedded (the daemon died in between) are found here
+        # and embedded over the next loop turns, off the start path.
+        self.indexer.start()
+        return ContextRetriever(backend, index)
+
+    def embed_pending(self) -> None:
+        """Embed a batch of written entries, after their writes were acknowledged.
+
+        The model (47 MiB) loads here, on the loop's first turn with an entry in memory, so a
+        daemon with an empty memory never pays for it and start-up never waits on it.
+        """
+        if self._semantic_waiting and self._maybe_entries:
+            self._maybe_entries = False
+            if self.store.has_live_entries():
+                self._semantic_waiting = False
+                try:
+                    self.retriever = self._hybrid_or_lexical(self._backend)
+                except Exception as exc:  # noqa: BLE001 - disk, lock: search stays lexical
+                    log.error("semantic_search_off", reason=str(exc))
+                    self.retriever = ContextRetriever(self._backend,
+                                                      semantic_off=f"failed to start: {exc}")
+                    if self.indexer is not None:
+                        self.indexer.close()
+                        self.indexer = None
+        if self.indexer is None:
+            return
+        try:
+            self.indexer.embed_pending()
+        except Exception as exc:  # noqa: BLE001 - disk full, I/O error: search stays lexical
+            log.error("embedding_failed", error=str(exc))
+
+    def wrote(self) -> None:
+        """Entries were written (a flush, revert, import): embed what needs it."""
+        self._maybe_entries = True
+        if self.indexer is not None:
+            self.indexer.mark_dirty()
 
     def stop(self, daemon) -> None:
         self.flush()
+        if self.indexer is not None:
+            self.indexer.close()
         self.store.close()
 
     def queue_depth(self) -> int:
@@ -78,6 +141,7 @@ class Steward:
                 conn.send(error(request_id, f"not applied: {exc}", retry=True))
             return
         self.applied += sum(1 for r in results if r.ok)
+        self.wrote()
         for (conn, request_id, _), result in zip(batch, results, strict=True):
             body = msgspec.to_builtins(result)
             if result.ok:
@@ -92,7 +156,10 @@ class Steward:
             self.store.prune()
 
     def status(self) -> dict:
-        return {"applied": self.applied, "pending": len(self.pending)}
+        status = {"applied": self.applied, "pending": len(self.pending)}
+        if self.indexer is not None:
+            status["embedded"] = self.indexer.embedded
+        return status
 
 
 def _steward(h) -> Steward:
@@ -141,18 +208,51 @@ def _memory_history(h, conn, req):
 @command(READ_ONLY, "search")
 def _search(h, conn, req):
     a = req.args
-    query, k, budget, namespaces = a.get("query"), a.get("k", 8), a.get("token_budget"), \
+    query, k, budget, namespaces = a.get("query"), a.get("k"), a.get("token_budget"), \
         a.get("namespaces")
-    if not isinstance(query, str) or not isinstance(k, int) or not 0 < k <= 100 or \
-            (budget is not None and not isinstance(budget, int)) or \
-            (namespaces is not None and not isinstance(namespaces, list)):
-        return error(req.id, "search needs `query` (string), optional `k` (1-100), "
-                             "`token_budget` (int), `namespaces` (list)")
+    speakers = a.get("speakers")
+    problem = search_args_problem(query, k, budget, namespaces) or (
+        None if speakers is None or (isinstance(speakers, list)
+                                     and all(isinstance(n, str) for n in speakers))
+        else f"`speakers` is {speakers!r}")
+    if problem:
+        return error(req.id, f"search: {problem}; it takes `query` (string), optional `k` "
+                             f"(1-{MAX_SEARCH_K}), `token_budget` (0-{MAX_TOKEN_BUDGET}), "
+                             f"`namespaces` (list of glob strings), `speakers` (list of "
+                             f"strings), `explain` (true or false)")
+    explain = a.get("explain", False)
+    if not isinstance(explain, bool):
+        return error(req.id, f"search: `explain` is {explain!r}; it must be true or false")
     started = time.monotonic()
-    hits = _steward(h).retriever.search(query, k=k, token_budget=budget, namespaces=namespaces)
-    return ok(req.id, {"hits": msgspec.to_builtins(hits), "tokens": total_tokens(hits),
-                       "text": render_hits(hits),
-                       "elapsed_ms": round((time.monotonic() - started) * 1000, 2)})
+    retriever = _steward(h).retriever
+    hits = retriever.search(query, k=k, token_budget=budget, namespaces=namespaces,
+                            speakers=speakers)
+    result = {"hits": msgspec.to_builtins(hits), "tokens": total_tokens(hits),
+              "text": render_hits(hits),
+              "elapsed_ms": round((time.monotonic() - started) * 1000, 2)}
+    if explain:
+        result["explain"] = retriever.explain()
+    return ok(req.id, result)
+
+
+MAX_SEARCH_K = 1000
+MAX_TOKEN_BUDGET = 1_000_000
+
+
+def search_args_problem(query, k, budget, namespaces) -> str | None:
+    """What is wrong with a search request's arguments, or None."""
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+    if not isinstance(query, str):
+        return "`query` must be a string"
+    if k is not None and not (is_int(k) and 0 < k <= MAX_SEARCH_K):
+        return f"`k` is {k!r}"
+    if budget is not None and not (is_int(budget) and 0 <= budget <= MAX_TOKEN_BUDGET):
+        return f"`token_budget` is {budget!r}"
+    if namespaces is not None and not (isinstance(namespaces, list)
+                                       and all(isinstance(n, str) for n in namespaces)):
+        return f"`namespaces` is {namespaces!r}"
+    return None
 
 
 @command(ADMIN, "memory-revert")
@@ -163,6 +263,7 @@ def _memory_revert(h, conn, req):
     _steward(h).flush()
     results = _steward(h).store.revert(seq=a.get("seq"), agent=a.get("agent"),
                                        run_id=a.get("run_id"), force=bool(a.get("force")))
+    _steward(h).wrote()
     log.warning("memory_reverted", by_uid=conn.peer.uid, seq=a.get("seq"), agent=a.get("agent"),
                 run_id=a.get("run_id"), updates=len(results))
     return ok(req.id, msgspec.to_builtins(results))
@@ -184,4 +285,5 @@ def _memory_import(h, conn, req):
         count = _steward(h).store.import_(data)
     except (ValueError, msgspec.ValidationError) as exc:
         return error(req.id, f"import rejected: {exc}")
+    _steward(h).wrote()
     return ok(req.id, {"imported": count})

@@ -175,3 +175,39 @@ def test_any_text_is_a_valid_fts_query(text: str) -> None:
     terms = query_terms(text)
     if terms:
         conn.execute("select * from t where t match ?", (fts_query(terms),)).fetchall()
+
+
+@pytest.fixture
+def many(store: MemoryStore) -> MemoryStore:
+    """Forty entries about kombucha, of varied sizes, beside the fixture's few."""
+    for i in range(40):
+        put(store, "brew", f"kombucha/{i:02d}", {"text": "kombucha batch " + "tea " * (i % 7)})
+    return store
+
+
+def test_budget_without_k_fills_to_within_one_entry(many: MemoryStore,
+                                                    retriever: ContextRetriever) -> None:
+    """With a budget and no k, hits fill the budget to within the size of one entry."""
+    for budget in (60, 150, 300):
+        hits = retriever.search("kombucha", token_budget=budget)
+        largest = max(hit.tokens for hit in hits)
+        assert budget - largest < total_tokens(hits) <= budget
+    assert len(hits) > 8  # the old default k=8 no longer caps a budget
+
+
+def test_k_caps_only_when_given(many: MemoryStore, retriever: ContextRetriever) -> None:
+    """k limits the hit count when set; without k or budget the default is 8 hits."""
+    assert len(retriever.search("kombucha", k=3, token_budget=10_000)) == 3
+    assert len(retriever.search("kombucha", token_budget=10_000)) == 40
+    assert len(retriever.search("kombucha")) == 8
+
+
+PUNCTUATION_ONLY = ["?", "...", "!!!", "'", "''", '"""', "-", "--", "*", "(*)", "&&", "||",
+                    ":", ";", "^", "NEAR", "NEAR()", "AND OR NOT", '"AND"', "\"'\"", "%", "_"]
+
+
+@pytest.mark.parametrize("query", PUNCTUATION_ONLY)
+def test_punctuation_or_operator_only_query_returns_a_list(retriever: ContextRetriever,
+                                                           query: str) -> None:
+    """A query of only punctuation, quotes or FTS5 operators returns a list, never raises."""
+    assert isinstance(retriever.search(query, token_budget=500), list)
