@@ -1,0 +1,117 @@
+"""The identity an agent runs under: a system user that is not the daemon's.
+
+The daemon switches uid, gid and groups in the child before exec (subprocess's user=,
+group=, extra_groups=[]), which takes root or CAP_SETUID + CAP_SETGID. Without them (the
+demo, a daemon started by a user) agents run as the daemon's user and are not isolated;
+the daemon says so once at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pwd
+
+RESERVED_PREFIX = "watchkeeper"  # `watchkeeper-admin` signs operators' reverts and imports
+CAP_SETGID, CAP_SETUID = 6, 7
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentIdentity:
+    user: str
+    uid: int
+    gid: int
+
+
+def name_problems(name: str) -> list[str]:
+    """Why `name` cannot be an agent's name (reserved for the daemon and its operators)."""
+    if name.startswith(RESERVED_PREFIX):
+        return [f"{name!r} is reserved: names starting with {RESERVED_PREFIX!r} identify the "
+                "daemon and its operators in history (choose another agent name)"]
+    return []
+
+
+def user_problems(user: str | None) -> list[str]:
+    """Why `user` cannot run agents: unknown, root, or the daemon's own user."""
+    if user is None:
+        return []
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        return [f"no such user {user!r} (create it, e.g. `useradd --system --no-create-home "
+                f"{user}`, or name an existing unprivileged user)"]
+    if entry.pw_uid == 0:
+        return [f"{user!r} is root: agents must run unprivileged"]
+    if entry.pw_uid == os.geteuid():
+        return [f"{user!r} is the daemon's own user: an agent under it could switch its "
+                "supervisor off (name another user)"]
+    return []
+
+
+def resolve(user: str) -> AgentIdentity:
+    entry = pwd.getpwnam(user)
+    return AgentIdentity(user, entry.pw_uid, entry.pw_gid)
+
+
+def can_switch_user() -> bool:
+    """Root, or both CAP_SETUID and CAP_SETGID in the effective set."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    caps = int(line.split()[1], 16)
+                    return bool(caps >> CAP_SETUID & 1 and caps >> CAP_SETGID & 1)
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+class Identities:
+    """Which identity each agent's runs get; the daemon's loop asks at each spawn."""
+
+    def __init__(self, default_user: str | None) -> None:
+        self.default_user = default_user
+        self.isolated = can_switch_user()
+
+    def for_agent(self, spec) -> AgentIdentity | None:
+        user = spec.user or self.default_user
+        if user is None or not self.isolated:
+            return None
+        return resolve(user)
+
+    def uids(self, specs) -> set[int]:
+        found = set()
+        for spec in specs:
+            identity = self.for_agent(spec)
+            if identity is not None:
+                found.add(identity.uid)
+        return found
+
+    def not_isolated_reason(self, specs) -> str:
+        """"" when every agent runs under a user of its own kind; else why not, once."""
+        users = [spec.user or self.default_user for spec in specs]
+        if self.isolated and all(users):
+            return ""
+        if not self.isolated and any(users):
+            return (f"the daemon (uid {os.geteuid()}) has neither root nor CAP_SETUID and "
+                    "CAP_SETGID: agents run as the daemon's user, not as their `user:`")
+        if users and not all(users):
+            return ("agents without `user:` (and no `agent_user`) run as the daemon's own "
+                    f"user (uid {os.geteuid()}): they can read and write its state")
+        return ""
+
+
+def prepare_work_dir(state_dir, agent: str, identity: AgentIdentity | None):
+    """STATE_DIR/work/<agent>: the agent's own directory (0700, owned by its uid), the one
+    place under the state dir it may write; every other file there is the daemon's."""
+    base = state_dir / "work"
+    base.mkdir(mode=0o711, exist_ok=True)
+    path = base / agent
+    path.mkdir(mode=0o700, exist_ok=True)
+    if identity is not None:
+        st = path.stat()
+        if (st.st_uid, st.st_gid) != (identity.uid, identity.gid):
+            os.chown(path, identity.uid, identity.gid)
+    return path
