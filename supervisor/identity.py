@@ -107,7 +107,9 @@ def prepare_work_dir(state_dir, agent: str, identity: AgentIdentity | None):
     """STATE_DIR/work/<agent>: the agent's own directory (0700, owned by its uid), the one
     place under the state dir it may write; every other file there is the daemon's."""
     base = state_dir / "work"
-    base.mkdir(mode=0o711, exist_ok=True)
+    base.mkdir(exist_ok=True)
+    if base.stat().st_mode & 0o777 != 0o711:  # the daemon's umask (077) would close it
+        base.chmod(0o711)
     path = base / agent
     path.mkdir(mode=0o700, exist_ok=True)
     if identity is not None:

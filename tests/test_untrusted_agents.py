@@ -3,9 +3,17 @@ tree) no admin verb is accepted and no other agent's identity can be taken."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
+import yaml
 from harness import DaemonProc
 from hostile import AGENT_ENV, ROOMY_BREAKER
+from support import require
 from untrusted import ADMIN_VERBS, probe_job, report_of
+
+from supervisor.configload import load_config
+from supervisor.errors import ConfigError
 
 SLEEPER = {"jobs": [{"id": "main", "command": ["sleep", "60"], "schedule": {"every_s": 3600}}]}
 
@@ -120,3 +128,81 @@ def test_a_reparented_grandchild_cannot_act_as_another_agent(tmp_path):
         assert d.call("outputs", agent="beta") == []
         assert not (d.state_dir / "tasks" / "betas-task.lock").exists()
         assert d.call("memory-get", namespace="beta", key="k") is None
+
+
+def _in_child(fn) -> str:
+    """fn() in a forked process (free to change its credentials); its string result."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write, str(fn()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        answer = f.read()
+    os.waitpid(pid, 0)
+    return answer
+
+
+def test_peer_groups_come_from_the_socket_not_from_proc():
+    """SO_PEERGROUPS gives the peer's supplementary groups without reading /proc (which
+    ProtectProc=invisible hides for other uids)."""
+    require(os.geteuid() == 0, "needs root to set supplementary groups")
+    import socket
+
+    from supervisor.peers import peer_groups
+
+    def groups_seen_by_the_socket():
+        os.setgroups([4242, 4343])
+        ours, theirs = socket.socketpair(socket.AF_UNIX)
+        return sorted(peer_groups(ours, -1))  # pid -1 has no /proc entry: only the socket
+
+    assert _in_child(groups_seen_by_the_socket) == "[4242, 4343]"
+
+
+def _write_config(tmp_path, agents: dict[str, dict], **settings) -> None:
+    (tmp_path / "agents.d").mkdir()
+    (tmp_path / "watchkeeper.yaml").write_text(
+        yaml.safe_dump({"state_dir": str(tmp_path / "state"), **settings}))
+    for name, spec in agents.items():
+        (tmp_path / "agents.d" / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+
+
+JOB = {"id": "main", "command": ["true"], "schedule": {"every_s": 60}}
+
+
+@pytest.mark.parametrize(("agents", "settings", "expected"), [
+    ({"watchkeeper-admin": {"jobs": [JOB]}}, {}, "agent: 'watchkeeper-admin' is reserved"),
+    ({"watchkeeperbot": {"jobs": [JOB]}}, {}, "agent: 'watchkeeperbot' is reserved"),
+    ({"a": {"jobs": [JOB], "user": "root"}}, {}, "user: 'root' is root"),
+    ({"a": {"jobs": [JOB], "user": "no-such-user-x"}}, {}, "no such user 'no-such-user-x'"),
+    ({"a": {"jobs": [JOB]}}, {"agent_user": "no-such-user-x"}, "agent_user: no such user"),
+    ({"a": {"jobs": [JOB], "permissions": ["breaker-rest"]}}, {},
+     "permissions[0]: Invalid enum value 'breaker-rest' (valid: start-now, pause"),
+])
+def test_unsafe_agent_identities_are_config_errors(tmp_path, agents, settings, expected):
+    """A reserved agent name, a root or unknown agent user and an unknown permission are
+    configuration errors naming the file, the field and what is valid."""
+    _write_config(tmp_path, agents, **settings)
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "watchkeeper.yaml")
+    assert expected in str(caught.value), str(caught.value)
+
+
+def test_a_socket_group_the_daemons_user_is_not_in_is_a_clear_error():
+    """socket_group naming a group the daemon's (non-root) user is not in says so and how to
+    fix it, instead of a PermissionError when the socket is created."""
+    require(os.geteuid() == 0, "needs root to switch to an unprivileged uid")
+    from supervisor.state_modes import socket_group_problem
+
+    def as_nobody():  # a real process of another uid, asking the real group database
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+        return socket_group_problem("root")
+
+    answer = _in_child(as_nobody)
+    assert "is not a member of 'root'" in answer and "usermod -aG root" in answer, answer
+    assert "no such group 'no-such-group-x'" in socket_group_problem("no-such-group-x")

@@ -1,0 +1,170 @@
+"""Agents under their own uids (a daemon started as root, outside systemd): what the kernel
+refuses them, and what an admin-group member may still do."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pwd
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from harness import DaemonProc
+from hostile import ROOMY_BREAKER
+from support import require, wait_until
+from untrusted import ADMIN_VERBS, probe_job, report_of
+
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+
+
+@pytest.fixture
+def accounts():
+    """Two agent users and an admin group, created for this test and removed after it."""
+    require(os.geteuid() == 0, "needs root to create users and run agents under them")
+    require(shutil.which("useradd") is not None, "useradd (to create agent users)")
+    require(SYSTEM_PYTHON is not None, "a system python3 that other uids can execute")
+    tag = f"wkt{os.getpid() % 100000}"
+    names = {"alpha": f"{tag}a", "beta": f"{tag}b", "admins": f"{tag}adm"}
+    subprocess.run(["groupadd", names["admins"]], check=True)
+    for key in ("alpha", "beta"):
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                        "/usr/sbin/nologin", names[key]], check=True)
+    try:
+        yield names
+    finally:
+        for key in ("alpha", "beta"):
+            subprocess.run(["userdel", names[key]], check=False)
+        subprocess.run(["groupdel", names["admins"]], check=False)
+
+
+@pytest.fixture
+def traversable(tmp_path):
+    """Let other uids traverse down to tmp_path (pytest makes its base 0700)."""
+    changed = []
+    for path in [tmp_path, *tmp_path.parents]:
+        if path in (Path("/tmp"), Path("/")):
+            break
+        mode = path.stat().st_mode & 0o7777
+        changed.append((path, mode))
+        path.chmod(mode | 0o001)
+    yield tmp_path
+    for path, mode in changed:
+        path.chmod(mode)
+
+
+ALPHA = f"""
+verbs = {ADMIN_VERBS!r}
+report("admin", [call(cmd, args) for cmd, args in verbs])
+report("heartbeat", call("heartbeat", {{}}))
+report("uid", [os.getuid(), os.getgid(), sorted(os.getgroups())])
+state = os.environ["WATCHKEEPER_STATE_DIR"]
+work = os.environ["WATCHKEEPER_WORK_DIR"]
+beta = next(a for a in call("status")["result"]["agents"] if a["agent"] == "beta")
+report("files", {{
+    "own work dir": attempt(lambda: open(os.path.join(work, "notes.txt"), "w").close()),
+    "beta heartbeat": attempt(lambda: open(state + "/status/beta.heartbeat", "w").close()),
+    "beta lock": attempt(lambda: open(state + "/tasks/betas-task.lock", "w").close()),
+    "list locks": attempt(lambda: os.listdir(state + "/tasks")),
+    "state.db": attempt(lambda: open(state + "/state.db", "r+b").close()),
+    "read state.db": attempt(lambda: open(state + "/state.db", "rb").close()),
+    "memory db": attempt(lambda: open(state + "/memory.sqlite3", "a").close()),
+    "list state dir": attempt(lambda: os.listdir(state)),
+    "beta work dir": attempt(lambda: os.listdir(state + "/work/beta")),
+    "beta config": attempt(lambda: open(os.environ["AGENTS_DIR"] + "/beta.yaml").read()),
+    "beta environ": attempt(lambda: open(f"/proc/{{beta['pid']}}/environ", "rb").read()),
+    "daemon environ": attempt(lambda: open(f"/proc/{{DAEMON}}/environ", "rb").read()),
+    "daemon mem": attempt(lambda: open(f"/proc/{{DAEMON}}/mem", "r+b").close()),
+    "signal daemon": attempt(lambda: os.kill(DAEMON, signal.SIGTERM)),
+    "signal beta": attempt(lambda: os.kill(beta["pid"], signal.SIGKILL)),
+}})
+idle()
+"""
+
+BETA = """
+report("up", call("heartbeat", {}))
+idle()
+"""
+
+ADMIN_CLIENT = r"""
+import json, socket, sys
+verbs = json.loads(sys.argv[2])
+out = []
+for cmd, args in verbs:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    s.sendall(json.dumps({"id": 1, "cmd": cmd, "args": args}).encode() + b"\n")
+    out.append(json.loads(s.makefile().readline()))
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def _as_uid(d: DaemonProc, verbs: list, uid: int, gid: int, groups: list[int]) -> list:
+    out = subprocess.run([SYSTEM_PYTHON, "-c", ADMIN_CLIENT, str(d.socket_path),
+                          json.dumps(verbs)], user=uid, group=gid, extra_groups=groups,
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def _daemon(root: Path, names: dict) -> DaemonProc:
+    agents = {
+        "alpha": {"user": names["alpha"], "jobs": [probe_job(ALPHA, SYSTEM_PYTHON)]},
+        "beta": {"user": names["beta"],
+                 "jobs": [probe_job(BETA, SYSTEM_PYTHON, env={"BETA_SECRET": "s3cr3t"})]},
+    }
+    d = DaemonProc(root, agents, breaker=ROOMY_BREAKER, socket_group=names["admins"])
+    d.agents_dir.chmod(0o700)  # the operator's files: the daemon reads them, agents may not
+    for job in (agents["alpha"]["jobs"][0], agents["beta"]["jobs"][0]):
+        job["env"]["AGENTS_DIR"] = str(d.agents_dir)
+    d.write_config()
+    return d
+
+
+def test_agents_under_their_own_uids_cannot_touch_the_daemon_or_each_other(
+        traversable, accounts):
+    """An agent under its own uid is refused every admin verb and cannot write another
+    agent's heartbeat or lock, the daemon's databases, read another agent's secrets or
+    config, read the daemon's memory or signal it; its own work dir is its to write."""
+    d = _daemon(traversable, accounts)
+    with d.start():
+        d.call("start-now", agent="beta")
+        assert report_of(d, "beta", "up")["ok"] is True
+        d.call("start-now", agent="alpha")
+        for (cmd, _), reply in zip(ADMIN_VERBS, report_of(d, "alpha", "admin"), strict=True):
+            assert reply["ok"] is False and "inside a run" in reply["error"], (cmd, reply)
+        assert report_of(d, "alpha", "heartbeat")["ok"] is True
+        alpha = pwd.getpwnam(accounts["alpha"])
+        assert report_of(d, "alpha", "uid") == [alpha.pw_uid, alpha.pw_gid, []]
+        files = report_of(d, "alpha", "files")
+        assert files.pop("own work dir") == "ok"
+        assert all(v.startswith("denied") for v in files.values()), files
+        assert d.call("ping")["pid"] == d.proc.pid
+        beta = next(a for a in d.call("status")["agents"] if a["agent"] == "beta")
+        assert beta["run_id"] is not None and beta["paused"] is False
+        for path in (d.state_dir / "state.db", d.state_dir / "daemon.lock"):
+            assert path.stat().st_mode & 0o077 == 0, path
+        assert d.state_dir.stat().st_mode & 0o777 == 0o711
+
+
+def test_admin_group_members_primary_or_supplementary_may_run_every_admin_verb(
+        traversable, accounts):
+    """A member of socket_group, by primary or by supplementary group, may run every admin
+    verb; a uid outside the group is refused them."""
+    d = _daemon(traversable, accounts)
+    admins = grp.getgrnam(accounts["admins"]).gr_gid
+    verbs = [v for v in ADMIN_VERBS if v[0] != "stop"]
+    with d.start():
+        d.call("start-now", agent="beta")
+        assert report_of(d, "beta", "up")["ok"] is True
+        for uid, gid, groups in ((61001, admins, []), (61002, 61002, [admins])):
+            for (cmd, _), reply in zip(verbs, _as_uid(d, verbs, uid, gid, groups), strict=True):
+                assert "permission denied" not in reply.get("error", ""), (uid, cmd, reply)
+                if cmd not in ("memory-revert", "memory-import"):
+                    assert reply["ok"] is True, (uid, cmd, reply)
+        outsider = _as_uid(d, verbs, 61003, 61003, [])
+        assert all("permission denied" in r["error"] for r in outsider), outsider
+        assert _as_uid(d, [("stop", {})], 61002, 61002, [admins])[0]["ok"] is True
+        wait_until(lambda: d.proc.poll() is not None, 20, message="the daemon did not stop")
