@@ -60,11 +60,26 @@ def place(pid: int, pipeline, cgroups) -> Placement:
 
 def _by_cgroup(pid: int, pipeline, cgroups) -> Placement | None:
     path = cgroup_of(pid)
+    if path is None:  # /proc hides another uid's process (ProtectProc=invisible)
+        return _by_cgroup_procs(pid, pipeline, cgroups)
     runs_dir = _relative(cgroups.runs_dir)
     if path is None or runs_dir is None or not path.startswith(runs_dir + "/"):
         return None
     run_id = path[len(runs_dir) + 1:].split("/", 1)[0]
     return Placement(True, pipeline.runs.get(run_id))
+
+
+def _by_cgroup_procs(pid: int, pipeline, cgroups) -> Placement | None:
+    """The run whose cgroup.procs lists `pid`: the cgroup files are the daemon's to read
+    even when /proc/PID is not."""
+    try:
+        run_dirs = list(cgroups.runs_dir.iterdir())
+    except OSError:
+        return None
+    for run_dir in run_dirs:
+        if pid in cgroups.pids(run_dir):
+            return Placement(True, pipeline.runs.get(run_dir.name))
+    return None
 
 
 def _relative(path) -> str | None:

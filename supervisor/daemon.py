@@ -29,7 +29,7 @@ from .configload import Config, load_config
 from .control.handlers import Handlers
 from .control.server import ControlServer
 from .errors import AlreadyRunning, ConfigError, WatchkeeperError
-from .identity import Identities
+from .identity import Identities, drop_ambient_capabilities, readable_by_others
 from .locks import break_stale
 from .pipeline import Pipeline
 from .proctree import (
@@ -94,6 +94,7 @@ class Daemon:
         """Start, loop until stopped, clean up; return the process exit code."""
         # Every file the daemon creates is its own (0600/0700): agents go through the socket.
         os.umask(DAEMON_UMASK)
+        drop_ambient_capabilities()
         problem = socket_group_problem(self.config.settings.socket_group)
         if problem:
             raise WatchkeeperError(problem)
@@ -169,6 +170,11 @@ class Daemon:
         self.agent_uids = identities.uids(cfg.agents.values())
         if self.agent_uids:
             open_to_agents(self.state_dir, cfg.socket_path)
+            exposed = readable_by_others(cfg.settings.agents_dir, cfg.agent_files.values())
+            if exposed:
+                log.warning("agent_files_readable_by_agents", files=exposed,
+                            hint="their env secrets are readable by every agent: "
+                                 "chmod o-rwx the agents directory (docs/security.md)")
         reason = identities.not_isolated_reason(cfg.agents.values())
         if reason and reason != self._not_isolated_said:
             log.warning("agents_not_isolated", reason=reason,

@@ -117,3 +117,39 @@ def prepare_work_dir(state_dir, agent: str, identity: AgentIdentity | None):
         if (st.st_uid, st.st_gid) != (identity.uid, identity.gid):
             os.chown(path, identity.uid, identity.gid)
     return path
+
+
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+
+
+def drop_ambient_capabilities() -> bool:
+    """Clear the ambient set systemd gave us (AmbientCapabilities=): the daemon keeps its
+    effective capabilities, but a child switching between two non-root uids would keep an
+    ambient set across exec, and an agent must not get CAP_SETUID."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def readable_by_others(agents_dir, files) -> list[str]:
+    """Agent files (env secrets inside) that an agent's uid could read: the daemon reads
+    them and passes each agent its own env at spawn; agents.d should be 0750 root:daemon."""
+    import stat
+
+    found = []
+    try:
+        if stat.S_IMODE(os.stat(agents_dir).st_mode) & 0o001 == 0:
+            return []  # others cannot even enter the directory
+    except OSError:
+        return []
+    for path in files:
+        try:
+            if stat.S_IMODE(os.stat(path).st_mode) & 0o004:
+                found.append(str(path))
+        except OSError:
+            continue
+    return found

@@ -60,6 +60,8 @@ verbs = {ADMIN_VERBS!r}
 report("admin", [call(cmd, args) for cmd, args in verbs])
 report("heartbeat", call("heartbeat", {{}}))
 report("uid", [os.getuid(), os.getgid(), sorted(os.getgroups())])
+report("caps", [line.split()[1] for line in open("/proc/self/status")
+                if line.split()[:1] in (["CapPrm:"], ["CapEff:"], ["CapAmb:"])])
 state = os.environ["WATCHKEEPER_STATE_DIR"]
 work = os.environ["WATCHKEEPER_WORK_DIR"]
 beta = next(a for a in call("status")["result"]["agents"] if a["agent"] == "beta")
@@ -138,6 +140,7 @@ def test_agents_under_their_own_uids_cannot_touch_the_daemon_or_each_other(
         assert report_of(d, "alpha", "heartbeat")["ok"] is True
         alpha = pwd.getpwnam(accounts["alpha"])
         assert report_of(d, "alpha", "uid") == [alpha.pw_uid, alpha.pw_gid, []]
+        assert report_of(d, "alpha", "caps") == ["0" * 16] * 3
         files = report_of(d, "alpha", "files")
         assert files.pop("own work dir") == "ok"
         assert all(v.startswith("denied") for v in files.values()), files
@@ -147,6 +150,7 @@ def test_agents_under_their_own_uids_cannot_touch_the_daemon_or_each_other(
         for path in (d.state_dir / "state.db", d.state_dir / "daemon.lock"):
             assert path.stat().st_mode & 0o077 == 0, path
         assert d.state_dir.stat().st_mode & 0o777 == 0o711
+        assert not d.find("agent_files_readable_by_agents")
 
 
 def test_admin_group_members_primary_or_supplementary_may_run_every_admin_verb(
@@ -168,3 +172,13 @@ def test_admin_group_members_primary_or_supplementary_may_run_every_admin_verb(
         assert all("permission denied" in r["error"] for r in outsider), outsider
         assert _as_uid(d, [("stop", {})], 61002, 61002, [admins])[0]["ok"] is True
         wait_until(lambda: d.proc.poll() is not None, 20, message="the daemon did not stop")
+
+
+def test_agent_files_readable_by_agents_are_reported(traversable, accounts):
+    """With agents under their own uids and agents.d open to others, the daemon warns that
+    every agent can read the other agents' env secrets, naming the files."""
+    d = _daemon(traversable, accounts)
+    d.agents_dir.chmod(0o755)
+    with d.start():
+        warning = d.wait_event("agent_files_readable_by_agents")
+        assert str(d.agents_dir / "beta.yaml") in warning["files"]

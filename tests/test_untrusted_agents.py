@@ -206,3 +206,14 @@ def test_a_socket_group_the_daemons_user_is_not_in_is_a_clear_error():
     answer = _in_child(as_nobody)
     assert "is not a member of 'root'" in answer and "usermod -aG root" in answer, answer
     assert "no such group 'no-such-group-x'" in socket_group_problem("no-such-group-x")
+
+
+def test_a_daemon_whose_agents_share_its_uid_says_once_they_are_not_isolated(tmp_path):
+    """Agents without a user of their own make the daemon warn at start, once (not again at
+    each reload), that they run as its own user."""
+    with DaemonProc(tmp_path, {"beta": SLEEPER}).start(extra_env=AGENT_ENV) as d:
+        warning = d.wait_event("agents_not_isolated")
+        assert "run as the daemon's own user" in warning["reason"]
+        assert d.call("reload")["agents"] == 1
+        d.wait_event("reload_applied")
+        assert len(d.find("agents_not_isolated")) == 1
