@@ -112,11 +112,29 @@ def prepare_work_dir(state_dir, agent: str, identity: AgentIdentity | None):
         base.chmod(0o711)
     path = base / agent
     path.mkdir(mode=0o700, exist_ok=True)
-    if identity is not None:
-        st = path.stat()
-        if (st.st_uid, st.st_gid) != (identity.uid, identity.gid):
+    if identity is not None and path.stat().st_uid != identity.uid:
+        try:
             os.chown(path, identity.uid, identity.gid)
+        except PermissionError:  # no CAP_CHOWN (the unit does not grant it): an ACL instead
+            grant_dir_to(path, identity.uid)
     return path
+
+
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def grant_dir_to(path, uid: int) -> None:
+    """Give `uid` rwx on a directory the daemon owns, by a POSIX ACL (user::rwx,
+    user:uid:rwx, group::---, mask::rwx, other::---): an owner may set its file's ACL
+    without any capability, unlike chown."""
+    import struct
+
+    entries = [(ACL_USER_OBJ, 7, ACL_UNDEFINED_ID), (ACL_USER, 7, uid),
+               (ACL_GROUP_OBJ, 0, ACL_UNDEFINED_ID), (ACL_MASK, 7, ACL_UNDEFINED_ID),
+               (ACL_OTHER, 0, ACL_UNDEFINED_ID)]
+    blob = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+    os.setxattr(path, "system.posix_acl_access", blob)
 
 
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4

@@ -182,3 +182,38 @@ def test_agent_files_readable_by_agents_are_reported(traversable, accounts):
     with d.start():
         warning = d.wait_event("agent_files_readable_by_agents")
         assert str(d.agents_dir / "beta.yaml") in warning["files"]
+
+
+def test_a_work_dir_granted_by_acl_is_writable_by_its_agent_only(tmp_path):
+    """Without CAP_CHOWN the daemon grants an agent its work dir by an ACL: that uid may
+    write in it, another unprivileged uid may not."""
+    require(os.geteuid() == 0, "needs root to act as two other uids")
+    from supervisor.identity import grant_dir_to
+
+    work = tmp_path / "work-alpha"
+    work.mkdir(mode=0o700)
+    tmp_path.chmod(0o711)
+    traverse = [p for p in tmp_path.parents if p not in (Path("/tmp"), Path("/"))]
+    modes = [(p, p.stat().st_mode & 0o7777) for p in traverse]
+    for p, mode in modes:
+        p.chmod(mode | 0o001)
+    grant_dir_to(work, 61011)
+    try:
+        def writes_as(uid: int) -> int:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setgroups([])
+                    os.setgid(uid)
+                    os.setuid(uid)
+                    (work / f"by-{uid}").write_text("x")
+                    os._exit(0)
+                except OSError:
+                    os._exit(13)
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        assert writes_as(61011) == 0
+        assert writes_as(61012) == 13
+        assert [p.name for p in work.iterdir()] == ["by-61011"]
+    finally:
+        for p, mode in modes:
+            p.chmod(mode)
