@@ -9,7 +9,8 @@ peer's run cgroup and parent chain; authz.py), never by what the caller says:
 - a run: carries run_id + token of a live run, and its peer pid belongs to that run (and,
   with per-agent users, runs as that agent's uid); it may act only as its own agent
   (heartbeat, lock, emit, memory writes);
-- anyone who can open the socket: read-only commands (ping, status).
+- read-only commands (status, memory-get, ...) for admins and agents' runs; other local
+  users who can open the socket get `ping` only.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class Handlers:
         # who may call it is still decided by the table the command is in.
         impl = getattr(self.daemon, "command_overrides", {}).get(req.cmd)
         if req.cmd in READ_ONLY:
+            if req.cmd != "ping" and not self.may_read(conn):
+                log.warning("control_denied", cmd=req.cmd, peer_uid=conn.peer.uid,
+                            peer_pid=conn.peer.pid, reason="not a known caller")
+                return error(req.id, f"permission denied: {req.cmd!r} needs root, the "
+                                     "daemon's user, the socket group or an agent's run")
             return (impl or READ_ONLY[req.cmd])(self, conn, req)
         if req.cmd in AGENT:
             run = self.authenticate_run(conn, req)
@@ -93,6 +99,14 @@ class Handlers:
         if self.is_admin(conn):
             return ""
         return "needs root, the daemon's user or the socket group"
+
+    def may_read(self, conn: Connection) -> bool:
+        """Read-only commands are for the operator and the agents, not for every local
+        user who can open the socket (0666 when agents have uids of their own): status,
+        outputs and memory say what the agents are doing."""
+        if self.is_admin(conn) or conn.peer.uid in getattr(self.daemon, "agent_uids", ()):
+            return True
+        return bool(place(conn.peer.pid, self.daemon.pipeline, self.daemon.cgroups).inside)
 
     def _spec_of(self, run: Run | None):
         if run is None:
