@@ -180,6 +180,8 @@ class Pipeline:
             env["WATCHKEEPER_WORK_DIR"] = str(work)
             if identity is not None:
                 env["HOME"] = str(work)  # the daemon's HOME is not the agent's to write
+                # tasks/ is the daemon's (0700): the daemon takes the agent's locks for it.
+                env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
             spawn(run, rt.spec, cwd=self.settings.working_dir or ".", env=env,
                   identity=identity)
         except (OSError, KeyError) as exc:

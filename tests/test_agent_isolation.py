@@ -59,6 +59,7 @@ ALPHA = f"""
 verbs = {ADMIN_VERBS!r}
 report("admin", [call(cmd, args) for cmd, args in verbs])
 report("heartbeat", call("heartbeat", {{}}))
+report("lock", [call("lock", {{"task": "alphas-task"}}), os.environ.get("WATCHKEEPER_TASK_LOCKS")])
 report("uid", [os.getuid(), os.getgid(), sorted(os.getgroups())])
 report("caps", [line.split()[1] for line in open("/proc/self/status")
                 if line.split()[:1] in (["CapPrm:"], ["CapEff:"], ["CapAmb:"])])
@@ -138,6 +139,10 @@ def test_agents_under_their_own_uids_cannot_touch_the_daemon_or_each_other(
         for (cmd, _), reply in zip(ADMIN_VERBS, report_of(d, "alpha", "admin"), strict=True):
             assert reply["ok"] is False and "inside a run" in reply["error"], (cmd, reply)
         assert report_of(d, "alpha", "heartbeat")["ok"] is True
+        lock, lock_mode = report_of(d, "alpha", "lock")
+        assert lock["ok"] is True and lock_mode == "daemon", lock
+        held = (d.state_dir / "tasks" / "alphas-task.lock").stat()
+        assert (held.st_uid, held.st_mode & 0o777) == (os.geteuid(), 0o600)
         alpha = pwd.getpwnam(accounts["alpha"])
         assert report_of(d, "alpha", "uid") == [alpha.pw_uid, alpha.pw_gid, []]
         assert report_of(d, "alpha", "caps") == ["0" * 16] * 3
