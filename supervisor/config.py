@@ -191,8 +191,14 @@ class Settings(_Section, kw_only=True):
     socket_group: str | None = None
     """Group that may use the control socket (mode 0660)."""
     agent_user: str | None = None
-    """System user of every agent without a `user:` of its own; null: agents run as the
-    daemon's user, and the daemon says at start that they are not isolated."""
+    """System user of every agent without a `user:` of its own; null: `agent_uid_range`,
+    else agents run as the daemon's user and the daemon says at start that they are not
+    isolated."""
+    agent_uid_range: list[int] | None = None
+    """[first, last]: each agent without `user:` (when agent_user is null) runs under a uid
+    of its own from this range, with the same gid and no passwd entry (like systemd's
+    DynamicUser=); uids that have a passwd entry are skipped. Choose unused uids outside
+    systemd's dynamic range (61184-65519), e.g. [70000, 70999]."""
     log_format: Literal["auto", "console", "json", "journal"] = "auto"
     """auto: journal under systemd, console on a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

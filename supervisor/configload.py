@@ -18,7 +18,7 @@ import yaml
 
 from .config import AgentSpec, Job, Settings
 from .errors import ConfigError
-from .identity import name_problems, user_problems
+from .identity import name_problems, uid_range_problems, user_problems
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CONFIG_ENV = "WATCHKEEPER_CONFIG"
@@ -427,6 +427,8 @@ def load_config(path: Path | str | None = None) -> Config:
             agents[spec.name] = spec
             files[spec.name] = agent_file
         _check_references(agents, files, issues)
+        for problem in uid_range_problems(settings.agent_uid_range, len(agents)):
+            issues.append(doc.issue("agent_uid_range", problem))
         try:
             settings.breaker.check_agents(agents)
         except ValueError as exc:

@@ -165,7 +165,8 @@ class Daemon:
 
     def _isolate_agents(self, cfg: Config) -> None:
         """Each agent's uid (identity.py); say once, clearly, when agents are not isolated."""
-        identities = Identities(cfg.settings.agent_user)
+        identities = Identities(cfg.settings.agent_user, cfg.agents.values(),
+                                cfg.settings.agent_uid_range)
         self.pipeline.identity_of = identities.for_agent
         self.agent_uids = identities.uids(cfg.agents.values())
         if self.agent_uids:

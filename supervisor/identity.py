@@ -69,17 +69,26 @@ def can_switch_user() -> bool:
 
 
 class Identities:
-    """Which identity each agent's runs get; the daemon's loop asks at each spawn."""
+    """Which identity each agent's runs get; the daemon's loop asks at each spawn.
 
-    def __init__(self, default_user: str | None) -> None:
+    An agent's own `user:` first, then `agent_user`, then a uid of its own from
+    `agent_uid_range` (no passwd entry needed, like systemd's DynamicUser=)."""
+
+    def __init__(self, default_user: str | None, specs=(),
+                 uid_range: list[int] | None = None) -> None:
         self.default_user = default_user
         self.isolated = can_switch_user()
+        self.dynamic = allocate_uids(sorted(s.name for s in specs if not s.user), uid_range) \
+            if uid_range and not default_user else {}
 
     def for_agent(self, spec) -> AgentIdentity | None:
-        user = spec.user or self.default_user
-        if user is None or not self.isolated:
+        if not self.isolated:
             return None
-        return resolve(user)
+        user = spec.user or self.default_user
+        if user is not None:
+            return resolve(user)
+        uid = self.dynamic.get(spec.name)
+        return AgentIdentity(f"uid {uid}", uid, uid) if uid is not None else None
 
     def uids(self, specs) -> set[int]:
         found = set()
@@ -91,16 +100,61 @@ class Identities:
 
     def not_isolated_reason(self, specs) -> str:
         """"" when every agent runs under a user of its own kind; else why not, once."""
-        users = [spec.user or self.default_user for spec in specs]
+        users = [spec.user or self.default_user or self.dynamic.get(spec.name)
+                 for spec in specs]
         if self.isolated and all(users):
             return ""
         if not self.isolated and any(users):
             return (f"the daemon (uid {os.geteuid()}) has neither root nor CAP_SETUID and "
                     "CAP_SETGID: agents run as the daemon's user, not as their `user:`")
         if users and not all(users):
-            return ("agents without `user:` (and no `agent_user`) run as the daemon's own "
-                    f"user (uid {os.geteuid()}): they can read and write its state")
+            return ("agents without `user:` (and no `agent_user` or `agent_uid_range`) run "
+                    f"as the daemon's own user (uid {os.geteuid()}): they can read and "
+                    "write its state")
         return ""
+
+
+def allocate_uids(names: list[str], uid_range: list[int]) -> dict[str, int]:
+    """A uid of its own for each agent, from [first, last]: the same for a name as long as
+    no other name hashes to it first (so a work dir keeps its owner across restarts); uids
+    that have a passwd entry are skipped (they are somebody's)."""
+    import zlib
+
+    first, last = uid_range
+    size = last - first + 1
+    taken: set[int] = set()
+    out: dict[str, int] = {}
+    for name in names:
+        start = zlib.crc32(name.encode()) % size
+        for step in range(size):
+            uid = first + (start + step) % size
+            if uid not in taken and not _has_passwd_entry(uid):
+                taken.add(uid)
+                out[name] = uid
+                break
+    return out
+
+
+def _has_passwd_entry(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+def uid_range_problems(uid_range: list[int] | None, agents: int) -> list[str]:
+    """Why `agent_uid_range` cannot give each agent a uid of its own."""
+    if uid_range is None:
+        return []
+    if len(uid_range) != 2 or not 0 < uid_range[0] <= uid_range[1] < 2**31 - 1:
+        return [f"{uid_range} must be [first, last] with 0 < first <= last (a range of "
+                "unused uids, e.g. [70000, 70999])"]
+    if uid_range[0] <= os.geteuid() <= uid_range[1]:
+        return [f"{uid_range} holds the daemon's own uid {os.geteuid()}"]
+    if uid_range[1] - uid_range[0] + 1 < agents:
+        return [f"{uid_range} has fewer uids than the {agents} agents need"]
+    return []
 
 
 def prepare_work_dir(state_dir, agent: str, identity: AgentIdentity | None):

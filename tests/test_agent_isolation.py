@@ -222,3 +222,26 @@ def test_a_work_dir_granted_by_acl_is_writable_by_its_agent_only(tmp_path):
     finally:
         for p, mode in modes:
             p.chmod(mode)
+
+
+WHOAMI = """
+report("who", [os.getuid(), os.getgid(), os.getgroups(), call("heartbeat", {})["ok"],
+               call("pause", {"agent": "beta"})["ok"]])
+"""
+
+
+def test_agents_get_uids_of_their_own_from_agent_uid_range(traversable):
+    """With `agent_uid_range` and no users configured, each agent runs under a distinct uid
+    (and gid) from the range, not the daemon's, and is still refused admin verbs."""
+    require(os.geteuid() == 0, "needs root to run agents under other uids")
+    require(SYSTEM_PYTHON is not None, "a system python3 that other uids can execute")
+    agents = {name: {"jobs": [probe_job(WHOAMI, SYSTEM_PYTHON)]} for name in ("alpha", "beta")}
+    with DaemonProc(traversable, agents, agent_uid_range=[70000, 70999]).start() as d:
+        for name in agents:
+            d.call("start-now", agent=name)
+        seen = {name: report_of(d, name, "who") for name in agents}
+        assert not d.find("agents_not_isolated")
+    uids = {who[0] for who in seen.values()}
+    assert len(uids) == 2 and all(70000 <= uid <= 70999 for uid in uids), seen
+    for uid, gid, groups, beat, paused in seen.values():
+        assert (gid, groups, beat, paused) == (uid, [], True, False)

@@ -179,12 +179,17 @@ JOB = {"id": "main", "command": ["true"], "schedule": {"every_s": 60}}
     ({"a": {"jobs": [JOB], "user": "root"}}, {}, "user: 'root' is root"),
     ({"a": {"jobs": [JOB], "user": "no-such-user-x"}}, {}, "no such user 'no-such-user-x'"),
     ({"a": {"jobs": [JOB]}}, {"agent_user": "no-such-user-x"}, "agent_user: no such user"),
+    ({"a": {"jobs": [JOB]}}, {"agent_uid_range": [0, 10]},
+     "agent_uid_range: [0, 10] must be [first, last] with 0 < first <= last"),
+    ({"a": {"jobs": [JOB]}, "b": {"jobs": [JOB]}}, {"agent_uid_range": [70000, 70000]},
+     "agent_uid_range: [70000, 70000] has fewer uids than the 2 agents need"),
     ({"a": {"jobs": [JOB], "permissions": ["breaker-rest"]}}, {},
      "permissions[0]: Invalid enum value 'breaker-rest' (valid: start-now, pause"),
 ])
 def test_unsafe_agent_identities_are_config_errors(tmp_path, agents, settings, expected):
-    """A reserved agent name, a root or unknown agent user and an unknown permission are
-    configuration errors naming the file, the field and what is valid."""
+    """A reserved agent name, a root or unknown agent user, an unusable uid range and an
+    unknown permission are configuration errors naming the file, the field and what is
+    valid."""
     _write_config(tmp_path, agents, **settings)
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path / "watchkeeper.yaml")
