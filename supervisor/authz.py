@@ -63,7 +63,7 @@ def _by_cgroup(pid: int, pipeline, cgroups) -> Placement | None:
     if path is None:  # /proc hides another uid's process (ProtectProc=invisible)
         return _by_cgroup_procs(pid, pipeline, cgroups)
     runs_dir = _relative(cgroups.runs_dir)
-    if path is None or runs_dir is None or not path.startswith(runs_dir + "/"):
+    if runs_dir is None or not path.startswith(runs_dir + "/"):
         return None
     run_id = path[len(runs_dir) + 1:].split("/", 1)[0]
     return Placement(True, pipeline.runs.get(run_id))

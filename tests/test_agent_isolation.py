@@ -9,6 +9,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,18 +42,14 @@ def accounts():
 
 
 @pytest.fixture
-def traversable(tmp_path):
-    """Let other uids traverse down to tmp_path (pytest makes its base 0700)."""
-    changed = []
-    for path in [tmp_path, *tmp_path.parents]:
-        if path in (Path("/tmp"), Path("/")):
-            break
-        mode = path.stat().st_mode & 0o7777
-        changed.append((path, mode))
-        path.chmod(mode | 0o001)
-    yield tmp_path
-    for path, mode in changed:
-        path.chmod(mode)
+def traversable():
+    """A fresh directory other uids may traverse. Not under tmp_path: pytest resets
+    /tmp/pytest-of-root to 0700 whenever any session starts, which on a shared machine
+    cut agents off from their socket in the middle of a test."""
+    path = Path(tempfile.mkdtemp(prefix="wk-isolation-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 ALPHA = f"""
@@ -189,39 +186,32 @@ def test_agent_files_readable_by_agents_are_reported(traversable, accounts):
         assert str(d.agents_dir / "beta.yaml") in warning["files"]
 
 
-def test_a_work_dir_granted_by_acl_is_writable_by_its_agent_only(tmp_path):
+def test_a_work_dir_granted_by_acl_is_writable_by_its_agent_only(traversable):
     """Without CAP_CHOWN the daemon grants an agent its work dir by an ACL: that uid may
     write in it, another unprivileged uid may not."""
     require(os.geteuid() == 0, "needs root to act as two other uids")
     from supervisor.identity import grant_dir_to
 
-    work = tmp_path / "work-alpha"
+    work = traversable / "work-alpha"
     work.mkdir(mode=0o700)
-    tmp_path.chmod(0o711)
-    traverse = [p for p in tmp_path.parents if p not in (Path("/tmp"), Path("/"))]
-    modes = [(p, p.stat().st_mode & 0o7777) for p in traverse]
-    for p, mode in modes:
-        p.chmod(mode | 0o001)
     grant_dir_to(work, 61011)
-    try:
-        def writes_as(uid: int) -> int:
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    os.setgroups([])
-                    os.setgid(uid)
-                    os.setuid(uid)
-                    (work / f"by-{uid}").write_text("x")
-                    os._exit(0)
-                except OSError:
-                    os._exit(13)
-            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        assert writes_as(61011) == 0
-        assert writes_as(61012) == 13
-        assert [p.name for p in work.iterdir()] == ["by-61011"]
-    finally:
-        for p, mode in modes:
-            p.chmod(mode)
+
+    def writes_as(uid: int) -> int:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                (work / f"by-{uid}").write_text("x")
+                os._exit(0)
+            except OSError:
+                os._exit(13)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+    assert writes_as(61011) == 0
+    assert writes_as(61012) == 13
+    assert [p.name for p in work.iterdir()] == ["by-61011"]
 
 
 WHOAMI = """

@@ -118,6 +118,8 @@ class Handlers:
         peer = conn.peer
         if peer.uid in (0, os.getuid()):
             return True
+        if peer.uid in getattr(self.daemon, "agent_uids", ()):
+            return False  # an agent's uid, even from a process that left the daemon's tree
         group = self.daemon.config.settings.socket_group
         if not group:
             return False
@@ -150,7 +152,7 @@ class Handlers:
         A process that left the run's tree (re-parented to the daemon) is accepted only when
         its uid is the run's own agent uid, which no other agent has: its environment
         proves nothing, anyone can set WATCHKEEPER_RUN_ID and copy a token."""
-        run_uid = getattr(run, "uid", None)
+        run_uid = run.uid
         if run_uid is not None and conn.peer.uid != run_uid:
             return False
         where = place(conn.peer.pid, self.daemon.pipeline, self.daemon.cgroups)
