@@ -158,7 +158,7 @@ def test_agents_under_their_own_uids_cannot_touch_the_daemon_or_each_other(
 def test_admin_group_members_primary_or_supplementary_may_run_every_admin_verb(
         traversable, accounts):
     """A member of socket_group, by primary or by supplementary group, may run every admin
-    verb; a uid outside the group is refused them."""
+    verb; a uid outside the group, and an agent's uid even inside it, are refused them."""
     d = _daemon(traversable, accounts)
     admins = grp.getgrnam(accounts["admins"]).gr_gid
     verbs = [v for v in ADMIN_VERBS if v[0] != "stop"]
@@ -172,6 +172,10 @@ def test_admin_group_members_primary_or_supplementary_may_run_every_admin_verb(
                     assert reply["ok"] is True, (uid, cmd, reply)
         outsider = _as_uid(d, verbs, 61003, 61003, [])
         assert all("permission denied" in r["error"] for r in outsider), outsider
+        # An agent's uid outside every run (a cron job of its own, say), even in the group.
+        alpha = pwd.getpwnam(accounts["alpha"])
+        escaped = _as_uid(d, verbs, alpha.pw_uid, alpha.pw_gid, [admins])
+        assert all("permission denied" in r["error"] for r in escaped), escaped
         assert _as_uid(d, [("stop", {})], 61002, 61002, [admins])[0]["ok"] is True
         wait_until(lambda: d.proc.poll() is not None, 20, message="the daemon did not stop")
 
