@@ -198,7 +198,8 @@ class Settings(_Section, kw_only=True):
     """[first, last]: each agent without `user:` (when agent_user is null) runs under a uid
     of its own from this range, with the same gid and no passwd entry (like systemd's
     DynamicUser=); uids that have a passwd entry are skipped. Choose unused uids outside
-    systemd's dynamic range (61184-65519), e.g. [70000, 70999]."""
+    systemd's dynamic range (61184-65519). null: [70000, 70999] when the daemon holds
+    CAP_SETUID and CAP_SETGID without being root (the shipped unit), else none."""
     log_format: Literal["auto", "console", "json", "journal"] = "auto"
     """auto: journal under systemd, console on a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -14,6 +14,8 @@ import pwd
 
 RESERVED_PREFIX = "watchkeeper"  # `watchkeeper-admin` signs operators' reverts and imports
 CAP_SETGID, CAP_SETUID = 6, 7
+# Above 65535, outside systemd's DynamicUser= range (61184-65519) and Debian's reserved ones.
+DEFAULT_AGENT_UID_RANGE = [70000, 70999]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,10 @@ class Identities:
                  uid_range: list[int] | None = None) -> None:
         self.default_user = default_user
         self.isolated = can_switch_user()
+        if uid_range is None and self.isolated and os.geteuid() != 0:
+            # Given CAP_SETUID without root (the shipped unit): isolation is what they are
+            # for, so agents get uids of their own unless the operator chose users.
+            uid_range = DEFAULT_AGENT_UID_RANGE
         self.dynamic = allocate_uids(sorted(s.name for s in specs if not s.user), uid_range) \
             if uid_range and not default_user else {}
 

@@ -58,6 +58,9 @@ BETA = """
 report("up", call("heartbeat", {}))
 idle()
 """
+GAMMA = """
+report("who", [os.getuid(), os.getgid(), os.getgroups(), call("heartbeat", {})["ok"]])
+"""
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +83,8 @@ def isolated(tmp_path_factory):
         box.run("chmod", "0750", "/etc/watchkeeper/agents.d")
         agents = {"alpha": {"user": "wk-alpha", "jobs": [probe_job(ALPHA)]},
                   "beta": {"user": "wk-beta",
-                           "jobs": [probe_job(BETA, env={"BETA_SECRET": "s3cr3t"})]}}
+                           "jobs": [probe_job(BETA, env={"BETA_SECRET": "s3cr3t"})]},
+                  "gamma": {"jobs": [probe_job(GAMMA)]}}
         deployment.write_config(agents)
         deployment.write_etc(MAIN_CONFIG, yaml.safe_dump({**CONFIG, "socket_group": "wk-admins"}))
         box.run("systemctl", "start", UNIT, timeout_s=90)
@@ -138,3 +142,12 @@ def test_an_admin_group_member_under_the_unit_may_pause_and_reset(isolated):
         assert result.returncode == 0, (argv, result.stdout, result.stderr)
     assert d.unit_journal("EVENT=agent_paused") and d.unit_journal("EVENT=agent_resumed")
 
+
+def test_an_agent_without_a_user_gets_a_uid_of_its_own_under_the_unit(isolated):
+    """Under the unit (CAP_SETUID without root) an agent whose file names no user runs
+    under a uid of its own from the default range, not the daemon's."""
+    d = isolated
+    _admin(d, "start-now", "gamma")
+    uid, gid, groups, beat = _report(d, "gamma", "who")
+    assert 70000 <= uid <= 70999 and (gid, groups, beat) == (uid, [], True)
+    assert uid != int(d.box.run("id", "-u", "watchkeeper").stdout)
