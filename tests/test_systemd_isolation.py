@@ -58,6 +58,19 @@ BETA = """
 report("up", call("heartbeat", {}))
 idle()
 """
+BOMB = """
+forked = 0
+for _ in range(60):
+    try:
+        if os.fork() == 0:
+            time.sleep(30)
+            os._exit(0)
+        forked += 1
+    except OSError:
+        break
+report("forked", forked)
+idle()
+"""
 GAMMA = """
 report("who", [os.getuid(), os.getgid(), os.getgroups(), call("heartbeat", {})["ok"]])
 """
@@ -84,7 +97,8 @@ def isolated(tmp_path_factory):
         agents = {"alpha": {"user": "wk-alpha", "jobs": [probe_job(ALPHA)]},
                   "beta": {"user": "wk-beta",
                            "jobs": [probe_job(BETA, env={"BETA_SECRET": "s3cr3t"})]},
-                  "gamma": {"jobs": [probe_job(GAMMA)]}}
+                  "gamma": {"jobs": [probe_job(GAMMA)]},
+                  "bomb": {"max_processes": 20, "jobs": [probe_job(BOMB)]}}
         deployment.write_config(agents)
         deployment.write_etc(MAIN_CONFIG, yaml.safe_dump({**CONFIG, "socket_group": "wk-admins"}))
         box.run("systemctl", "start", UNIT, timeout_s=90)
@@ -151,3 +165,17 @@ def test_an_agent_without_a_user_gets_a_uid_of_its_own_under_the_unit(isolated):
     uid, gid, groups, beat = _report(d, "gamma", "who")
     assert 70000 <= uid <= 70999 and (gid, groups, beat) == (uid, [], True)
     assert uid != int(d.box.run("id", "-u", "watchkeeper").stdout)
+
+
+def test_a_fork_bomb_under_its_own_uid_is_killed_at_its_process_cap(isolated):
+    """Under the unit, where /proc hides an isolated agent's processes from the daemon, the
+    run's cgroup still counts them: a run past its max_processes is killed (process_cap)."""
+    d = isolated
+    _admin(d, "start-now", "bomb")
+    capped = wait_until(lambda: d.unit_journal("EVENT=run_process_cap", "AGENT=bomb"),
+                        timeout_s=30, message="run_process_cap for the fork bomb")
+    assert int(capped[0]["PROCESSES"]) > 20
+    finished = wait_until(lambda: d.unit_journal("EVENT=run_finished", "AGENT=bomb"),
+                          timeout_s=30, message="the fork bomb's run_finished")
+    assert finished[0]["STOP_REASON"] == "process_cap"
+
