@@ -1,9 +1,11 @@
 """The identity an agent runs under: a system user that is not the daemon's.
 
-The daemon switches uid, gid and groups in the child before exec (subprocess's user=,
-group=, extra_groups=[]), which takes root or CAP_SETUID + CAP_SETGID. Without them (the
-demo, a daemon started by a user) agents run as the daemon's user and are not isolated;
-the daemon says so once at start.
+An agent's own `user:`, else `agent_user`, else a uid of its own from `agent_uid_range`
+(by default [70000, 70999] when the daemon holds CAP_SETUID without being root: the
+shipped unit). The daemon switches uid, gid and groups in the child before exec
+(subprocess's user=, group=, extra_groups=[]), which takes root or CAP_SETUID +
+CAP_SETGID. Without them (the demo, a daemon started by a user) agents run as the daemon's
+user and are not isolated; the daemon says so once at start.
 """
 
 from __future__ import annotations
