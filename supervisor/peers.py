@@ -7,6 +7,7 @@ here reads the peer's environment: anyone can set WATCHKEEPER_* variables.
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 
@@ -57,7 +58,7 @@ def peer_groups(sock: socket.socket, pid: int) -> set[int]:
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size)
         except OSError as exc:
-            if exc.errno == 34:  # ERANGE: more groups than fit; ask again with room for them
+            if exc.errno == errno.ERANGE:  # more groups than fit: ask again with room
                 size *= 4
                 continue
             return _proc_groups(pid)
