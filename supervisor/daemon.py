@@ -29,7 +29,12 @@ from .configload import Config, load_config
 from .control.handlers import Handlers
 from .control.server import ControlServer
 from .errors import AlreadyRunning, ConfigError, WatchkeeperError
-from .identity import Identities, drop_ambient_capabilities, readable_by_others
+from .identity import (
+    Identities,
+    drop_ambient_capabilities,
+    make_undumpable,
+    readable_by_others,
+)
 from .locks import break_stale
 from .pipeline import Pipeline
 from .proctree import (
@@ -95,6 +100,7 @@ class Daemon:
         # Every file the daemon creates is its own (0600/0700): agents go through the socket.
         os.umask(DAEMON_UMASK)
         drop_ambient_capabilities()
+        make_undumpable()
         problem = socket_group_problem(self.config.settings.socket_group)
         if problem:
             raise WatchkeeperError(problem)

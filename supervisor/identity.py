@@ -215,6 +215,22 @@ def drop_ambient_capabilities() -> bool:
         return False
 
 
+PR_SET_DUMPABLE = 4
+
+
+def make_undumpable() -> bool:
+    """No ptrace, /proc/PID/mem or /proc/PID/environ of the daemon for processes of its own
+    uid (agents that share it, in the demo): the kernel then asks for CAP_SYS_PTRACE. It
+    also means no core dump of the daemon."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def readable_by_others(agents_dir, files) -> list[str]:
     """Agent files (env secrets inside) that an agent's uid could read: the daemon reads
     them and passes each agent its own env at spawn; agents.d should be 0750 root:daemon."""

@@ -117,7 +117,11 @@ def _report(d: Deployment, agent: str, tag: str):
             if isinstance(line, dict) and line.get("tag") == tag:
                 return [line["data"]]
         return None
-    return wait_until(find, timeout_s=30, message=f"{agent}'s {tag!r} report")[0]
+    try:
+        return wait_until(find, timeout_s=30, message=f"{agent}'s {tag!r} report")[0]
+    except AssertionError as exc:
+        said = [e.get("LINE") for e in d.unit_journal(f"AGENT={agent}")]
+        raise AssertionError(f"{exc}; {agent} said: {said}") from None
 
 
 def _admin(d: Deployment, *argv: str) -> str:
@@ -179,3 +183,50 @@ def test_a_fork_bomb_under_its_own_uid_is_killed_at_its_process_cap(isolated):
                           timeout_s=30, message="the fork bomb's run_finished")
     assert finished[0]["STOP_REASON"] == "process_cap"
 
+
+
+SAME_UID = """
+report("same", {
+    "uid": os.getuid(),
+    "daemon environ": attempt(lambda: open(f"/proc/{DAEMON}/environ", "rb").read()),
+    "daemon mem": attempt(lambda: open(f"/proc/{DAEMON}/mem", "rb").close()),
+    "pause": call("pause", {"agent": "same"})["ok"],
+})
+"""
+
+
+@pytest.fixture(scope="module")
+def shared_uid(tmp_path_factory):
+    """The shipped unit without its capabilities: agents share the daemon's uid."""
+    require(*SystemdSandbox.available())
+    require(os.access(SYSTEM_PYTHON, os.X_OK) and _python_version(SYSTEM_PYTHON)
+            == f"{sys.version_info.major}.{sys.version_info.minor}",
+            f"needs {SYSTEM_PYTHON} of this Python's version (the venv's packages are copied)")
+    box = SystemdSandbox(tmp_path_factory.mktemp("shared-uid"))
+    box.start()
+    try:
+        deployment = Deployment(box)
+        deployment.install()
+        box.run("rm", "-f", *[f"/etc/watchkeeper/agents.d/{n}.yaml" for n in ("keeper", "ticker")])
+        deployment.write_config({"same": {"jobs": [probe_job(SAME_UID)]}})
+        box.write_file(f"/etc/systemd/system/{UNIT}.d/no-caps.conf",
+                       "[Service]\nAmbientCapabilities=\nCapabilityBoundingSet=\n")
+        box.run("systemctl", "daemon-reload")
+        box.run("systemctl", "start", UNIT, timeout_s=90)
+        yield deployment
+    finally:
+        box.stop()
+
+
+def test_an_agent_sharing_the_daemons_uid_cannot_read_its_memory(shared_uid):
+    """Without CAP_SETUID agents share the daemon's uid (the daemon says they are not
+    isolated), yet cannot read its environment or memory (it is not dumpable) nor run an
+    admin verb."""
+    d = shared_uid
+    assert d.unit_journal("EVENT=agents_not_isolated")
+    _admin(d, "start-now", "same")
+    same = _report(d, "same", "same")
+    assert same["uid"] == int(d.box.run("id", "-u", "watchkeeper").stdout), same
+    assert same["daemon environ"].startswith("denied") and same["daemon mem"].startswith(
+        "denied"), same
+    assert same["pause"] is False
