@@ -13,6 +13,7 @@ from typing import Literal
 import msgspec
 
 from .alerts import AlertSettings
+from .authz import Permission
 from .breaker import AgentLimits, BreakerSettings
 from .heartbeat import HeartbeatSettings
 from .memguard import MemoryGuardSettings, MemoryPriority
@@ -138,6 +139,13 @@ class AgentSpec(_Section, kw_only=True):
     """Circuit-breaker limits for this agent (outputs, kinds, launches, duplicates, spend)."""
     host: str | None = None
     """Run this agent's jobs only on this host (postgresql backend); a job's `host` wins."""
+    user: str | None = None
+    """System user the agent's runs run as (set by the daemon at spawn; needs root or
+    CAP_SETUID/CAP_SETGID); null: the daemon's `agent_user`. Never root or the daemon's
+    own user; give each agent its own user so agents cannot touch each other."""
+    permissions: list[Permission] = []
+    """Admin verbs this agent's runs may call (e.g. [start-now] for an orchestrator); by
+    default every admin verb is refused from inside any run."""
 
     @property
     def name(self) -> str:
@@ -182,6 +190,16 @@ class Settings(_Section, kw_only=True):
     """Path of the control socket; null: STATE_DIR/control.sock."""
     socket_group: str | None = None
     """Group that may use the control socket (mode 0660)."""
+    agent_user: str | None = None
+    """System user of every agent without a `user:` of its own; null: `agent_uid_range`,
+    else agents run as the daemon's user and the daemon says at start that they are not
+    isolated."""
+    agent_uid_range: list[int] | None = None
+    """[first, last]: each agent without `user:` (when agent_user is null) runs under a uid
+    of its own from this range, with the same gid and no passwd entry (like systemd's
+    DynamicUser=); uids that have a passwd entry are skipped. Choose unused uids outside
+    systemd's dynamic range (61184-65519). null: [70000, 70999] when the daemon holds
+    CAP_SETUID and CAP_SETGID without being root (the shipped unit), else none."""
     log_format: Literal["auto", "console", "json", "journal"] = "auto"
     """auto: journal under systemd, console on a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -18,6 +18,7 @@ import yaml
 
 from .config import AgentSpec, Job, Settings
 from .errors import ConfigError
+from .identity import name_problems, uid_range_problems, user_problems
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CONFIG_ENV = "WATCHKEEPER_CONFIG"
@@ -340,6 +341,10 @@ def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
     if not NAME_RE.match(name):
         issues.append(doc.issue("agent", f"{name!r} is not a valid agent name "
                                 "(lowercase letters, digits, '-' and '_', at most 64)"))
+    for problem in name_problems(name):
+        issues.append(doc.issue("agent", problem))
+    for problem in user_problems(spec.user):
+        issues.append(doc.issue("user", problem))
     ids = [j.id for j in jobs]
     for dup in sorted({i for i in ids if ids.count(i) > 1}):
         issues.append(doc.issue("jobs", f"job id {dup!r} appears more than once"))
@@ -391,6 +396,8 @@ def load_config(path: Path | str | None = None) -> Config:
         settings = Settings(agents_dir=agents_dir) if usable else Settings()
     else:
         _check_numbers(doc, settings, "", issues)
+        for problem in user_problems(settings.agent_user):
+            issues.append(doc.issue("agent_user", problem))
         paths_ok = True
         for field in ("state_dir", "agents_dir", "working_dir", "control_socket"):
             if "\0" in (getattr(settings, field) or ""):
@@ -424,6 +431,8 @@ def load_config(path: Path | str | None = None) -> Config:
             agents[spec.name] = spec
             files[spec.name] = agent_file
         _check_references(agents, files, issues)
+        for problem in uid_range_problems(settings.agent_uid_range, len(agents)):
+            issues.append(doc.issue("agent_uid_range", problem))
         try:
             settings.breaker.check_agents(agents)
         except ValueError as exc:

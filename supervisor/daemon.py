@@ -29,6 +29,12 @@ from .configload import Config, load_config
 from .control.handlers import Handlers
 from .control.server import ControlServer
 from .errors import AlreadyRunning, ConfigError, WatchkeeperError
+from .identity import (
+    Identities,
+    drop_ambient_capabilities,
+    make_undumpable,
+    readable_by_others,
+)
 from .locks import break_stale
 from .pipeline import Pipeline
 from .proctree import (
@@ -40,6 +46,7 @@ from .proctree import (
     send_signal,
 )
 from .scheduler import Fire, Scheduler, missed_firing
+from .state_modes import DAEMON_UMASK, open_to_agents, secure_state_dir, socket_group_problem
 from .states import DAEMON_TRANSITIONS, DaemonState, Outcome, StopReason, check_transition
 from .store import Store
 from .timers import Timers
@@ -77,6 +84,8 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.control: ControlServer | None = None
         self.cgroups: RunCgroups | None = None
+        self.agent_uids: set[int] = set()  # uids only agents run under (authz fallback)
+        self._not_isolated_said = ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     def transition(self, target: DaemonState) -> None:
@@ -88,7 +97,15 @@ class Daemon:
 
     def run(self) -> int:
         """Start, loop until stopped, clean up; return the process exit code."""
+        # Every file the daemon creates is its own (0600/0700): agents go through the socket.
+        os.umask(DAEMON_UMASK)
+        drop_ambient_capabilities()
+        make_undumpable()
+        problem = socket_group_problem(self.config.settings.socket_group)
+        if problem:
+            raise WatchkeeperError(problem)
         self._open_state_dir()
+        secure_state_dir(self.state_dir)
         try:
             self._start()
             while self.state != DaemonState.STOPPED:
@@ -137,6 +154,7 @@ class Daemon:
         self.control = ControlServer(cfg.socket_path, self.selector, Handlers(self).dispatch,
                                      group=cfg.settings.socket_group)
         self.control.open()
+        self._isolate_agents(cfg)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
         self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain_signals)
         for ext in self.extensions:
@@ -150,6 +168,26 @@ class Daemon:
                  cgroups=str(self.cgroups.base) if self.cgroups else None,
                  socket=str(cfg.socket_path))
         self.transition(DaemonState.RUNNING)
+
+    def _isolate_agents(self, cfg: Config) -> None:
+        """Each agent's uid (identity.py); say once, clearly, when agents are not isolated."""
+        identities = Identities(cfg.settings.agent_user, cfg.agents.values(),
+                                cfg.settings.agent_uid_range)
+        self.pipeline.identity_of = identities.for_agent
+        self.agent_uids = identities.uids(cfg.agents.values())
+        if self.agent_uids:
+            open_to_agents(self.state_dir, cfg.socket_path)
+            exposed = readable_by_others(cfg.settings.agents_dir, cfg.agent_files.values())
+            if exposed:
+                log.warning("agent_files_readable_by_agents", files=exposed,
+                            hint="their env secrets are readable by every agent: "
+                                 "chmod o-rwx the agents directory (docs/security.md)")
+        reason = identities.not_isolated_reason(cfg.agents.values())
+        if reason and reason != self._not_isolated_said:
+            log.warning("agents_not_isolated", reason=reason,
+                        hint="set agent_user or a `user:` per agent and run the daemon as "
+                             "root or with CAP_SETUID+CAP_SETGID (docs/security.md)")
+        self._not_isolated_said = reason
 
     def _install_signals(self) -> None:
         signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
@@ -337,6 +375,7 @@ class Daemon:
                             hint="this setting takes effect at the next start")
         self.config = new
         self.pipeline.settings = new.settings
+        self._isolate_agents(new)
         self.pipeline.set_agents(new.agents)
         for ext in self.extensions:
             reload_hook = getattr(ext, "reload", None)

@@ -13,6 +13,7 @@ import time
 import structlog
 
 from .alerts import Alert, AlertKind
+from .cgroups import RunCgroups
 from .config import AgentSpec
 from .control.handlers import AGENT, command
 from .control.protocol import error, ok
@@ -234,6 +235,8 @@ class Health:
             tree = set(subtree(children, run.pid))
             tree.update(p for p, rid in pipeline.owners.items() if rid == run.run_id and p in alive)
             count = len(tree) + 1
+            if run.cgroup is not None:  # /proc hides an agent of another uid; its cgroup not
+                count = max(count, len(RunCgroups.pids(run.cgroup)))
             if count > rt.spec.max_processes:
                 log.warning("run_process_cap", agent=run.agent, run_id=run.run_id,
                             processes=count, max_processes=rt.spec.max_processes)

@@ -116,7 +116,7 @@ def acquire(state_dir: Path, task_id: str, *, agent: str = "", run_id: str = "",
     owner = LockOwner(pid=pid or os.getpid(), host=socket.gethostname(), run_id=run_id,
                       agent=agent, started=time.time())
     tmp = path.parent / temp_name(task_id, os.getpid())
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(fd, json.dumps(dataclasses.asdict(owner)).encode() + b"\n")
@@ -168,7 +168,7 @@ def break_stale(state_dir: Path, stale_after_s: float, now: float | None = None)
         return []
     now = time.time() if now is None else now
     broken: list[BrokenLock] = []
-    guard = os.open(tasks / ".breaker", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    guard = os.open(tasks / ".breaker", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(guard, fcntl.LOCK_EX)
         for path in tasks.glob("*.lock"):

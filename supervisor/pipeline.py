@@ -15,6 +15,7 @@ import structlog
 from .agents import AgentRuntime, backoff_delay_s, cooldown_s
 from .cgroups import RunCgroups
 from .config import AgentSpec, Job, Overlap, Settings
+from .identity import AgentIdentity, prepare_work_dir
 from .proctree import attribute, descendants, describe_status, direct_children, signal_name
 from .runner import LineRateLimiter, Run, build_env, read_pipe, spawn
 from .scheduler import Fire, Scheduler
@@ -59,6 +60,8 @@ class Pipeline:
         # Shared storage decides which host runs a firing: a non-empty answer says why not here.
         self.claim_firing: Callable[[Fire, AgentSpec, Job], str] = lambda fire, spec, job: ""
         self.base_env = dict(os.environ)
+        # Who each agent's runs run as (identity.py); None: the daemon's own user.
+        self.identity_of: Callable[[AgentSpec], AgentIdentity | None] = lambda spec: None
 
     # -- configuration --------------------------------------------------------------------
     def set_agents(self, specs: dict[str, AgentSpec]) -> None:
@@ -172,8 +175,16 @@ class Pipeline:
                            trigger=trigger, pid=None, started=run.started_wall,
                            degraded=",".join(degraded), host=os.uname().nodename)
         try:
-            spawn(run, rt.spec, cwd=self.settings.working_dir or ".", env=env)
-        except OSError as exc:
+            identity = self.identity_of(rt.spec)
+            work = prepare_work_dir(self.state_dir, rt.name, identity)
+            env["WATCHKEEPER_WORK_DIR"] = str(work)
+            if identity is not None:
+                env["HOME"] = str(work)  # the daemon's HOME is not the agent's to write
+                # tasks/ is the daemon's (0700): the daemon takes the agent's locks for it.
+                env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
+            spawn(run, rt.spec, cwd=self.settings.working_dir or ".", env=env,
+                  identity=identity)
+        except (OSError, KeyError) as exc:
             log.error("run_spawn_failed", agent=rt.name, job=job.id, run_id=run.run_id,
                       error=str(exc), command=_head(job))
             record.ended, record.outcome = time.time(), Outcome.SPAWN_FAILED.value

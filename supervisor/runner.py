@@ -18,6 +18,7 @@ import structlog
 
 from .cgroups import RunCgroups
 from .config import AgentSpec, Job
+from .identity import AgentIdentity
 from .proctree import send_group_signal, send_signal
 from .states import RUN_TRANSITIONS, RunState, StopReason, check_transition
 
@@ -119,6 +120,7 @@ class Run:
         self.timers: list = []
         self.pipes: dict[int, tuple[str, LineBuffer]] = {}
         self.exit_status: int | None = None
+        self.uid: int | None = None  # the agent's own uid, when it runs under one
 
     def transition(self, target: RunState) -> None:
         check_transition(RUN_TRANSITIONS, self.state, target)
@@ -192,9 +194,14 @@ def build_argv(job: Job) -> list[str] | str:
     return argv
 
 
-def spawn(run: Run, agent: AgentSpec, *, cwd: str, env: dict[str, str]) -> None:
-    """Start the run's process in a session of its own with piped, non-blocking output."""
+def spawn(run: Run, agent: AgentSpec, *, cwd: str, env: dict[str, str],
+          identity: AgentIdentity | None = None) -> None:
+    """Start the run's process in a session of its own with piped, non-blocking output;
+    under `identity`'s uid and gid with no supplementary group (not the daemon's, not the
+    socket group's) when given."""
     job = run.job
+    as_user = {} if identity is None else {
+        "user": identity.uid, "group": identity.gid, "extra_groups": []}
     # Our own pipes, not Popen's file objects: those close their fd when the Popen is
     # collected, and a reused fd number would then alias a pipe the selector still watches.
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -210,6 +217,7 @@ def spawn(run: Run, agent: AgentSpec, *, cwd: str, env: dict[str, str]) -> None:
             stderr=err_w,
             start_new_session=True,
             close_fds=True,
+            **as_user,
         )
     except BaseException:
         for fd in (out_r, err_r):
@@ -220,6 +228,7 @@ def spawn(run: Run, agent: AgentSpec, *, cwd: str, env: dict[str, str]) -> None:
         os.close(err_w)
     run.popen = popen
     run.pid = popen.pid
+    run.uid = identity.uid if identity is not None else None
     for stream, fd in (("stdout", out_r), ("stderr", err_r)):
         os.set_blocking(fd, False)
         run.pipes[fd] = (stream, LineBuffer(0))

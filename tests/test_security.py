@@ -8,6 +8,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from harness import DaemonProc, py
@@ -100,32 +101,39 @@ print(json.dumps(replies))
 """
 
 
-def test_admin_commands_need_the_daemons_user(tmp_path):
-    """A process of another uid that can reach the socket may ping and read status, but
-    pause, resume, reload, breaker-reset, start-now and stop are refused."""
+def test_admin_commands_need_the_daemons_user():
+    """A process of another uid (not an agent, not in the socket group) that can reach the
+    socket may ping, but reading status, pause, resume, reload, breaker-reset, start-now and
+    stop are refused."""
     require(os.geteuid() == 0, "needs root to run a process as another uid")
     # The venv's interpreter may live under /root; the client needs only the stdlib.
     python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
     require(python is not None, "a system python3 that another uid can execute")
     nobody = pwd.getpwnam("nobody")
     agent = {"jobs": [{"id": "main", "command": ["true"], "schedule": {"every_s": 3600}}]}
-    with DaemonProc(tmp_path, {"a": agent}).start(extra_env=AGENT_ENV) as d:
-        opened = _reachable_by_others(d.socket_path)
-        try:
-            out = subprocess.run([python, "-c", NOBODY, str(d.socket_path)],
-                                 user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
-                                 capture_output=True, text=True, timeout=30)
-        finally:
-            for path, mode in opened:
-                path.chmod(mode)
-        replies = json.loads(out.stdout)
-        assert replies["ping"]["ok"] and replies["status"]["ok"]
-        for cmd in ("pause", "resume", "reload", "breaker-reset", "start-now", "stop"):
-            assert replies[cmd]["ok"] is False, (cmd, replies[cmd])
-            assert "permission denied" in replies[cmd]["error"]
-        assert d.call("ping")["pid"] == d.proc.pid
-        assert d.find("control_denied", cmd="pause")
-        assert not d.find("agent_paused") and not d.find("run_started")
+    # Not under tmp_path: pytest resets /tmp/pytest-of-root to 0700 whenever any session
+    # starts, which on a shared machine cut `nobody` off from the socket mid-test.
+    root = Path(tempfile.mkdtemp(prefix="wk-security-"))
+    try:
+        with DaemonProc(root, {"a": agent}).start(extra_env=AGENT_ENV) as d:
+            opened = _reachable_by_others(d.socket_path)
+            try:
+                out = subprocess.run([python, "-c", NOBODY, str(d.socket_path)],
+                                     user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+                                     capture_output=True, text=True, timeout=30)
+            finally:
+                for path, mode in opened:
+                    path.chmod(mode)
+            replies = json.loads(out.stdout)
+            assert replies["ping"]["ok"]
+            for cmd in ("status", "pause", "resume", "reload", "breaker-reset", "start-now", "stop"):
+                assert replies[cmd]["ok"] is False, (cmd, replies[cmd])
+                assert "permission denied" in replies[cmd]["error"]
+            assert d.call("ping")["pid"] == d.proc.pid
+            assert d.find("control_denied", cmd="pause")
+            assert not d.find("agent_paused") and not d.find("run_started")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _reachable_by_others(socket_path: Path) -> list[tuple[Path, int]]:

@@ -52,7 +52,7 @@ CONFIG = {"state_dir": STATE_DIR, "working_dir": STATE_DIR, "stop_grace_s": 3, "
 KEEPER = """\
 import os, subprocess, time
 grandchild = subprocess.Popen(["sleep", "1000"], start_new_session=True)
-with open(os.path.join(os.environ["HOME"], "keeper.pids"), "w") as out:
+with open(os.path.join(os.environ["WATCHKEEPER_WORK_DIR"], "keeper.pids"), "w") as out:
     out.write(f"{os.getpid()} {grandchild.pid} {os.environ['WATCHKEEPER_RUN_ID']}")
 while True:
     print("keeper alive", flush=True)
@@ -128,7 +128,7 @@ class Deployment:
         """(keeper's pid, its grandchild's pid, its run id), as written by the current run."""
         def read():
             try:
-                pid, grandchild, run_id = self.box.read_file(f"{STATE_DIR}/keeper.pids").split()
+                pid, grandchild, run_id = self.box.read_file(f"{STATE_DIR}/work/keeper/keeper.pids").split()
             except (OSError, ValueError):
                 return None
             return (int(pid), int(grandchild), run_id) if self.alive(int(pid)) else None

@@ -1,10 +1,16 @@
 """Control commands: who may call them, and what they do to the daemon.
 
-Three kinds of caller, told apart by SO_PEERCRED and the run token:
-- admin: the daemon's own user, root, or a member of `socket_group` (pause, reload, ...);
-- a run: carries run_id + token of a live run, and its peer pid belongs to that run;
-  it may act only as its own agent (heartbeat, lock, emit, memory writes);
-- anyone who can open the socket (0660): read-only commands (ping, status).
+Three kinds of caller, told apart by what the kernel says (SO_PEERCRED, SO_PEERGROUPS, the
+peer's run cgroup and parent chain; authz.py), never by what the caller says:
+- admin: root, the daemon's own user or a member of `socket_group` (pause, reload, ...),
+  and only from outside every run: a process the daemon started (an agent, or anything it
+  spawned, re-parented or not) is refused admin verbs unless its agent's `permissions:`
+  grants that verb;
+- a run: carries run_id + token of a live run, and its peer pid belongs to that run (and,
+  with per-agent users, runs as that agent's uid); it may act only as its own agent
+  (heartbeat, lock, emit, memory writes);
+- read-only commands (status, memory-get, ...) for admins and agents' runs; other local
+  users who can open the socket get `ping` only.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from collections.abc import Callable
 import structlog
 
 from .. import __version__
+from ..authz import place
 from ..errors import LockBusy
 from ..hashing import compare_digest
 from ..locks import acquire, list_locks, validate_task_id
-from ..proctree import read_environ
+from ..peers import peer_groups
 from ..runner import Run
 from ..scheduler import Fire
 from .protocol import Request, error, ok
@@ -53,6 +60,11 @@ class Handlers:
         # who may call it is still decided by the table the command is in.
         impl = getattr(self.daemon, "command_overrides", {}).get(req.cmd)
         if req.cmd in READ_ONLY:
+            if req.cmd != "ping" and not self.may_read(conn):
+                log.warning("control_denied", cmd=req.cmd, peer_uid=conn.peer.uid,
+                            peer_pid=conn.peer.pid, reason="not a known caller")
+                return error(req.id, f"permission denied: {req.cmd!r} needs root, the "
+                                     "daemon's user, the socket group or an agent's run")
             return (impl or READ_ONLY[req.cmd])(self, conn, req)
         if req.cmd in AGENT:
             run = self.authenticate_run(conn, req)
@@ -60,85 +72,97 @@ class Handlers:
                 return run
             return (impl or AGENT[req.cmd])(self, conn, req, run)
         if req.cmd in ADMIN:
-            if not self.is_admin(conn):
+            refusal = self.admin_refusal(conn, req.cmd)
+            if refusal:
                 log.warning("control_denied", cmd=req.cmd, peer_uid=conn.peer.uid,
-                            peer_pid=conn.peer.pid)
-                return error(req.id, f"permission denied: {req.cmd!r} needs the daemon's user, "
-                                     "root or the socket group")
+                            peer_pid=conn.peer.pid, reason=refusal)
+                return error(req.id, f"permission denied: {req.cmd!r} {refusal}")
             return (impl or ADMIN[req.cmd])(self, conn, req)
         known = ", ".join(sorted({*READ_ONLY, *ADMIN, *AGENT}))
         return error(req.id, f"unknown command {req.cmd!r} (known: {known})")
+
+    def admin_refusal(self, conn: Connection, cmd: str) -> str:
+        """Why this peer may not run admin verb `cmd` ("" when it may). Inside a run the
+        answer is the agent's `permissions:`, whatever the peer's uid: agents may run as
+        the daemon's user (the demo) and an agent must not switch its supervisor off."""
+        where = place(conn.peer.pid, self.daemon.pipeline, self.daemon.cgroups)
+        inside = where.inside
+        if inside is None:  # /proc hides the peer from us: its uid decides
+            inside = conn.peer.uid in getattr(self.daemon, "agent_uids", set())
+        if inside:
+            spec = self._spec_of(where.run)
+            if spec is not None and cmd in spec.permissions:
+                return ""
+            agent = f"agent {spec.name!r}" if spec is not None else "an agent"
+            return (f"is refused from inside a run (the caller was started by {agent}); "
+                    f"grant it with `permissions: [{cmd}]` in that agent's file")
+        if self.is_admin(conn):
+            return ""
+        return "needs root, the daemon's user or the socket group"
+
+    def may_read(self, conn: Connection) -> bool:
+        """Read-only commands are for the operator and the agents, not for every local
+        user who can open the socket (0666 when agents have uids of their own): status,
+        outputs and memory say what the agents are doing."""
+        if self.is_admin(conn) or conn.peer.uid in getattr(self.daemon, "agent_uids", ()):
+            return True
+        return bool(place(conn.peer.pid, self.daemon.pipeline, self.daemon.cgroups).inside)
+
+    def _spec_of(self, run: Run | None):
+        if run is None:
+            return None
+        rt = self.daemon.pipeline.agents.get(run.agent)
+        return rt.spec if rt is not None else None
 
     def is_admin(self, conn: Connection) -> bool:
         peer = conn.peer
         if peer.uid in (0, os.getuid()):
             return True
+        if peer.uid in getattr(self.daemon, "agent_uids", ()):
+            return False  # an agent's uid, even from a process that left the daemon's tree
         group = self.daemon.config.settings.socket_group
         if not group:
             return False
-        gid = grp.getgrnam(group).gr_gid
-        return peer.gid == gid or gid in _supplementary_groups(peer.pid)
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            return False
+        return peer.gid == gid or gid in peer_groups(conn.sock, peer.pid)
 
     def authenticate_run(self, conn: Connection, req: Request) -> Run | bytes:
-        """The run named by run_id, if the token matches and the peer is one of its
-        processes; an error reply otherwise."""
+        """The run named by run_id, if the token matches and the kernel places the peer in
+        that run (its cgroup or parent chain, and its uid when agents have their own); an
+        error reply otherwise."""
         run = self.daemon.pipeline.runs.get(req.run_id or "")
         if run is None or not req.token or not compare_digest(run.token, req.token):
             return error(req.id, "not a live run: this command needs WATCHKEEPER_RUN_ID and "
                                  "WATCHKEEPER_RUN_TOKEN of a running agent")
         # The peer pid is fixed for the life of the connection (SO_PEERCRED at connect), so
         # proving it belongs to the run once is enough; a high-rate writer skips /proc reads.
-        if conn.verified_run != run.run_id and not self._peer_belongs_to(conn.peer.pid, run):
+        if conn.verified_run != run.run_id and not self._peer_belongs_to(conn, run):
             log.warning("control_impersonation_refused", run_id=run.run_id,
-                        peer_pid=conn.peer.pid)
+                        peer_pid=conn.peer.pid, peer_uid=conn.peer.uid)
             return error(req.id, "permission denied: the calling process is not part of "
                                  f"run {run.run_id}")
         conn.verified_run = run.run_id
         return run
 
-    def _peer_belongs_to(self, pid: int, run: Run) -> bool:
-        """The peer descends from the run's root; or it was orphaned into the daemon (its
-        subreaper) and inherited the run's id. An environment alone proves nothing: anyone
-        can set WATCHKEEPER_RUN_ID, so a process the daemon did not start is refused even
-        with the run's token."""
-        chain = _ancestry(pid)
-        if run.pid in chain:
-            return True
-        me = os.getpid()
-        if me not in chain or chain.index(me) == 0:
+    def _peer_belongs_to(self, conn: Connection, run: Run) -> bool:
+        """The kernel places the peer in the run: in its cgroup, or below its root process.
+        A process that left the run's tree (re-parented to the daemon) is accepted only when
+        its uid is the run's own agent uid, which no other agent has: its environment
+        proves nothing, anyone can set WATCHKEEPER_RUN_ID and copy a token."""
+        run_uid = run.uid
+        if run_uid is not None and conn.peer.uid != run_uid:
             return False
-        top = chain[chain.index(me) - 1]  # the daemon's child this peer descends from
-        if top in self.daemon.pipeline.runs_by_pid:
-            return False  # inside another run's tree
-        return read_environ(pid).get("WATCHKEEPER_RUN_ID") == run.run_id
+        where = place(conn.peer.pid, self.daemon.pipeline, self.daemon.cgroups)
+        if where.run is run:
+            return True
+        return bool(where.orphan and run_uid is not None)
 
     def run_ended(self, run: Run) -> None:
         for held in self.held_locks.pop(run.run_id, []):
             held.release()
-
-
-def _ancestry(pid: int) -> list[int]:
-    """pid, its parent, its grandparent... up to init; what is unreadable ends the chain."""
-    chain = []
-    try:
-        while pid > 1 and len(chain) < 4096:
-            chain.append(pid)
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return chain
-
-
-def _supplementary_groups(pid: int) -> set[int]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except (OSError, ValueError):
-        pass
-    return set()
 
 
 def _agent_names(h: Handlers, req: Request) -> list[str] | bytes:
