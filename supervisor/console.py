@@ -52,6 +52,8 @@ SENTENCES: dict[str, Callable[[dict], str]] = {
                                        f"{_g(e, 'sink')}: {_g(e, 'error')}",
     "alert_retry": lambda e: f"alert {_g(e, 'kind')} to {_g(e, 'sink')} failed "
                              f"(attempt {_g(e, 'attempt')}), retrying: {_g(e, 'error')}",
+    "agents_not_isolated": lambda e: "agents run as the daemon's user, NOT isolated: set "
+                                     "agent_user (docs/security.md)",
     "daemon_started": lambda e: f"started: {_g(e, 'agents')} agents (`watchkeeper status` "
                                 "shows them)",
     "breaker_state_changed": lambda e: f"breaker {_g(e, 'from_state')} -> "

@@ -62,4 +62,7 @@ def test_clean_start_logs_no_warning(tmp_path):
         d.wait_event("run_finished", agent="content", timeout_s=15)
         warnings = [e for e in d.events if e.get("level") in ("warning", "error", "critical")]
     assert out["line"] == "degraded=0 upstreams="
-    assert warnings == []
+    # Agents sharing the daemon's uid is a real security statement (docs/security.md), said
+    # once at start; nothing else may warn.
+    assert [e["event"] for e in warnings if e["event"] != "agents_not_isolated"] == []
+    assert [e["event"] for e in warnings].count("agents_not_isolated") <= 1
