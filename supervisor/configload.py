@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .safefile import read_capped
 from .yamlguard import YamlTooComplex, check_events, check_expansion
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")  # with fullmatch: no trailing newline
 CONFIG_ENV = "WATCHKEEPER_CONFIG"
 # The field named by problems of a whole file (bad YAML, empty, not a mapping), so that every
 # issue reads `file:line: field: problem`.
@@ -244,7 +244,7 @@ def _check_numbers(doc: _Document, struct, at: str, issues: list[ConfigIssue]) -
 
 
 def _check_job(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
-    if not NAME_RE.match(job.id):
+    if not NAME_RE.fullmatch(job.id):
         issues.append(doc.issue(f"{at}.id", f"{job.id!r} is not a valid id "
                                 "(lowercase letters, digits, '-' and '_', at most 64)"))
     if isinstance(job.command, str) and not job.shell:
@@ -349,7 +349,7 @@ def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
     for index, job in enumerate(jobs):
         _check_numbers(doc, job, f"jobs[{index}]", issues)
     name = spec.agent or path.stem
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         issues.append(doc.issue("agent", f"{name!r} is not a valid agent name "
                                 "(lowercase letters, digits, '-' and '_', at most 64)"))
     ids = [j.id for j in jobs]

@@ -39,6 +39,7 @@ from .proctree import (
     reap_children,
     send_signal,
 )
+from .safefile import check_state_dir, open_regular
 from .scheduler import Fire, Scheduler, missed_firing
 from .states import DAEMON_TRANSITIONS, DaemonState, Outcome, StopReason, check_transition
 from .store import Store
@@ -100,10 +101,14 @@ class Daemon:
     def _open_state_dir(self) -> None:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
+            loose = check_state_dir(self.state_dir)
+            if loose:
+                raise WatchkeeperError(f"refusing to start: {loose}")
             for sub in ("tasks", "status", "logs"):
                 (self.state_dir / sub).mkdir(exist_ok=True)
-            fd = os.open(self.state_dir / "daemon.lock",
-                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Never through a link: a planted daemon.lock symlink made the start truncate
+            # the link's target and write the pid there.
+            fd = open_regular(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise WatchkeeperError(f"cannot use state_dir {self.state_dir}: {exc} (it must be "
                                    "a directory the daemon's user can write)") from None
@@ -322,6 +327,16 @@ class Daemon:
         if self.state != DaemonState.RUNNING:
             return ["the daemon is not running (stopping or already reloading)"]
         self.transition(DaemonState.RELOADING)
+        try:
+            return self._reload_from_file()
+        except Exception as exc:  # noqa: BLE001 - a failed reload must not wedge `reloading`
+            log.exception("reload_failed", hint="still running the previous configuration")
+            return [f"reload failed: {type(exc).__name__}: {exc}"]
+        finally:
+            if self.state == DaemonState.RELOADING:
+                self.transition(DaemonState.RUNNING)
+
+    def _reload_from_file(self) -> list[str]:
         try:
             new = load_config(self.config.path)
         except ConfigError as exc:
