@@ -182,6 +182,9 @@ class Settings(_Section, kw_only=True):
     """Path of the control socket; null: STATE_DIR/control.sock."""
     socket_group: str | None = None
     """Group that may use the control socket (mode 0660)."""
+    control_idle_timeout_s: float = 60.0
+    """A control connection that sends nothing this long is closed (an agent run's own
+    connection excepted); idle clients must not hold the connection slots."""
     log_format: Literal["auto", "console", "json", "journal"] = "auto"
     """auto: journal under systemd, console on a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

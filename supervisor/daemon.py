@@ -26,6 +26,7 @@ import structlog
 from . import __version__
 from .cgroups import RunCgroups
 from .configload import Config, load_config
+from .control.admission import run_peer_check
 from .control.handlers import Handlers
 from .control.server import ControlServer
 from .errors import AlreadyRunning, ConfigError, WatchkeeperError
@@ -140,8 +141,11 @@ class Daemon:
             store=self.store, timers=self.timers, scheduler=self.scheduler,
             cgroups=self.cgroups, watch_fd=self._watch_fd, unwatch_fd=self._unwatch_fd)
         self.control = ControlServer(cfg.socket_path, self.selector, Handlers(self).dispatch,
-                                     group=cfg.settings.socket_group)
+                                     group=cfg.settings.socket_group,
+                                     is_run_peer=run_peer_check(self.pipeline),
+                                     idle_timeout_s=cfg.settings.control_idle_timeout_s)
         self.control.open()
+        self.on_tick.append(self.control.close_idle)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
         self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain_signals)
         for ext in self.extensions:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 from pathlib import Path
 
@@ -22,6 +23,8 @@ class ControlClient:
         self.token = os.environ.get("WATCHKEEPER_RUN_TOKEN")
 
     def _connect(self) -> socket.socket:
+        if self._sock is not None and self._closed_by_daemon():
+            self.close()  # e.g. the idle timeout: nothing was sent on it, so connect anew
         if self._sock is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.timeout_s)
@@ -35,6 +38,15 @@ class ControlClient:
                     "`systemctl start watchkeeper`") from None
             self._sock = sock
         return self._sock
+
+    def _closed_by_daemon(self) -> bool:
+        # select first: with a timeout set, recv() would wait for data even with MSG_DONTWAIT.
+        if not select.select([self._sock], [], [], 0)[0]:
+            return False
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     def close(self) -> None:
         if self._sock is not None:
