@@ -13,7 +13,7 @@ same discipline; commands not listed here (debug commands) check their own argum
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -99,13 +99,20 @@ class RevertArgs(_Args):
     force: bool = False
 
 
+class ExportArgs(_Args):
+    part: Literal["entries", "history"] = "entries"
+    after: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+    max_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 << 20)] = 2 << 20
+
+
 class ImportArgs(_Args):
     data: dict[str, Any]
+    restored_history: bool = False
 
 
 ARGS: dict[str, type[_Args]] = {
     "ping": NoArgs, "status": NoArgs, "locks": NoArgs, "heartbeat": NoArgs,
-    "breaker-status": NoArgs, "memory-export": NoArgs,
+    "breaker-status": NoArgs, "memory-export": ExportArgs,
     "runs": RunsArgs, "outputs": OutputsArgs,
     "start-now": AgentArgs, "pause": AgentArgs, "resume": AgentArgs, "reload": AgentArgs,
     "stop": AgentArgs,

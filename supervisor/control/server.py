@@ -51,6 +51,12 @@ class Connection:
     def send(self, data: bytes) -> None:
         if self.closed:
             return
+        if len(self.outbuf) > MAX_PENDING_OUT_BYTES:
+            # Replies pile up unread: a slow reader. One big reply alone (a 10 MB `memory
+            # list`) is never the reason: it was cut off when this was checked after it.
+            log.warning("control_slow_reader_dropped", peer_pid=self.peer.pid)
+            self.server._drop(self)
+            return
         self.outbuf += data
         self.server.flush(self)
 
@@ -208,10 +214,6 @@ class ControlServer:
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
-            self._drop(conn)
-            return
-        if len(conn.outbuf) > MAX_PENDING_OUT_BYTES:
-            log.warning("control_slow_reader_dropped", peer_pid=conn.peer.pid)
             self._drop(conn)
             return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
