@@ -36,6 +36,9 @@ log = structlog.get_logger("watchkeeper.pipeline")
 # forks outside its process group is caught in a few rounds.
 LEFTOVER_KILL_ROUNDS = 50
 LEFTOVER_RECHECK_S = 0.1
+# pids.max counts threads, not processes (Chrome runs ~30 per process): the kernel limit is
+# a backstop a bomb cannot outrun, the exact process cap stays the daemon's check.
+THREADS_PER_PROCESS = 64
 DEFAULT_MAX_PROCESSES = 256  # an agent removed while its run ended: AgentSpec's default
 NO_RESTART_REASONS = {StopReason.SHUTDOWN, StopReason.REMOVED, StopReason.BREAKER,
                       StopReason.REPLACED, StopReason.MANUAL, StopReason.LEASE_LOST}
@@ -196,7 +199,8 @@ class Pipeline:
             self._after_failure(rt, run, record)
             return None
         if self.cgroups is not None:
-            run.cgroup = self.cgroups.create(run.run_id)
+            run.cgroup = self.cgroups.create(
+                run.run_id, max_pids=rt.spec.max_processes * THREADS_PER_PROCESS)
             self.cgroups.add(run.cgroup, run.pid)
             self.cgroups.adopt_session(run.cgroup, run.pid)
         record.pid = run.pid
