@@ -27,8 +27,11 @@ CONFIG_ENV = "WATCHKEEPER_CONFIG"
 # The field named by problems of a whole file (bad YAML, empty, not a mapping), so that every
 # issue reads `file:line: field: problem`.
 DOCUMENT = "(document)"
-# A configuration file larger than this is refused unread; real ones are a few KiB.
-MAX_CONFIG_FILE_BYTES = 1 << 20
+# A configuration file larger than this is refused unread; real ones are a few KiB. With
+# the total below, this bounds a reload's parsing (the loop waits for it) to about a second.
+MAX_CONFIG_FILE_BYTES = 256 * 1024
+MAX_CONFIG_TOTAL_BYTES = 1 << 20  # the main file and every agent file together
+MAX_AGENT_FILES = 1000
 # exec takes C strings, which end at the first NUL: no path, argument or variable can hold one.
 NUL = "contains a NUL byte"
 
@@ -319,6 +322,26 @@ def _check_schedule(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]
         issues.append(doc.issue(f"{at}.after", "names no agent"))
 
 
+def _agent_files(agents_dir: Path, doc: _Document, issues: list[ConfigIssue]) -> list[Path]:
+    """The agent files to load, within the count and total-size budget."""
+    files = sorted(agents_dir.glob("*.yaml")) + sorted(agents_dir.glob("*.yml"))
+    if len(files) > MAX_AGENT_FILES:
+        issues.append(doc.issue("agents_dir", f"{agents_dir} holds {len(files)} agent files; "
+                                f"at most {MAX_AGENT_FILES} are read"))
+        return []
+    total = 0
+    for path in files:
+        try:
+            total += os.lstat(path).st_size
+        except OSError:
+            continue  # reported when the file is read
+    if total > MAX_CONFIG_TOTAL_BYTES:
+        issues.append(doc.issue("agents_dir", f"the agent files in {agents_dir} hold {total} "
+                                f"bytes; at most {MAX_CONFIG_TOTAL_BYTES} together"))
+        return []
+    return files
+
+
 def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
     doc = _Document(path, issues)
     if doc.data is None:
@@ -486,7 +509,7 @@ def load_config(path: Path | str | None = None) -> Config:
     if not agents_dir.is_dir():
         issues.append(doc.issue("agents_dir", f"{agents_dir} is not a directory"))
     else:
-        for agent_file in sorted(agents_dir.glob("*.yaml")) + sorted(agents_dir.glob("*.yml")):
+        for agent_file in _agent_files(agents_dir, doc, issues):
             spec = _load_agent(agent_file, issues)
             if spec is None:
                 continue

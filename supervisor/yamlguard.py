@@ -13,7 +13,7 @@ import yaml
 
 MAX_DEPTH = 64               # nesting of mappings and sequences
 MAX_ALIASES = 1000           # `*name` references in one document
-MAX_EXPANDED_NODES = 200_000  # nodes with every alias expanded; real files have hundreds
+MAX_EXPANDED_NODES = 50_000  # nodes with every alias expanded; real files have hundreds
 
 
 class YamlTooComplex(ValueError):
@@ -50,8 +50,9 @@ def check_expansion(root) -> None:
         node = stack.pop()
         seen += 1
         if seen > MAX_EXPANDED_NODES:
-            raise YamlTooComplex(f"expands to more than {MAX_EXPANDED_NODES} nodes through "
-                                 "aliases (refused: a 'billion laughs' document)", _line(node))
+            raise YamlTooComplex(f"has more than {MAX_EXPANDED_NODES} values with its aliases "
+                                 "expanded (refused: a configuration is not that big; "
+                                 "aliases of aliases are a 'billion laughs')", _line(node))
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 stack.append(key)

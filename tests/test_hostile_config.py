@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from harness import wk
 
-from supervisor.configload import MAX_CONFIG_FILE_BYTES, load_config
+from supervisor.configload import MAX_CONFIG_FILE_BYTES, MAX_CONFIG_TOTAL_BYTES, load_config
 from supervisor.errors import ConfigError
 from supervisor.yamlguard import MAX_DEPTH
 
@@ -140,3 +140,11 @@ def test_unknown_socket_group_is_a_config_error(tmp_path):
     assert "socket_group" in result.stdout + result.stderr
     assert "no-such-group-wk" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_agent_files_over_the_total_budget_are_one_error(tmp_path):
+    """Agent files that together pass the documented total are one error, none parsed."""
+    filler = GOOD_JOB + "#" + "x" * (MAX_CONFIG_FILE_BYTES // 2) + "\n"
+    count = MAX_CONFIG_TOTAL_BYTES // len(filler) + 2
+    found = issues(write(tmp_path, agents={f"a{i}": filler for i in range(count)}))
+    assert len(found) == 1 and f"at most {MAX_CONFIG_TOTAL_BYTES} together" in found[0], found
