@@ -4,7 +4,6 @@ the daemon's loop."""
 from __future__ import annotations
 
 import os
-import time
 
 from harness import DaemonProc, py, wk
 from support import wait_until
@@ -14,10 +13,9 @@ SLEEPER = {"jobs": [{"id": "main", "command": py("import time; time.sleep(60)"),
                      "schedule": {"every_s": 3600}}]}
 
 
-def ping_ms(d: DaemonProc) -> float:
-    started = time.monotonic()
-    assert d.call("ping")["pid"] == d.proc.pid
-    return (time.monotonic() - started) * 1000
+def pings(d: DaemonProc) -> bool:
+    """The loop answers (within the client's deadline; how fast is for bench/, not here)."""
+    return d.call("ping")["pid"] == d.proc.pid
 
 
 def test_planted_heartbeats_and_locks_are_refused_while_ping_answers(tmp_path):
@@ -42,7 +40,7 @@ def test_planted_heartbeats_and_locks_are_refused_while_ping_answers(tmp_path):
             lock = str(d.state_dir / "tasks" / f"planted-{kind}.lock")
             d.wait_event("heartbeat_file_refused", path=beat)
             d.wait_event("lock_file_refused", path=lock)
-            assert ping_ms(d) < 5000  # answered; the figure itself is for bench/, not here
+            assert pings(d)
         d.wait_event("lock_file_refused", path=str(d.state_dir / "tasks" / ".breaker"))
         assert not (tmp_path / "breaker-target").exists()
         assert victim.read_text() == "precious\n"
@@ -83,8 +81,9 @@ def test_sticky_world_writable_state_dir_is_accepted(tmp_path):
 
 
 def test_reload_with_each_hostile_agent_file_keeps_the_old_config(tmp_path):
-    """A reload that meets a FIFO, link, /dev/zero or billion-laughs agent file is rejected
-    naming it, the old agents keep running, and the next reload works."""
+    """A reload that meets a FIFO, link, /dev/zero or billion-laughs agent file, or a main
+    file that is a FIFO or a link, is rejected naming it, the old agents keep running, and
+    the next reload works."""
     from test_hostile_config import BILLION_LAUGHS
 
     d = DaemonProc(tmp_path, {"a": SLEEPER})
@@ -103,4 +102,17 @@ def test_reload_with_each_hostile_agent_file_keeps_the_old_config(tmp_path):
             assert reply["ok"] is False and str(bad) in str(reply.get("errors")), (kind, reply)
             assert [a["agent"] for a in d.call("status")["agents"]] == ["a"]
             bad.rmdir() if kind == "directory" else bad.unlink()
+            assert d.call("reload") == {"agents": 1}
+        saved = d.config_path.read_bytes()
+        for kind in ["fifo", "symlink", "devzero"]:
+            d.config_path.unlink()
+            plant(d.config_path, kind)
+            client = d.client()
+            try:
+                reply = client.call_raw("reload", {})
+            finally:
+                client.close()
+            assert reply["ok"] is False and str(d.config_path) in str(reply.get("errors"))
+            d.config_path.unlink()
+            d.config_path.write_bytes(saved)
             assert d.call("reload") == {"agents": 1}
