@@ -40,7 +40,7 @@ from .proctree import (
     reap_children,
     send_signal,
 )
-from .safefile import check_state_dir, open_regular
+from .safefile import check_regular_if_exists, check_state_dir, open_regular
 from .scheduler import Fire, Scheduler, missed_firing
 from .states import DAEMON_TRANSITIONS, DaemonState, Outcome, StopReason, check_transition
 from .store import Store
@@ -107,6 +107,8 @@ class Daemon:
                 raise WatchkeeperError(f"refusing to start: {loose}")
             for sub in ("tasks", "status", "logs"):
                 (self.state_dir / sub).mkdir(exist_ok=True)
+            for name in _database_files(self.config):
+                check_regular_if_exists(self.state_dir / name)
             # Never through a link: a planted daemon.lock symlink made the start truncate
             # the link's target and write the pid there.
             fd = open_regular(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -401,6 +403,12 @@ class Daemon:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
         log.info("daemon_stopped", exit_code=self.exit_code)
+
+
+def _database_files(config: Config) -> list[str]:
+    """The SQLite files in the state dir, which SQLite opens itself (links followed)."""
+    names = ["state.db", config.settings.steward.db_file]
+    return [name + suffix for name in names for suffix in ("", "-wal", "-shm", "-journal")]
 
 
 def _ignore_in_handler(signum, frame) -> None:

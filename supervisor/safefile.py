@@ -103,6 +103,17 @@ def read_capped(path: Path | str, max_bytes: int) -> bytes:
         os.close(fd)
 
 
+def check_regular_if_exists(path: Path | str) -> None:
+    """UnsafeFile if `path` exists and is not a regular file (a database another library
+    opens: SQLite would follow a link or wait on a FIFO)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFile(path, f"is {kind_of(st.st_mode)}, not a regular file (refused)")
+
+
 def is_loose_dir(mode: int) -> bool:
     """Group- or world-writable without the sticky bit: anyone in that set could replace
     any file in it (the state dir's rule, docs/reliability.md)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from harness import DaemonProc, py, wk
 from support import wait_until
 from test_hostile_config import KINDS, plant
@@ -116,3 +117,17 @@ def test_reload_with_each_hostile_agent_file_keeps_the_old_config(tmp_path):
             d.config_path.unlink()
             d.config_path.write_bytes(saved)
             assert d.call("reload") == {"agents": 1}
+
+
+@pytest.mark.parametrize("name", ["state.db", "memory.sqlite3-wal"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_planted_database_file_is_refused_at_start(tmp_path, name, kind):
+    """A FIFO or link in place of a database file makes the start fail naming it, at once
+    (SQLite would have followed the link or waited on the FIFO)."""
+    d = DaemonProc(tmp_path, {"a": SLEEPER})
+    d.state_dir.mkdir()
+    plant(d.state_dir / name, kind)
+    result = wk("--config", str(d.config_path), "run")
+    assert result.returncode != 0
+    assert str(d.state_dir / name) in result.stderr and "refused" in result.stderr
+    assert "Traceback" not in result.stderr
