@@ -61,6 +61,19 @@ def test_daemon_lock_symlink_is_refused_and_its_target_untouched(tmp_path):
     assert victim.read_text() == "precious\n"
 
 
+@pytest.mark.parametrize("kind", ["fifo", "socket", "directory", "devzero"])
+def test_daemon_lock_that_is_not_a_regular_file_is_refused(tmp_path, kind):
+    """A FIFO, socket, directory or /dev/zero link as daemon.lock: the start fails at once
+    naming it."""
+    d = DaemonProc(tmp_path, {"a": SLEEPER})
+    d.state_dir.mkdir()
+    plant(d.state_dir / "daemon.lock", kind)
+    result = wk("--config", str(d.config_path), "run")
+    assert result.returncode != 0
+    assert str(d.state_dir / "daemon.lock") in result.stderr and "refused" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_world_writable_state_dir_is_refused(tmp_path):
     """A world-writable state dir without the sticky bit is refused with the chmod to fix it."""
     d = DaemonProc(tmp_path, {"a": SLEEPER})
