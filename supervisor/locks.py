@@ -42,7 +42,7 @@ log = structlog.get_logger("watchkeeper.locks")
 # fullmatch and \Z: `$` also matches before a trailing newline, which let "task\n" through.
 TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 # `.{task_id}.{pid}.{random}.tmp`, the name acquire() gives a lock file before its link().
-TEMP_RE = re.compile(r"^\.(?P<task>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+TEMP_RE = re.compile(r"\.(?P<task>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp\Z")
 # A process's start time is known to about a second (/proc/stat's boot time is whole
 # seconds): only a start later than a file's time by more than this proves another process.
 PID_START_SLACK_S = 2.0
@@ -246,7 +246,7 @@ def _maybe_break(path: Path, stale_after_s: float, now: float) -> BrokenLock | N
 
 
 def _maybe_remove_leftover(path: Path, stale_after_s: float, now: float) -> BrokenLock | None:
-    match = TEMP_RE.match(path.name)
+    match = TEMP_RE.fullmatch(path.name)
     if match is None:
         return None
     try:
