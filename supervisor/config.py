@@ -173,7 +173,9 @@ class Settings(_Section, kw_only=True):
     """The main file, watchkeeper.yaml."""
 
     state_dir: str = "/var/lib/watchkeeper"
-    """Directory of all state: SQLite databases, tasks/, status/, the control socket."""
+    """Directory of all state: SQLite databases, tasks/, status/, the control socket. Owned
+    by the daemon's user (or root) and not group- or world-writable unless sticky, or the
+    daemon refuses to start."""
     agents_dir: str = "agents.d"
     """Directory of the agent files (*.yaml); adding a file adds an agent."""
     working_dir: str | None = None
