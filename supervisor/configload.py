@@ -448,7 +448,7 @@ def _check_accounts(doc: _Document, settings: Settings, issues: list[ConfigIssue
     if group:
         try:
             grp.getgrnam(group)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL byte in the name
             issues.append(doc.issue("socket_group", f"no group named {group!r} on this host "
                                     "(create it, or leave socket_group unset)"))
 

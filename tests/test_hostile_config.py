@@ -148,3 +148,9 @@ def test_agent_files_over_the_total_budget_are_one_error(tmp_path):
     count = MAX_CONFIG_TOTAL_BYTES // len(filler) + 2
     found = issues(write(tmp_path, agents={f"a{i}": filler for i in range(count)}))
     assert len(found) == 1 and f"at most {MAX_CONFIG_TOTAL_BYTES} together" in found[0], found
+
+
+def test_socket_group_with_a_nul_byte_is_a_config_error(tmp_path):
+    """A group name holding a NUL byte is a config error, not a ValueError."""
+    found = issues(write(tmp_path, 'state_dir: ./st\nsocket_group: "a\\0b"\n'))
+    assert any("socket_group" in i for i in found), found
