@@ -40,7 +40,13 @@ from .proctree import (
     reap_children,
     send_signal,
 )
-from .safefile import check_regular_if_exists, check_state_dir, open_regular
+from .safefile import (
+    UnsafeFile,
+    check_regular_if_exists,
+    check_state_dir,
+    is_real_dir,
+    open_regular,
+)
 from .scheduler import Fire, Scheduler, missed_firing
 from .states import DAEMON_TRANSITIONS, DaemonState, Outcome, StopReason, check_transition
 from .store import Store
@@ -107,6 +113,9 @@ class Daemon:
                 raise WatchkeeperError(f"refusing to start: {loose}")
             for sub in ("tasks", "status", "logs"):
                 (self.state_dir / sub).mkdir(exist_ok=True)
+                if not is_real_dir(self.state_dir / sub):
+                    raise UnsafeFile(self.state_dir / sub, "is not a directory of its own "
+                                     "(a symbolic link or another file): refused")
             for name in _database_files(self.config):
                 check_regular_if_exists(self.state_dir / name)
             # Never through a link: a planted daemon.lock symlink made the start truncate

@@ -35,7 +35,7 @@ import psutil
 import structlog
 
 from .errors import LockBusy
-from .safefile import UnsafeFile, open_regular, read_capped
+from .safefile import UnsafeFile, is_real_dir, open_regular, read_capped
 
 log = structlog.get_logger("watchkeeper.locks")
 
@@ -168,7 +168,7 @@ def break_stale(state_dir: Path, stale_after_s: float, now: float | None = None)
     """Remove locks, and temporary files of interrupted acquires, whose owner is provably
     dead or that are older than `stale_after_s`."""
     tasks = Path(state_dir) / "tasks"
-    if not tasks.is_dir():
+    if not is_real_dir(tasks):
         return []
     now = time.time() if now is None else now
     broken: list[BrokenLock] = []
@@ -296,7 +296,7 @@ def list_locks(state_dir: Path) -> list[tuple[str, LockOwner | None, bool]]:
     """Every lock as (task_id, owner, held): held means an flock is still on it."""
     tasks = Path(state_dir) / "tasks"
     out = []
-    for path in sorted(tasks.glob("*.lock")) if tasks.is_dir() else []:
+    for path in sorted(tasks.glob("*.lock")) if is_real_dir(tasks) else []:
         try:
             fd = open_regular(path)
         except OSError:  # gone, or planted (refused and removed by the next stale check)

@@ -114,6 +114,15 @@ def check_regular_if_exists(path: Path | str) -> None:
         raise UnsafeFile(path, f"is {kind_of(st.st_mode)}, not a regular file (refused)")
 
 
+def is_real_dir(path: Path | str) -> bool:
+    """A directory that is not a symlink to one: a planted `tasks` link would have the
+    stale-lock check remove lock files wherever it points."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def is_loose_dir(mode: int) -> bool:
     """Group- or world-writable without the sticky bit: anyone in that set could replace
     any file in it (the state dir's rule, docs/reliability.md)."""

@@ -144,3 +144,17 @@ def test_planted_database_file_is_refused_at_start(tmp_path, name, kind):
     assert result.returncode != 0
     assert str(d.state_dir / name) in result.stderr and "refused" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_tasks_dir_symlink_is_refused_at_start(tmp_path):
+    """A `tasks` link makes the start fail naming it: the stale-lock check never works on
+    the directory it points to."""
+    d = DaemonProc(tmp_path, {"a": SLEEPER})
+    d.state_dir.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.lock").write_text("not a lock of ours")
+    (d.state_dir / "tasks").symlink_to(elsewhere)
+    result = wk("--config", str(d.config_path), "run")
+    assert result.returncode != 0 and str(d.state_dir / "tasks") in result.stderr
+    assert (elsewhere / "x.lock").exists()
