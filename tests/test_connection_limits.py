@@ -135,3 +135,19 @@ def test_client_reconnects_after_the_idle_timeout(tmp_path):
             assert client.call("ping")["pid"] == pid
         finally:
             client.close()
+
+
+def test_one_process_with_a_thousand_connections_cannot_block_status(tmp_path):
+    """One process opening 1,000 idle connections gets its cap of them; status answers."""
+    with DaemonProc(tmp_path, {}).start() as d:
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(d.socket_path), "1000"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            assert holder.stdout.readline() == b"ready\n"
+            assert _status_answers(d)
+            refused = d.wait_event("control_connection_refused")
+            assert "already has" in refused["reason"]
+        finally:
+            holder.kill()
+            holder.wait(10)
