@@ -38,6 +38,16 @@ def own_cgroup() -> str | None:
     return None
 
 
+def _enable_pids_controller(base: Path) -> None:
+    """Hand the pids controller down to D/runs/*, if it was delegated to D: best effort."""
+    for parent in (base, base / "runs"):
+        try:
+            (parent / "cgroup.subtree_control").write_text("+pids")
+        except OSError as exc:
+            log.info("cgroups_pids_unavailable", cgroup=str(parent), error=str(exc))
+            return
+
+
 class RunCgroups:
     def __init__(self, base: Path, created_base: bool) -> None:
         self.base = base
@@ -74,11 +84,19 @@ class RunCgroups:
         if not (base / "runs" / "cgroup.kill").exists():
             log.info("cgroups_unavailable", base=str(base), error="no cgroup.kill (kernel < 5.14)")
             return None
+        _enable_pids_controller(base)
         return cls(base, created)
 
-    def create(self, run_id: str) -> Path:
+    def create(self, run_id: str, max_pids: int | None = None) -> Path:
+        """The run's cgroup; with `max_pids`, the kernel refuses its fork number max_pids+1
+        (pids.max), where the pids controller was delegated to us."""
         path = self.runs_dir / run_id
         path.mkdir(exist_ok=True)
+        if max_pids is not None:
+            try:
+                (path / "pids.max").write_text(str(max_pids))
+            except OSError:
+                pass  # no pids controller here: the daemon's own process cap still holds
         return path
 
     @staticmethod

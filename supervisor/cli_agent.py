@@ -88,12 +88,21 @@ def cmd_memory(args) -> int:
         print(json.dumps(agent.call("memory-revert", force=args.force, **target), indent=2))
         return 0
     if op == "export":
-        print(json.dumps(agent.call("memory-export"), indent=2))
+        from .backup_client import export_document
+
+        json.dump(export_document(agent.call), sys.stdout, separators=(",", ":"),
+                  ensure_ascii=False)
+        print()
         return 0
     if op == "import":
-        with open(args.file) as f:
-            data = json.load(f)
-        print(json.dumps(agent.call("memory-import", data=data)))
+        from .backup_client import BadExportFile, import_document, read_export_file
+
+        try:
+            doc = read_export_file(args.file)
+        except BadExportFile as exc:
+            print(f"watchkeeper memory import: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(import_document(agent.call, doc)))
         return 0
     opts = {"expect_version": args.expect_version, "idempotency_key": args.idempotency_key}
     try:

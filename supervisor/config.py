@@ -181,7 +181,9 @@ class Settings(_Section, kw_only=True):
     """The main file, watchkeeper.yaml."""
 
     state_dir: str = "/var/lib/watchkeeper"
-    """Directory of all state: SQLite databases, tasks/, status/, the control socket."""
+    """Directory of all state: SQLite databases, tasks/, status/, the control socket. Owned
+    by the daemon's user (or root) and not group- or world-writable unless sticky, or the
+    daemon refuses to start."""
     agents_dir: str = "agents.d"
     """Directory of the agent files (*.yaml); adding a file adds an agent."""
     working_dir: str | None = None
@@ -200,6 +202,9 @@ class Settings(_Section, kw_only=True):
     DynamicUser=); uids that have a passwd entry are skipped. Choose unused uids outside
     systemd's dynamic range (61184-65519). null: [70000, 70999] when the daemon holds
     CAP_SETUID and CAP_SETGID without being root (the shipped unit), else none."""
+    control_idle_timeout_s: float = 60.0
+    """A control connection that sends nothing this long is closed (an agent run's own
+    connection excepted); idle clients must not hold the connection slots."""
     log_format: Literal["auto", "console", "json", "journal"] = "auto"
     """auto: journal under systemd, console on a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -8,6 +8,7 @@ and every problem in every file is collected before ConfigError is raised, so th
 from __future__ import annotations
 
 import dataclasses
+import grp
 import math
 import os
 import re
@@ -19,12 +20,19 @@ import yaml
 from .config import AgentSpec, Job, Settings
 from .errors import ConfigError
 from .identity import name_problems, uid_range_problems, user_problems
+from .safefile import read_capped
+from .yamlguard import YamlTooComplex, check_events, check_expansion
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")  # with fullmatch: no trailing newline
 CONFIG_ENV = "WATCHKEEPER_CONFIG"
 # The field named by problems of a whole file (bad YAML, empty, not a mapping), so that every
 # issue reads `file:line: field: problem`.
 DOCUMENT = "(document)"
+# A configuration file larger than this is refused unread; real ones are a few KiB. With
+# the total below, this bounds a reload's parsing (the loop waits for it) to about a second.
+MAX_CONFIG_FILE_BYTES = 256 * 1024
+MAX_CONFIG_TOTAL_BYTES = 1 << 20  # the main file and every agent file together
+MAX_AGENT_FILES = 1000
 # exec takes C strings, which end at the first NUL: no path, argument or variable can hold one.
 NUL = "contains a NUL byte"
 
@@ -65,10 +73,16 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _parse(text: str):
-    """Compose once, then build the data from that node tree: (node, data)."""
+    """Compose once, then build the data from that node tree: (node, data).
+
+    Bounded before anything grows: the event stream is checked for depth and aliases, and
+    the composed tree for its size with aliases expanded (billion laughs), since building
+    the data and indexing its lines walk every expanded node."""
+    check_events(yaml.parse(text, Loader=_LOADER))
     loader = _LOADER(text)
     try:
         node = loader.get_single_node()
+        check_expansion(node)
         data = loader.construct_document(node) if node is not None else None
         return node, data
     finally:
@@ -83,9 +97,11 @@ class _Document:
         self.lines: dict[str, int] = {}
         self.data = None
         try:
-            raw = path.read_bytes()
+            # Size-capped and never blocking: a FIFO, /dev/zero or a 50 MB file is refused
+            # before parsing (they wedged reload or ran the daemon out of memory).
+            raw = read_capped(path, MAX_CONFIG_FILE_BYTES)
         except OSError as exc:
-            issues.append(ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}"))
+            issues.append(ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror or exc}"))
             return
         try:
             text = raw.decode()
@@ -97,6 +113,9 @@ class _Document:
             return
         try:
             node, self.data = _parse(text)
+        except YamlTooComplex as exc:
+            issues.append(ConfigIssue(str(path), exc.line, DOCUMENT, str(exc)))
+            return
         except (yaml.YAMLError, ValueError, TypeError) as exc:
             mark = getattr(exc, "problem_mark", None)
             line = mark.line + 1 if mark else 1
@@ -233,7 +252,7 @@ def _check_numbers(doc: _Document, struct, at: str, issues: list[ConfigIssue]) -
 
 
 def _check_job(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
-    if not NAME_RE.match(job.id):
+    if not NAME_RE.fullmatch(job.id):
         issues.append(doc.issue(f"{at}.id", f"{job.id!r} is not a valid id "
                                 "(lowercase letters, digits, '-' and '_', at most 64)"))
     if isinstance(job.command, str) and not job.shell:
@@ -308,6 +327,26 @@ def _check_schedule(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]
         issues.append(doc.issue(f"{at}.after", "names no agent"))
 
 
+def _agent_files(agents_dir: Path, doc: _Document, issues: list[ConfigIssue]) -> list[Path]:
+    """The agent files to load, within the count and total-size budget."""
+    files = sorted(agents_dir.glob("*.yaml")) + sorted(agents_dir.glob("*.yml"))
+    if len(files) > MAX_AGENT_FILES:
+        issues.append(doc.issue("agents_dir", f"{agents_dir} holds {len(files)} agent files; "
+                                f"at most {MAX_AGENT_FILES} are read"))
+        return []
+    total = 0
+    for path in files:
+        try:
+            total += os.lstat(path).st_size
+        except OSError:
+            continue  # reported when the file is read
+    if total > MAX_CONFIG_TOTAL_BYTES:
+        issues.append(doc.issue("agents_dir", f"the agent files in {agents_dir} hold {total} "
+                                f"bytes; at most {MAX_CONFIG_TOTAL_BYTES} together"))
+        return []
+    return files
+
+
 def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
     doc = _Document(path, issues)
     if doc.data is None:
@@ -338,7 +377,7 @@ def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
     for index, job in enumerate(jobs):
         _check_numbers(doc, job, f"jobs[{index}]", issues)
     name = spec.agent or path.stem
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         issues.append(doc.issue("agent", f"{name!r} is not a valid agent name "
                                 "(lowercase letters, digits, '-' and '_', at most 64)"))
     for problem in name_problems(name):
@@ -365,13 +404,74 @@ def _check_references(agents: dict[str, AgentSpec], files: dict[str, Path],
                     issues.append(doc.issue(f"jobs[{j}].schedule.after[{index}]",
                                             f"unknown agent {up!r} (known: "
                                             f"{', '.join(sorted(agents))})"))
+    _check_after_cycles(agents, files, issues)
+
+
+def _after_edges(spec: AgentSpec) -> list[tuple[int, int, str]]:
+    return [(j, index, up) for j, job in enumerate(spec.jobs)
+            for index, up in enumerate(job.schedule.after or [])]
+
+
+def _check_after_cycles(agents: dict[str, AgentSpec], files: dict[str, Path],
+                        issues: list[ConfigIssue]) -> None:
+    """A job `after:` its own agent, or agents after each other in a ring, would fire each
+    other for ever (one such job ran 127 times in 6 s)."""
+    graph = {name: {up for _, _, up in _after_edges(spec) if up in agents}
+             for name, spec in agents.items()}
+    reported: set[frozenset[str]] = set()
+    for name, spec in sorted(agents.items()):
+        for j, index, up in _after_edges(spec):
+            ring = _path_back(graph, up, name)
+            if ring is None or frozenset(ring) in reported:
+                continue
+            reported.add(frozenset(ring))
+            cycle = " -> ".join([name, *ring]) if up != name else f"{name} -> {name}"
+            issues.append(_Document(files[name], []).issue(
+                f"jobs[{j}].schedule.after[{index}]",
+                f"`after:` cycle {cycle} (each run would fire the next for ever); "
+                "an agent cannot run after itself or after an agent that runs after it"))
+
+
+def _path_back(graph: dict[str, set[str]], start: str, target: str) -> list[str] | None:
+    """The agents from `start` back to `target` along `after:` edges, or None."""
+    parents: dict[str, str | None] = {start: None}
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        if node == target:
+            path = []
+            while node is not None:
+                path.append(node)
+                node = parents[node]
+            return list(reversed(path))
+        for up in graph.get(node, ()):
+            if up not in parents:
+                parents[up] = node
+                stack.append(up)
+    return None
+
+
+def _check_accounts(doc: _Document, settings: Settings, issues: list[ConfigIssue]) -> None:
+    """A group that does not exist passed check-config, then `run` died with a KeyError."""
+    group = settings.socket_group
+    if group:
+        try:
+            grp.getgrnam(group)
+        except (KeyError, ValueError):  # ValueError: a NUL byte in the name
+            issues.append(doc.issue("socket_group", f"no group named {group!r} on this host "
+                                    "(create it, or leave socket_group unset)"))
 
 
 def _resolve(base: Path, value: str | None) -> str | None:
     if value is None:
         return None
     path = Path(os.path.expanduser(value))
-    return str(path if path.is_absolute() else (base / path).resolve())
+    if path.is_absolute():
+        return str(path)
+    try:
+        return str((base / path).resolve())
+    except (RuntimeError, OSError):  # a symlink loop: reported where the path is used
+        return os.path.normpath(base / path)
 
 
 def default_config_path() -> Path:
@@ -405,6 +505,7 @@ def load_config(path: Path | str | None = None) -> Config:
                 paths_ok = False
         if not paths_ok:
             raise ConfigError(issues)
+        _check_accounts(doc, settings, issues)
     base = path.resolve().parent
     settings = msgspec.structs.replace(
         settings,
@@ -419,7 +520,7 @@ def load_config(path: Path | str | None = None) -> Config:
     if not agents_dir.is_dir():
         issues.append(doc.issue("agents_dir", f"{agents_dir} is not a directory"))
     else:
-        for agent_file in sorted(agents_dir.glob("*.yaml")) + sorted(agents_dir.glob("*.yml")):
+        for agent_file in _agent_files(agents_dir, doc, issues):
             spec = _load_agent(agent_file, issues)
             if spec is None:
                 continue

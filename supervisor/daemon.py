@@ -26,6 +26,7 @@ import structlog
 from . import __version__
 from .cgroups import RunCgroups
 from .configload import Config, load_config
+from .control.admission import run_peer_check
 from .control.handlers import Handlers
 from .control.server import ControlServer
 from .errors import AlreadyRunning, ConfigError, WatchkeeperError
@@ -44,6 +45,13 @@ from .proctree import (
     processes_of_state_dir,
     reap_children,
     send_signal,
+)
+from .safefile import (
+    UnsafeFile,
+    check_regular_if_exists,
+    check_state_dir,
+    is_real_dir,
+    open_regular,
 )
 from .scheduler import Fire, Scheduler, missed_firing
 from .state_modes import DAEMON_UMASK, open_to_agents, secure_state_dir, socket_group_problem
@@ -117,10 +125,19 @@ class Daemon:
     def _open_state_dir(self) -> None:
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True)
+            loose = check_state_dir(self.state_dir)
+            if loose:
+                raise WatchkeeperError(f"refusing to start: {loose}")
             for sub in ("tasks", "status", "logs"):
                 (self.state_dir / sub).mkdir(exist_ok=True)
-            fd = os.open(self.state_dir / "daemon.lock",
-                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                if not is_real_dir(self.state_dir / sub):
+                    raise UnsafeFile(self.state_dir / sub, "is not a directory of its own "
+                                     "(a symbolic link or another file): refused")
+            for name in _database_files(self.config):
+                check_regular_if_exists(self.state_dir / name)
+            # Never through a link: a planted daemon.lock symlink made the start truncate
+            # the link's target and write the pid there.
+            fd = open_regular(self.state_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise WatchkeeperError(f"cannot use state_dir {self.state_dir}: {exc} (it must be "
                                    "a directory the daemon's user can write)") from None
@@ -152,9 +169,12 @@ class Daemon:
             store=self.store, timers=self.timers, scheduler=self.scheduler,
             cgroups=self.cgroups, watch_fd=self._watch_fd, unwatch_fd=self._unwatch_fd)
         self.control = ControlServer(cfg.socket_path, self.selector, Handlers(self).dispatch,
-                                     group=cfg.settings.socket_group)
+                                     group=cfg.settings.socket_group,
+                                     is_run_peer=run_peer_check(self.pipeline),
+                                     idle_timeout_s=cfg.settings.control_idle_timeout_s)
         self.control.open()
         self._isolate_agents(cfg)
+        self.on_tick.append(self.control.close_idle)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
         self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain_signals)
         for ext in self.extensions:
@@ -361,6 +381,16 @@ class Daemon:
             return ["the daemon is not running (stopping or already reloading)"]
         self.transition(DaemonState.RELOADING)
         try:
+            return self._reload_from_file()
+        except Exception as exc:  # noqa: BLE001 - a failed reload must not wedge `reloading`
+            log.exception("reload_failed", hint="still running the previous configuration")
+            return [f"reload failed: {type(exc).__name__}: {exc}"]
+        finally:
+            if self.state == DaemonState.RELOADING:
+                self.transition(DaemonState.RUNNING)
+
+    def _reload_from_file(self) -> list[str]:
+        try:
             new = load_config(self.config.path)
         except ConfigError as exc:
             for issue in exc.issues:
@@ -421,6 +451,12 @@ class Daemon:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
         log.info("daemon_stopped", exit_code=self.exit_code)
+
+
+def _database_files(config: Config) -> list[str]:
+    """The SQLite files in the state dir, which SQLite opens itself (links followed)."""
+    names = ["state.db", config.settings.steward.db_file]
+    return [name + suffix for name in names for suffix in ("", "-wal", "-shm", "-journal")]
 
 
 def _ignore_in_handler(signum, frame) -> None:

@@ -37,6 +37,9 @@ from .states import Outcome, RunState, StopReason
 log = structlog.get_logger("watchkeeper.health")
 
 DEGRADED_CHECK_INTERVAL_S = 5.0
+# Process caps are checked this often while a run is live, not only on the tick (10 s by
+# default): a fork bomb makes thousands of processes in that time.
+CAP_CHECK_INTERVAL_S = 0.25
 
 
 class Health:
@@ -54,12 +57,14 @@ class Health:
         self._next_degraded_check = 0.0
         self._caps_checked_at_pid: int | None = None
         self._inherited_agents: set[str] = set()  # degraded only through an upstream
+        self._cap_timer = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, daemon) -> None:
         self.daemon = daemon
         daemon.pipeline.degraded_upstreams = self.degraded_upstreams
         daemon.on_tick.append(self._tick)
+        daemon.pipeline.on_run_started.append(self._arm_cap_checks)
         self._make_guard()
 
     def reload(self, daemon) -> None:
@@ -214,12 +219,23 @@ class Health:
         for run_id in self._beat_due.keys() - pipeline.runs.keys():
             del self._beat_due[run_id]
 
+    def _arm_cap_checks(self, _run=None) -> None:
+        if self._cap_timer is None:
+            self._cap_timer = self.daemon.timers.call_later(CAP_CHECK_INTERVAL_S,
+                                                            self._cap_check_due)
+
+    def _cap_check_due(self) -> None:
+        self._cap_timer = None
+        self._enforce_process_caps()
+        if self.daemon.pipeline.runs or self.daemon.pipeline.ended_runs:
+            self._arm_cap_checks()
+
     def _enforce_process_caps(self) -> None:
         """Kill, without a grace period, every run with more processes than its agent's
         max_processes: a fork bomb would spend a grace period exhausting the pid space."""
         pipeline = self.daemon.pipeline
         live = [r for r in pipeline.runs.values() if r.state != RunState.KILLING]
-        if not live:
+        if not live and not pipeline.ended_runs:
             return
         # Walking our tree costs ~0.2 ms; an idle daemon need not pay it every tick.
         last_pid = last_pid_created()
@@ -227,6 +243,9 @@ class Health:
             return
         self._caps_checked_at_pid = last_pid
         children = tree_children(os.getpid())
+        # Processes that left the run's tree (setsid and a double fork, reparented to us)
+        # count against its cap too: attributed by their inherited run id.
+        pipeline.refresh_owners(children)
         alive = {pid for kids in children.values() for pid in kids}
         for run in live:
             rt = pipeline.agents.get(run.agent)
@@ -244,6 +263,20 @@ class Health:
                             f"{count} processes (max_processes {rt.spec.max_processes})")
                 pipeline.stop_run(run, StopReason.PROCESS_CAP)
                 pipeline.kill_run(run)
+        self._cap_leftovers(alive)
+
+    def _cap_leftovers(self, alive: set[int]) -> None:
+        """An ended run's leftovers in their grace period hold to the cap as well: a bomb
+        whose first process exited (and ignores SIGTERM) would grow all through it."""
+        pipeline = self.daemon.pipeline
+        for run in list(pipeline.ended_runs.values()):
+            rt = pipeline.agents.get(run.agent)
+            cap = rt.spec.max_processes if rt is not None else None
+            count = sum(1 for p, rid in pipeline.owners.items()
+                        if rid == run.run_id and p in alive)
+            if cap is not None and count > cap and pipeline.kill_leftovers_now(run):
+                log.warning("run_process_cap", agent=run.agent, run_id=run.run_id,
+                            processes=count, max_processes=cap, after_exit=True)
 
     def _on_stale(self, rt, run, verdict: Verdict, policy: OnStale) -> None:
         log.warning("heartbeat_stale", agent=run.agent, run_id=run.run_id,

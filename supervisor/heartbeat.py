@@ -22,6 +22,8 @@ from pathlib import Path
 import msgspec
 import structlog
 
+from .safefile import UnsafeFile, open_regular
+
 log = structlog.get_logger("watchkeeper.heartbeat")
 
 SUFFIX = ".heartbeat"
@@ -143,13 +145,22 @@ def load_heartbeat(path: Path | str) -> HeartbeatReading:
     """Read a heartbeat file; never raises (a broken agent must not break the daemon)."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            raw = f.read(MAX_HEARTBEAT_BYTES + 1)
+        # A FIFO planted here blocked the daemon's loop in open(): never block, never follow.
+        fd = open_regular(path)
     except FileNotFoundError:
         return HeartbeatReading(path=path, fault=Verdict.MISSING)
+    except UnsafeFile as exc:
+        _log_refusal_once(exc)
+        return HeartbeatReading(path=path, fault=Verdict.GARBAGE)
     except OSError:
         return HeartbeatReading(path=path, fault=Verdict.GARBAGE)
+    try:
+        st = os.fstat(fd)
+        raw = os.read(fd, MAX_HEARTBEAT_BYTES + 1)
+    except OSError:
+        return HeartbeatReading(path=path, fault=Verdict.GARBAGE)
+    finally:
+        os.close(fd)
     key = (st.st_mtime_ns, st.st_size)
     beat = None
     if len(raw) <= MAX_HEARTBEAT_BYTES:
@@ -160,6 +171,16 @@ def load_heartbeat(path: Path | str) -> HeartbeatReading:
     if beat is None:
         return HeartbeatReading(path=path, fault=Verdict.GARBAGE, file_key=key)
     return HeartbeatReading(path=path, heartbeat=beat, file_key=key)
+
+
+_refusals_logged: set[str] = set()
+
+
+def _log_refusal_once(exc: UnsafeFile) -> None:
+    """Once per path and problem: the health check reads heartbeats on every tick."""
+    if str(exc) not in _refusals_logged and len(_refusals_logged) < 1000:
+        _refusals_logged.add(str(exc))
+        log.warning("heartbeat_file_refused", path=exc.path, problem=exc.problem)
 
 
 def read_heartbeat(path: Path | str) -> Heartbeat | None:

@@ -35,19 +35,23 @@ import psutil
 import structlog
 
 from .errors import LockBusy
+from .safefile import UnsafeFile, is_real_dir, open_regular, read_capped
 
 log = structlog.get_logger("watchkeeper.locks")
 
-TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# fullmatch and \Z: `$` also matches before a trailing newline, which let "task\n" through.
+TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 # `.{task_id}.{pid}.{random}.tmp`, the name acquire() gives a lock file before its link().
-TEMP_RE = re.compile(r"^\.(?P<task>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+TEMP_RE = re.compile(r"\.(?P<task>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp\Z")
 # A process's start time is known to about a second (/proc/stat's boot time is whole
 # seconds): only a start later than a file's time by more than this proves another process.
 PID_START_SLACK_S = 2.0
+# A lock file holds one JSON line of owner details; anything bigger is not a lock.
+MAX_LOCK_FILE_BYTES = 4096
 
 
 def validate_task_id(task_id: str) -> str:
-    if not TASK_ID_RE.match(task_id) or ".." in task_id:
+    if not TASK_ID_RE.fullmatch(task_id) or ".." in task_id:
         raise ValueError(f"invalid task id {task_id!r}: letters, digits, '.', '_' and '-', "
                          "at most 128, no '..'")
     return task_id
@@ -135,7 +139,7 @@ def acquire(state_dir: Path, task_id: str, *, agent: str = "", run_id: str = "",
 def read_owner(path: Path) -> LockOwner | None:
     """The owner written in a lock file; None for garbage (e.g. a lock made with `touch`)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(read_capped(path, MAX_LOCK_FILE_BYTES))
         return LockOwner(pid=int(data["pid"]), host=str(data["host"]),
                          run_id=str(data.get("run_id", "")), agent=str(data.get("agent", "")),
                          started=float(data["started"]))
@@ -164,11 +168,13 @@ def break_stale(state_dir: Path, stale_after_s: float, now: float | None = None)
     """Remove locks, and temporary files of interrupted acquires, whose owner is provably
     dead or that are older than `stale_after_s`."""
     tasks = Path(state_dir) / "tasks"
-    if not tasks.is_dir():
+    if not is_real_dir(tasks):
         return []
     now = time.time() if now is None else now
     broken: list[BrokenLock] = []
-    guard = os.open(tasks / ".breaker", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    guard = _open_breaker_guard(tasks / ".breaker")
+    if guard is None:
+        return []
     try:
         fcntl.flock(guard, fcntl.LOCK_EX)
         for path in tasks.glob("*.lock"):
@@ -188,10 +194,30 @@ def break_stale(state_dir: Path, stale_after_s: float, now: float | None = None)
     return broken
 
 
+def _open_breaker_guard(path: Path) -> int | None:
+    """The breakers' guard file; something planted in its place (a link made the check
+    create the link's target) is removed once and the guard made anew."""
+    for _attempt in range(2):
+        try:
+            return open_regular(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except UnsafeFile as exc:
+            log.warning("lock_file_refused", path=exc.path, problem=exc.problem)
+            with contextlib.suppress(OSError):
+                path.unlink()
+    return None
+
+
 def _maybe_break(path: Path, stale_after_s: float, now: float) -> BrokenLock | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_regular(path)
     except FileNotFoundError:
+        return None
+    except UnsafeFile as exc:
+        # Not a lock any acquire() made (a FIFO, link, socket...): it would block the task
+        # for ever, so it goes; a link is removed, never its target.
+        log.warning("lock_file_refused", path=exc.path, problem=exc.problem)
+        with contextlib.suppress(OSError):
+            path.unlink()
         return None
     try:
         owner = read_owner(path)
@@ -220,7 +246,7 @@ def _maybe_break(path: Path, stale_after_s: float, now: float) -> BrokenLock | N
 
 
 def _maybe_remove_leftover(path: Path, stale_after_s: float, now: float) -> BrokenLock | None:
-    match = TEMP_RE.match(path.name)
+    match = TEMP_RE.fullmatch(path.name)
     if match is None:
         return None
     try:
@@ -235,8 +261,8 @@ def _maybe_remove_leftover(path: Path, stale_after_s: float, now: float) -> Brok
     if not dead and age_s < stale_after_s:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = open_regular(path)
+    except OSError:  # gone, or not a file acquire() made: not ours to judge
         return None
     try:
         try:
@@ -270,10 +296,10 @@ def list_locks(state_dir: Path) -> list[tuple[str, LockOwner | None, bool]]:
     """Every lock as (task_id, owner, held): held means an flock is still on it."""
     tasks = Path(state_dir) / "tasks"
     out = []
-    for path in sorted(tasks.glob("*.lock")) if tasks.is_dir() else []:
+    for path in sorted(tasks.glob("*.lock")) if is_real_dir(tasks) else []:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = open_regular(path)
+        except OSError:  # gone, or planted (refused and removed by the next stale check)
             continue
         try:
             try:

@@ -37,6 +37,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from .memory_backup import check_page, parse_page
 from .memory_reads import Entry, HistoryRecord, MemoryReader, ReadQueries, entry_from_row
 from .memory_settings import (
     SCHEMA_KEYWORDS,
@@ -196,10 +197,11 @@ class MemoryStore(ReadQueries):
 
         An imported entry keeps its version and metadata unless the key already exists here,
         where the version becomes max(imported, current + 1) so versions never go back. Every
-        write is recorded in history as op "import" by ADMIN_AGENT. Size and schema limits are
-        not applied: a restore must reproduce what was there.
+        write is recorded in history as op "import" by ADMIN_AGENT. Every entry is checked as
+        a put would be (memory_backup.check_page) before anything is written.
         """
         doc = msgspec.convert(data, type=_ExportDoc)
+        check_page(self, parse_page(data))  # names, versions, sizes: exactly as a put
         with self._transaction():
             now = self._clock()
             writer = self._writer()

@@ -16,7 +16,15 @@ from .agents import AgentRuntime, backoff_delay_s, cooldown_s
 from .cgroups import RunCgroups
 from .config import AgentSpec, Job, Overlap, Settings
 from .identity import AgentIdentity, prepare_work_dir
-from .proctree import attribute, descendants, describe_status, direct_children, signal_name
+from .proctree import (
+    attribute_tree,
+    describe_status,
+    direct_children,
+    group_has_members,
+    send_group_signal,
+    signal_name,
+    tree_children,
+)
 from .runner import LineRateLimiter, Run, build_env, read_pipe, spawn
 from .scheduler import Fire, Scheduler
 from .states import AgentState, Outcome, RunState, StopReason
@@ -25,6 +33,14 @@ from .timers import Timers
 
 log = structlog.get_logger("watchkeeper.pipeline")
 
+# Rounds of SIGKILL, LEFTOVER_RECHECK_S apart, before survivors are reported: a bomb that
+# forks outside its process group is caught in a few rounds.
+LEFTOVER_KILL_ROUNDS = 50
+LEFTOVER_RECHECK_S = 0.1
+# pids.max counts threads, not processes (Chrome runs ~30 per process): the kernel limit is
+# a backstop a bomb cannot outrun, the exact process cap stays the daemon's check.
+THREADS_PER_PROCESS = 64
+DEFAULT_MAX_PROCESSES = 256  # an agent removed while its run ended: AgentSpec's default
 NO_RESTART_REASONS = {StopReason.SHUTDOWN, StopReason.REMOVED, StopReason.BREAKER,
                       StopReason.REPLACED, StopReason.MANUAL, StopReason.LEASE_LOST}
 
@@ -48,6 +64,7 @@ class Pipeline:
         self.runs_by_pid: dict[int, Run] = {}
         self.owners: dict[int, str] = {}        # descendant pid -> run id it came from
         self.ended_runs: dict[str, Run] = {}    # ended runs whose leftovers are being stopped
+        self._killing_leftovers: set[str] = set()  # ... and of those, the ones in SIGKILL rounds
         self.limiters: dict[str, LineRateLimiter] = {}
         self.downstream: dict[str, list[tuple[str, str]]] = {}  # upstream -> after: jobs
         self.halted = False                     # the breaker stopped the pipeline
@@ -193,7 +210,8 @@ class Pipeline:
             self._after_failure(rt, run, record)
             return None
         if self.cgroups is not None:
-            run.cgroup = self.cgroups.create(run.run_id)
+            run.cgroup = self.cgroups.create(
+                run.run_id, max_pids=rt.spec.max_processes * THREADS_PER_PROCESS)
             self.cgroups.add(run.cgroup, run.pid)
             self.cgroups.adopt_session(run.cgroup, run.pid)
         record.pid = run.pid
@@ -259,10 +277,13 @@ class Pipeline:
             return True
         return bool(children - set(self.runs_by_pid))
 
-    def refresh_owners(self) -> None:
+    def refresh_owners(self, children: dict[int, list[int]] | None = None) -> None:
+        """Attribute every descendant to its run; `children` is a tree just walked."""
         roots = {r.pid: r.run_id for r in self.runs.values()}
         roots.update({r.pid: r.run_id for r in self.ended_runs.values()})
-        self.owners = attribute(descendants(os.getpid()), roots, self.owners)
+        if children is None:
+            children = tree_children(os.getpid())
+        self.owners = attribute_tree(children, os.getpid(), roots, self.owners)
 
     def _on_output(self, run: Run, fd: int) -> None:
         lines, eof = read_pipe(run, fd, self.settings.log_line_max_bytes)
@@ -404,7 +425,8 @@ class Pipeline:
 
     def _stop_leftovers(self, run: Run) -> None:
         """Whatever the run left behind is stopped too (like systemd for a finished service),
-        unless the job says `leftovers: keep`."""
+        unless the job says `leftovers: keep`. More than max_processes left (a fork bomb
+        whose first process exited at once) is killed at once, without a grace period."""
         if run.job.leftovers.value == "keep":
             return
         left = self._tracked(run) if self._may_have_leftovers() else []
@@ -412,20 +434,56 @@ class Pipeline:
         if not left and not cg_left:
             self._release_cgroup(run)
             return
+        self.ended_runs[run.run_id] = run
+        rt = self.agents.get(run.agent)
+        cap = rt.spec.max_processes if rt is not None else DEFAULT_MAX_PROCESSES
+        if len(left) > cap:
+            log.warning("run_process_cap", agent=run.agent, run_id=run.run_id,
+                        processes=len(left), max_processes=cap, after_exit=True)
+            self._kill_leftovers(run)
+            return
         log.info("run_leftovers_stopping", agent=run.agent, run_id=run.run_id,
                  pids=sorted(set(left) | set(cg_left))[:20])
-        self.ended_runs[run.run_id] = run
-        run.signal(signal.SIGTERM, left)
+        self._signal_leftovers(run, signal.SIGTERM, left)
         grace = run.grace_s if run.grace_s is not None else self.settings.stop_grace_s
         self.timers.call_later(grace, lambda: self._kill_leftovers(run))
 
-    def _kill_leftovers(self, run: Run) -> None:
+    def _signal_leftovers(self, run: Run, sig: int, left: list[int]) -> None:
+        """Its cgroup, or every tracked pid and, while one of them is still in it, the run's
+        process group: a signal to a group reaches every member, even one forked meanwhile."""
+        if run.exit_status is not None and group_has_members(run.pid, left):
+            send_group_signal(run.pid, sig)
+        run.signal(sig, left)
+
+    def kill_leftovers_now(self, run: Run) -> bool:
+        """Skip the rest of the grace period (the leftovers passed the cap); False when
+        they are already being killed."""
+        if run.run_id in self._killing_leftovers:
+            return False
+        self._kill_leftovers(run)
+        return True
+
+    def _kill_leftovers(self, run: Run, round_: int = 0) -> None:
+        """SIGKILL what is left; look again shortly while anything was found, since a fork
+        bomb outside the group forks between our listing and our signal."""
+        if round_ == 0:
+            if run.run_id in self._killing_leftovers or run.run_id not in self.ended_runs:
+                return  # already under way (the cap check skipped the grace period)
+            self._killing_leftovers.add(run.run_id)
         left = self._tracked(run)
         if left or (run.cgroup and self.cgroups.pids(run.cgroup)):
-            log.warning("run_leftovers_killed", agent=run.agent, run_id=run.run_id,
-                        pids=left[:20])
-            run.signal(signal.SIGKILL, left)
+            if round_ == 0:
+                log.warning("run_leftovers_killed", agent=run.agent, run_id=run.run_id,
+                            pids=left[:20], count=len(left))
+            self._signal_leftovers(run, signal.SIGKILL, left)
+            if round_ < LEFTOVER_KILL_ROUNDS:
+                self.timers.call_later(LEFTOVER_RECHECK_S,
+                                       lambda: self._kill_leftovers(run, round_ + 1))
+                return
+            log.error("run_leftovers_survived", agent=run.agent, run_id=run.run_id,
+                      pids=left[:20], count=len(left))
         self.ended_runs.pop(run.run_id, None)
+        self._killing_leftovers.discard(run.run_id)
         self._release_cgroup(run)
 
     def _release_cgroup(self, run: Run) -> None:

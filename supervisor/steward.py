@@ -17,6 +17,7 @@ from .context import ContextRetriever, Fts5Backend, render_hits, total_tokens
 from .control.handlers import ADMIN, AGENT, READ_ONLY, command
 from .control.protocol import encode, error, ok
 from .embeddings import load_embedder, model_files
+from .memory_backup import DEFAULT_PAGE_BYTES, export_page, import_page
 from .memory_store import MalformedUpdate, MemoryStore, parse_update
 
 log = structlog.get_logger("watchkeeper.steward")
@@ -271,8 +272,11 @@ def _memory_revert(h, conn, req):
 
 @command(ADMIN, "memory-export")
 def _memory_export(h, conn, req):
+    """One page (memory_backup.py): the CLI follows `next` until it is null."""
+    a = req.args
     _steward(h).flush()
-    return ok(req.id, _steward(h).store.export())
+    return ok(req.id, export_page(_steward(h).store, a.get("part", "entries"),
+                                  a.get("after", 0), a.get("max_bytes", DEFAULT_PAGE_BYTES)))
 
 
 @command(ADMIN, "memory-import")
@@ -282,8 +286,9 @@ def _memory_import(h, conn, req):
         return error(req.id, "memory-import needs `data`: an export document")
     _steward(h).flush()
     try:
-        count = _steward(h).store.import_(data)
+        counts = import_page(_steward(h).store, data,
+                             restored_history=bool(req.args.get("restored_history")))
     except (ValueError, msgspec.ValidationError) as exc:
         return error(req.id, f"import rejected: {exc}")
     _steward(h).wrote()
-    return ok(req.id, {"imported": count})
+    return ok(req.id, counts)

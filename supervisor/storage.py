@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-SCHEMA_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+SCHEMA_NAME_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
 
 
 class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -47,7 +47,7 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
         if self.backend == "postgresql" and not self.dsn:
             raise ValueError("storage.dsn is required with backend postgresql "
                              "(e.g. postgresql://watchkeeper@localhost/watchkeeper)")
-        if not SCHEMA_NAME_RE.match(self.schema):
+        if not SCHEMA_NAME_RE.fullmatch(self.schema):
             raise ValueError(f"storage.schema {self.schema!r} is not a plain identifier "
                              "(lowercase letters, digits and '_', at most 63)")
         for name in ("leader_lease_s", "lease_s", "poll_s", "connect_timeout_s",

@@ -22,6 +22,7 @@ from hostile import AGENT_ENV, rss_mb
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from supervisor import __version__
 from supervisor.configload import load_config
 from supervisor.control.protocol import MAX_FRAME_BYTES
 from supervisor.errors import ConfigError
@@ -241,6 +242,11 @@ frames = st.one_of(
                      b'{"cmd": "ping", "id": {"a": 1}}', b'{"cmd": "status", "args": null}',
                      b'{"cmd": "runs", "args": {"limit": 1e309}}', b"\xff\xfe" * 10,
                      b'{"cmd": "memory-list", "args": {"namespace": "' + b"[" * 3000 + b'"}}',
+                     b'{"cmd": "runs", "args": {"limit": ' + b"[" * 1000 + b"]" * 1000 + b"}}",
+                     b'{"cmd": "ping", "args": {"a": ' + b"{\"a\": " * 1000 + b"1" +
+                     b"}" * 1002, b'{"cmd": "runs", "id": 1, "args": {"limit": 1' + b"0" * 30 +
+                     b"}}", b'{"cmd": "lock", "args": {"task": "task\\n"}}',
+                     b'{"cmd": "memory-revert", "args": {"seq": 9223372036854775808}}',
                      b"[" * 100_000, HUGE]),
 )
 conversations = st.lists(st.tuples(st.integers(0, 2), frames, st.booleans()), min_size=1,
@@ -254,6 +260,8 @@ class Conn:
         self.sock.connect(str(path))
         self.sent = bytearray()
         self.huge = False
+        self.received: list[dict] = []
+        self.unread = b""
 
     def send(self, data: bytes) -> None:
         self.sent += data
@@ -267,7 +275,8 @@ class Conn:
         return sum(1 for frame in bytes(self.sent).split(b"\n")[:-1] if frame.strip())
 
     def replies(self) -> list[dict]:
-        out, buf, want = [], b"", self.expected_replies()
+        """Every reply so far on this connection, waiting for one per frame sent."""
+        out, buf, want = self.received, self.unread, self.expected_replies()
         while len(out) < want:
             try:
                 chunk = self.sock.recv(65536)
@@ -280,6 +289,7 @@ class Conn:
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
                 out.append(json.loads(line))
+        self.unread = buf
         return out
 
 
@@ -304,6 +314,13 @@ def test_control_socket_survives_hostile_frames(tmp_path):
                         assert set(reply) >= {"id", "ok"}, reply
                         if reply["ok"] is False:
                             assert isinstance(reply["error"], str) and reply["error"]
+                            assert "internal error" not in reply["error"], reply
+                for conn in conns:  # the request after a rejected one is answered
+                    if not conn.huge and conn.sent.endswith(b"\n"):
+                        conn.send(_request("ping", {}, {"id": "after"}) + b"\n")
+                        assert conn.replies()[-1] == {"id": "after", "ok": True,
+                                                       "result": {"pid": pid,
+                                                                  "version": __version__}}
             finally:
                 for conn in conns:
                     conn.sock.close()
@@ -316,6 +333,8 @@ def test_control_socket_survives_hostile_frames(tmp_path):
         print(f"\ncontrol fuzz: {len(rss)} conversations, RSS {rss[0]:.1f} MB first, "
               f"{warm:.1f} MB after warm-up, {rss[-1]:.1f} MB last, {max(rss):.1f} MB peak")
         assert rss[-1] < warm + 25, f"RSS grew from {warm:.1f} to {rss[-1]:.1f} MB"
+        assert d.find("control_handler_crashed") == [], d.find("control_handler_crashed")
+        assert d.find("loop_callback_failed") == []
         assert d.proc.poll() is None
 
 

@@ -30,6 +30,7 @@ from ..locks import acquire, list_locks, validate_task_id
 from ..peers import peer_groups
 from ..runner import Run
 from ..scheduler import Fire
+from .commands import check_args
 from .protocol import Request, error, ok
 from .server import Connection
 
@@ -56,6 +57,8 @@ class Handlers:
 
     # -- dispatch -----------------------------------------------------------------------------
     def dispatch(self, conn: Connection, req: Request) -> bytes | None:
+        if (invalid := check_args(req)) is not None:
+            return invalid
         # A storage backend may serve a command differently (task locks in PostgreSQL);
         # who may call it is still decided by the table the command is in.
         impl = getattr(self.daemon, "command_overrides", {}).get(req.cmd)

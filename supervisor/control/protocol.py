@@ -36,6 +36,11 @@ def decode_request(frame: bytes) -> Request:
         return _decoder.decode(frame)
     except msgspec.ValidationError as exc:
         raise ProtocolError(f"invalid request: {exc}") from None
+    except RecursionError:
+        # 1,000 levels of `[` escaped as RecursionError: no reply, and the connection hung.
+        raise ProtocolError("invalid request: nested too deeply (more levels than the "
+                            "decoder's limit of about 1,000; memory values may nest at most "
+                            "64 levels)") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         # msgspec raises UnicodeDecodeError for invalid UTF-8 inside a JSON string.
         raise ProtocolError(f"malformed JSON: {exc}") from None

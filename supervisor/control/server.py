@@ -13,16 +13,17 @@ import os
 import selectors
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import structlog
 
+from .admission import Admission
 from .protocol import MAX_FRAME_BYTES, ProtocolError, Request, decode_request, error
 
 log = structlog.get_logger("watchkeeper.control")
 
-MAX_CONNECTIONS = 256
 MAX_PENDING_OUT_BYTES = 8 * MAX_FRAME_BYTES
 
 
@@ -34,7 +35,8 @@ class Peer:
 
 
 class Connection:
-    __slots__ = ("sock", "peer", "inbuf", "outbuf", "closed", "server", "verified_run")
+    __slots__ = ("sock", "peer", "inbuf", "outbuf", "closed", "server", "verified_run",
+                 "last_active")
 
     def __init__(self, sock: socket.socket, peer: Peer, server: ControlServer) -> None:
         self.sock = sock
@@ -44,9 +46,16 @@ class Connection:
         self.closed = False
         self.server = server
         self.verified_run: str | None = None  # the run this peer was proved to belong to
+        self.last_active = time.monotonic()  # last byte received, for the idle timeout
 
     def send(self, data: bytes) -> None:
         if self.closed:
+            return
+        if len(self.outbuf) > MAX_PENDING_OUT_BYTES:
+            # Replies pile up unread: a slow reader. One big reply alone (a 10 MB `memory
+            # list`) is never the reason: it was cut off when this was checked after it.
+            log.warning("control_slow_reader_dropped", peer_pid=self.peer.pid)
+            self.server._drop(self)
             return
         self.outbuf += data
         self.server.flush(self)
@@ -57,13 +66,18 @@ Dispatch = Callable[[Connection, Request], bytes | None]
 
 class ControlServer:
     def __init__(self, path: Path, selector: selectors.BaseSelector, dispatch: Dispatch,
-                 group: str | None = None) -> None:
+                 group: str | None = None, is_run_peer: Callable[[int], bool] | None = None,
+                 idle_timeout_s: float | None = None) -> None:
         self.path = Path(path)
         self.selector = selector
         self.dispatch = dispatch
         self.group = group
         self.sock: socket.socket | None = None
         self.connections: set[Connection] = set()
+        self.admission = Admission(is_run_peer)
+        self.idle_timeout_s = idle_timeout_s
+        self._refusals_unlogged = 0
+        self._refusal_logged_at = float("-inf")
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,17 +117,44 @@ class ControlServer:
                 sock, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            if len(self.connections) >= MAX_CONNECTIONS:
-                sock.close()
-                log.warning("control_connection_refused", reason="too many connections")
-                continue
             sock.setblocking(False)
             pid, uid, gid = struct.unpack("3i", sock.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            refusal = self.admission.refusal(pid)
+            if refusal is not None:
+                self._refuse(sock, pid, refusal)
+                continue
             conn = Connection(sock, Peer(pid, uid, gid), self)
             self.connections.add(conn)
+            self.admission.admitted(pid)
             self.selector.register(sock, selectors.EVENT_READ,
                                    lambda mask, c=conn: self._on_event(c, mask))
+
+    def _refuse(self, sock: socket.socket, pid: int, reason: str) -> None:
+        try:
+            sock.send(error(None, f"connection refused: {reason}"))
+        except OSError:
+            pass
+        sock.close()
+        # At most one line a second: a flood of connections must not become a flood of logs.
+        self._refusals_unlogged += 1
+        now = time.monotonic()
+        if now - self._refusal_logged_at >= 1.0:
+            log.warning("control_connection_refused", reason=reason, peer_pid=pid,
+                        refused=self._refusals_unlogged)
+            self._refusal_logged_at, self._refusals_unlogged = now, 0
+
+    def close_idle(self, now_mono: float) -> None:
+        """Close connections silent for the idle timeout; a run's connection is kept (an
+        agent's SDK holds one for its whole run)."""
+        if not self.idle_timeout_s:
+            return
+        for conn in list(self.connections):
+            if conn.verified_run is None and not conn.outbuf and \
+                    now_mono - conn.last_active > self.idle_timeout_s:
+                log.info("control_idle_closed", peer_pid=conn.peer.pid,
+                         idle_s=round(now_mono - conn.last_active, 1))
+                self._drop(conn)
 
     def _on_event(self, conn: Connection, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -132,6 +173,7 @@ class ControlServer:
             self._drop(conn)
             return
         conn.inbuf += data
+        conn.last_active = time.monotonic()
         while not conn.closed:
             nl = conn.inbuf.find(b"\n")
             if nl < 0:
@@ -174,10 +216,6 @@ class ControlServer:
         except OSError:
             self._drop(conn)
             return
-        if len(conn.outbuf) > MAX_PENDING_OUT_BYTES:
-            log.warning("control_slow_reader_dropped", peer_pid=conn.peer.pid)
-            self._drop(conn)
-            return
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.outbuf else 0)
         try:
             self.selector.modify(conn.sock, events, self.selector.get_key(conn.sock).data)
@@ -189,6 +227,7 @@ class ControlServer:
             return
         conn.closed = True
         self.connections.discard(conn)
+        self.admission.released(conn.peer.pid)
         try:
             self.selector.unregister(conn.sock)
         except (KeyError, ValueError):

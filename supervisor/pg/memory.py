@@ -70,6 +70,12 @@ class PgMemoryStore(MemoryStore):
             (namespace, prefix)).fetchall()
         return [entry_from_row(row) for row in rows]
 
+    def after_history_restore(self) -> None:
+        """History rows inserted with their own seq (memory_backup): move the sequence past
+        them, or the next write would reuse a seq."""
+        self._conn.execute("select setval(pg_get_serial_sequence('history', 'seq'), "
+                           "(select max(seq) from history))")
+
     @contextlib.contextmanager
     def _transaction(self):
         with self.db.tx(lock=STEWARD_LOCK, durable=True):
