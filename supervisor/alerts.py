@@ -61,6 +61,7 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     agent: str | None = None
     fields: dict[str, Any] = {}  # JSON-able details: limit, count, window_s, last outputs...
     time: float = msgspec.field(default_factory=time.time)  # wall clock, for people
+    alert_id: str = ""  # stable across every delivery attempt: receivers drop duplicates by it
 
 
 def trip_alert(trip: Trip) -> Alert:
@@ -92,8 +93,12 @@ class WebhookSettings(_Settings):
     url: str
     timeout_s: Seconds = 5.0
     retries: Annotated[int, msgspec.Meta(ge=0)] = 3
+    """Immediate retries inside one attempt of the in-memory Alerter; the daemon's outbox
+    retries every failed attempt until `alerts.max_age_s` instead."""
     backoff_s: Seconds = 1.0
+    """First retry delay; it doubles after each failed attempt."""
     backoff_max_s: Seconds = 30.0
+    """Cap on the retry delay."""
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
@@ -111,6 +116,19 @@ class CommandSettings(_Settings):
 
     argv: Annotated[list[str], msgspec.Meta(min_length=1)]
     timeout_s: Seconds = 10.0
+    backoff_s: Seconds = 1.0
+    """First retry delay after the command failed; it doubles after each failed attempt."""
+    backoff_max_s: Seconds = 30.0
+    """Cap on the retry delay."""
+
+
+class EscalationSettings(_Settings):
+    """Sinks that get an alert only once the first sinks failed to deliver it for `after_s`."""
+
+    after_s: Seconds = 900.0
+    """How long the first sinks may fail on one alert before it is escalated."""
+    webhooks: list[WebhookSettings] = []
+    commands: list[CommandSettings] = []
 
 
 class RateLimitSettings(_Settings):
@@ -131,6 +149,10 @@ class AlertSettings(_Settings):
     rate_limit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 64
     """Alerts waiting per sink; a trip alert displaces an older one."""
+    max_age_s: Seconds = 86400.0
+    """An undelivered alert is retried (across restarts) until it is this old."""
+    escalation: EscalationSettings | None = None
+    """Optional sinks for alerts the first sinks failed to deliver for `after_s`."""
 
 
 # -- redaction and rendering -------------------------------------------------------------------
@@ -182,7 +204,10 @@ def webhook_body(alert: Alert) -> dict[str, Any]:
     No embeds: Slack ignores them and Discord would show every field twice.
     """
     text = render_text(alert)
-    return {"content": text, "text": text, "allowed_mentions": {"parse": []}}
+    body = {"content": text, "text": text, "allowed_mentions": {"parse": []}}
+    if alert.alert_id:
+        body["alert_id"] = alert.alert_id
+    return body
 
 
 # -- sinks -------------------------------------------------------------------------------------
@@ -205,6 +230,22 @@ class WebhookSink:
     def __init__(self, settings: WebhookSettings) -> None:
         self.settings = settings
         self.name = f"webhook {redact_url(settings.url)}"
+        self.key = f"webhook:{_digest(settings.url)}"  # stable across restarts, no secret
+
+    def attempt(self, alert: Alert) -> None:
+        """One POST of the alert; raises DeliveryFailed (the outbox retries)."""
+        import http.client
+        import urllib.error
+
+        try:
+            self._post(msgspec.json.encode(webhook_body(alert)), alert.alert_id)
+        except urllib.error.HTTPError as err:
+            raise DeliveryFailed(f"HTTP {err.code} {err.reason}") from None
+        except (OSError, http.client.HTTPException) as err:
+            raise DeliveryFailed(_scrub(f"{type(err).__name__}: {err}", self.settings.url)) \
+                from None
+        except ValueError as err:  # urllib quotes the whole URL in these messages
+            raise DeliveryFailed(_scrub(f"invalid request: {err}", self.settings.url)) from None
 
     def deliver(self, alert: Alert, stop: threading.Event) -> None:
         # Imported here: http.client brings ssl and email (~6 MiB) into a daemon that may
@@ -215,7 +256,7 @@ class WebhookSink:
         s, body = self.settings, msgspec.json.encode(webhook_body(alert))
         for attempt in range(1, s.retries + 2):
             try:
-                self._post(body)
+                self._post(body, alert.alert_id)
                 return
             except urllib.error.HTTPError as err:
                 if err.code != 429 and err.code < 500:
@@ -233,12 +274,14 @@ class WebhookSink:
             if stop.wait(delay_s):
                 raise DeliveryFailed(f"{error}; abandoned at shutdown after {attempt} attempts")
 
-    def _post(self, body: bytes) -> None:
+    def _post(self, body: bytes, alert_id: str = "") -> None:
         import urllib.request
 
-        request = urllib.request.Request(
-            self.settings.url, data=body, method="POST",
-            headers={"Content-Type": "application/json", "User-Agent": _USER_AGENT})
+        headers = {"Content-Type": "application/json", "User-Agent": _USER_AGENT}
+        if alert_id:
+            headers["Idempotency-Key"] = alert_id
+        request = urllib.request.Request(self.settings.url, data=body, method="POST",
+                                         headers=headers)
         with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
             response.read(65536)
 
@@ -250,30 +293,55 @@ def _retry_after(err: urllib.error.HTTPError) -> float | None:
         return None
 
 
+# The daemon's loop reaps every child with waitpid(-1) (it is a subreaper), so the command's
+# exit status would be stolen before Popen saw it, and a failed command recorded as delivered.
+# A small Python parent waits for the command itself and writes the status on its stdout,
+# which no reaper can take.
+_STATUS_WRAPPER = (
+    "import subprocess, sys\n"
+    "try:\n"
+    "    code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+    "except OSError as err:\n"
+    "    sys.stderr.write(f'cannot run {sys.argv[1]!r}: {err.strerror or err}')\n"
+    "    code = 127\n"
+    "sys.stdout.write(str(code))\n"
+)
+
+
 class CommandSink:
     """Runs argv with the alert JSON on stdin; the whole process group dies at the timeout."""
 
     def __init__(self, settings: CommandSettings) -> None:
         self.settings = settings
         self.name = f"command {os.path.basename(settings.argv[0])}"
+        self.key = f"command:{_digest(chr(0).join(settings.argv))}"
 
     def deliver(self, alert: Alert, stop: threading.Event) -> None:
+        self.attempt(alert)
+
+    def attempt(self, alert: Alert) -> None:
+        """Run the command once; raises DeliveryFailed unless it exits 0."""
+        import sys
+
         argv, timeout_s = self.settings.argv, self.settings.timeout_s
         try:
             # Own session: on timeout we kill the group, so a grandchild holding our pipes
             # cannot keep communicate() waiting.
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _STATUS_WRAPPER, *argv],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True)
         except OSError as err:
             raise DeliveryFailed(f"cannot run {argv[0]!r}: {err.strerror or err}") from None
         try:
-            _, stderr = proc.communicate(msgspec.json.encode(alert), timeout=timeout_s)
+            out, stderr = proc.communicate(msgspec.json.encode(alert), timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise DeliveryFailed(f"timed out after {timeout_s:g}s; process group killed") from None
-        if proc.returncode != 0:
+        status = out.decode(errors="replace").strip()
+        if status != "0":
             tail = stderr.decode(errors="replace").strip()[-_ERROR_CHARS:]
-            raise DeliveryFailed(f"exited with status {proc.returncode}: {tail}")
+            shown = status if status.lstrip("-").isdigit() else "unknown (killed)"
+            raise DeliveryFailed(f"exited with status {shown}: {tail}")
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -286,8 +354,14 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def sinks_from_settings(settings: AlertSettings) -> list[Sink]:
+def sinks_from_settings(settings: AlertSettings | EscalationSettings) -> list[Sink]:
     return [*map(WebhookSink, settings.webhooks), *map(CommandSink, settings.commands)]
+
+
+def _digest(text: str) -> str:
+    from .hashing import blake2b
+
+    return blake2b(text.encode(), digest_size=6).hexdigest()
 
 
 # -- rate limiting -----------------------------------------------------------------------------

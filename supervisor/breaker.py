@@ -135,9 +135,7 @@ class Breaker:
             summaries=list(self._windows.summaries.get(agent, ())), time=self._wall_clock(),
         )
         self.last_trip = trip
-        self.trips_total += 1
-        log.error("breaker_tripped", rule=rule.value, agent=agent, kind=kind, limit=trip.limit,
-                  count=count, window_s=window_s)
+        self.trips_total += 1  # logged once, by the output gate that acts on the trip
         self.transition(BreakerState.OPEN, reason=f"{rule.value} limit exceeded by {agent}",
                         now=now)
         reason = f"{rule.value} limit: {agent} reached {count:g}, limit is {trip.limit}"
@@ -229,8 +227,7 @@ class Breaker:
 
     def reset(self, by: str, reason: str, now: float | None = None) -> bool:
         """Close the breaker and forget all windows; returns whether it was open or half-open."""
-        log.warning("breaker_reset", by=by, reason=reason, state=self.state.value)
-        self._clear_windows()
+        self._clear_windows()  # logged once, by the output gate
         if self.state is BreakerState.CLOSED:
             return False
         self.transition(BreakerState.CLOSED, reason=f"reset by {by}: {reason}", now=now)

@@ -2,8 +2,9 @@
 
 Each `emit` is recorded and checked by the circuit breaker (breaker.py). The (N+1)th output
 in the window is denied and trips the breaker: the whole pipeline halts (no run starts,
-every run is stopped) and exactly one alert goes out (alerts.py). The breaker's state is
-persisted, so a restarted daemon comes back halted.
+every run is stopped) and exactly one alert goes out (alert_sender.py). The breaker's state
+and the trip's alert commit in one transaction, so a restarted daemon comes back halted and
+still owes (and sends) the alert.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 import msgspec
 import structlog
 
-from .alerts import Alert, Alerter, AlertKind, trip_alert
+from .alert_sender import AlertSender
+from .alerts import Alert, AlertKind, trip_alert
 from .breaker import Breaker, BreakerSettings, BreakerState, Decision, SnapshotError, content_hash
 from .control.handlers import ADMIN, AGENT, READ_ONLY, command
 from .control.protocol import error, ok
@@ -40,12 +42,12 @@ class OutputGate:
     def __init__(self) -> None:
         self.daemon = None
         self.breaker: Breaker | None = None
-        self.alerter: Alerter | None = None
+        self.alerter: AlertSender | None = None
 
     def start(self, daemon) -> None:
         self.daemon = daemon
         daemon.output_gate = self
-        self.alerter = Alerter(daemon.config.settings.alerts)
+        self.alerter = AlertSender(daemon.config.settings.alerts, daemon.store, daemon.timers)
         daemon.alerter = self.alerter
         self.breaker = Breaker(merged_breaker_settings(daemon.config), persist=self._persist)
         snapshot = daemon.store.get_value(SNAPSHOT_KEY)
@@ -63,6 +65,8 @@ class OutputGate:
         daemon.pipeline.launch_gate = self._launch_gate
         daemon.pipeline.on_crash_loop.append(self._crash_loop_alert)
         daemon.on_tick.append(self._tick)
+        # After the halt is restored: an alert its predecessor still owed goes out now.
+        self.alerter.attach(daemon.selector)
 
     def reload(self, daemon) -> None:
         self.breaker.apply_settings(merged_breaker_settings(daemon.config))
@@ -75,6 +79,12 @@ class OutputGate:
         self.daemon.store.put_value(SNAPSHOT_KEY, snapshot)
 
     # -- decisions -------------------------------------------------------------------------
+    def decide(self, check, *args) -> Decision:
+        """Run one breaker check and act on it in one transaction: the new state and its
+        alert commit together."""
+        with self.daemon.store.transaction():
+            return self.handle(check(*args))
+
     def handle(self, decision: Decision) -> Decision:
         """Act on a decision: a trip halts the pipeline and sends the one alert."""
         if decision.trip is not None:
@@ -86,7 +96,7 @@ class OutputGate:
         return decision
 
     def _launch_gate(self, agent: str) -> str | None:
-        decision = self.handle(self.breaker.check_launch(agent))
+        decision = self.decide(self.breaker.check_launch, agent)
         return None if decision.allowed else decision.reason
 
     def _tick(self, now_mono: float) -> None:
@@ -101,19 +111,25 @@ class OutputGate:
                                 text=f"{rt.failures} consecutive failures; last {rt.last_exit}"))
 
     def reset(self, by: str, reason: str) -> bool:
-        was_open = self.breaker.reset(by, reason)
-        log.warning("breaker_reset", by=by, reason=reason, was_open=was_open)
-        if was_open:
-            self.alerter.send(Alert(kind=AlertKind.BREAKER_RESET, title="watchkeeper: breaker "
-                                    "reset", text=f"reset by {by}: {reason}"))
+        with self.daemon.store.transaction():
+            was_open = self.breaker.reset(by, reason)
+            log.warning("breaker_reset", by=by, reason=reason, was_open=was_open)
+            if was_open:
+                self.alerter.send(Alert(kind=AlertKind.BREAKER_RESET, title="watchkeeper: "
+                                        "breaker reset", text=f"reset by {by}: {reason}"))
         self.daemon.pipeline.unhalt()
         return was_open
 
     def status(self) -> dict:
         trip = self.breaker.last_trip
+        owed = self.alerter.undelivered()
+        summary = f"breaker {self.breaker.state.value}"
+        if owed.count:
+            summary += (f"; {owed.count} alert(s) undelivered, oldest {owed.oldest_age_s:.0f}s"
+                        + (f" ({owed.last_error[:80]})" if owed.last_error else ""))
         return {"state": self.breaker.state.value, "trips_total": self.breaker.trips_total,
                 "last_trip": msgspec.to_builtins(trip) if trip else None,
-                "summary": f"breaker {self.breaker.state.value}"}
+                "alerts": owed.as_dict(), "summary": summary}
 
 
 def _gate(h):
@@ -132,10 +148,13 @@ def _emit(h, conn, req, run):
         return error(req.id, "`summary` and `content` must be strings")
     digest = args.get("content_hash") or content_hash(content if content is not None else summary)
     gate = _gate(h)
-    decision = gate.handle(gate.breaker.check_output(run.agent, kind, digest,
-                                                     summary[:MAX_SUMMARY_CHARS]))
-    h.daemon.store.record_output(run.agent, run.run_id, kind, time.time(), digest,
-                                 summary[:MAX_SUMMARY_CHARS], decision.allowed)
+    # The output is stored in the transaction of its verdict, before the agent hears
+    # `allowed`: the windows are rebuilt from these rows after a crash.
+    with h.daemon.store.transaction():
+        decision = gate.handle(gate.breaker.check_output(run.agent, kind, digest,
+                                                         summary[:MAX_SUMMARY_CHARS]))
+        h.daemon.store.record_output(run.agent, run.run_id, kind, time.time(), digest,
+                                     summary[:MAX_SUMMARY_CHARS], decision.allowed)
     log.info("output_emitted" if decision.allowed else "output_denied", agent=run.agent,
              run_id=run.run_id, kind=kind, summary=summary[:120], reason=decision.reason or None)
     if not decision.allowed:
@@ -149,9 +168,10 @@ def _usage(h, conn, req, run):
     if not isinstance(tokens, int) or not isinstance(cost, int | float):
         return error(req.id, "usage needs integer `tokens` and numeric `cost`")
     gate = _gate(h)
-    decision = gate.handle(gate.breaker.report_usage(run.agent, tokens, float(cost)))
-    h.daemon.store.record_usage(run.agent, run.run_id, time.time(), tokens, float(cost),
-                                str(req.args.get("model", ""))[:64])
+    with h.daemon.store.transaction():
+        decision = gate.handle(gate.breaker.report_usage(run.agent, tokens, float(cost)))
+        h.daemon.store.record_usage(run.agent, run.run_id, time.time(), tokens, float(cost),
+                                    str(req.args.get("model", ""))[:64])
     if not decision.allowed:
         return error(req.id, f"denied: {decision.reason}", denied=True, reason=decision.reason)
     return ok(req.id, {"allowed": True})

@@ -6,6 +6,7 @@ Only the daemon's loop writes here (one connection, one thread). Other processes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -117,6 +118,42 @@ class Store:
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
         self.db.row_factory = sqlite3.Row
+        self._after_commit: list = []
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One transaction around everything inside; nested uses join the outer one.
+
+        A state change and the alert it causes commit together (alert_outbox.py), so a
+        SIGKILL can lose neither one alone.
+        """
+        if self.db.in_transaction:
+            yield self.db
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._after_commit.clear()
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            log.error("store_write_failed", write="transaction", error=str(exc),
+                      hint="is the state directory's disk full?")
+            with contextlib.suppress(sqlite3.OperationalError):
+                self.db.execute("ROLLBACK")
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
+    def after_commit(self, callback) -> None:
+        """Call `callback` once the current transaction commits (at once outside one)."""
+        if self.db.in_transaction:
+            self._after_commit.append(callback)
+        else:
+            callback()
 
     def close(self) -> None:
         self.db.close()

