@@ -92,3 +92,14 @@ def limit_text(rule: Rule, limit: int | float, window_s: float, kind: str | None
     """The limit for people, as the trip alert shows it: "30 outputs in 600s"."""
     noun = noun or _NOUNS[rule].format(kind=kind)
     return f"{limit:g} {noun} in {window_s:g}s"
+
+
+def longest_window_s(settings: BreakerSettings) -> float:
+    """The longest window any rule looks back over: older events can never count."""
+    limits = [settings.outputs, settings.launches, settings.duplicates, settings.agent_spend,
+              settings.pipeline_spend, *settings.kinds.values()]
+    for over in settings.agents.values():
+        limits.extend(x for x in (over.outputs, over.launches, over.duplicates, over.spend)
+                      if x is not None)
+        limits.extend(over.kinds.values())
+    return max(limit.window_s for limit in limits)

@@ -16,7 +16,15 @@ import structlog
 
 from .alert_sender import AlertSender
 from .alerts import Alert, AlertKind, trip_alert
-from .breaker import Breaker, BreakerSettings, BreakerState, Decision, SnapshotError, content_hash
+from .breaker import (
+    Breaker,
+    BreakerSettings,
+    BreakerState,
+    Decision,
+    SnapshotError,
+    content_hash,
+    longest_window_s,
+)
 from .control.handlers import ADMIN, AGENT, READ_ONLY, command
 from .control.protocol import error, ok
 
@@ -57,6 +65,7 @@ class OutputGate:
             except SnapshotError as exc:
                 log.error("breaker_snapshot_unreadable", error=str(exc),
                           hint="starting with a closed breaker")
+        self._recount()
         if self.breaker.state == BreakerState.OPEN:
             trip = self.breaker.last_trip
             log.critical("pipeline_halted_at_start", agent=trip.agent if trip else None,
@@ -74,6 +83,15 @@ class OutputGate:
     def stop(self, daemon) -> None:
         self._persist(self.breaker.snapshot())
         self.alerter.close(timeout_s=5.0)
+
+    def _recount(self) -> None:
+        """Windows from the store's rows, not the snapshot's: the snapshot may predate a
+        SIGKILL by many accepted outputs."""
+        breaker = self.breaker
+        since = max(breaker.windows_since_wall, time.time() - longest_window_s(breaker.settings))
+        counted = breaker.recount(self.daemon.store.breaker_events(since))
+        if counted:
+            log.info("breaker_windows_recounted", events=counted)
 
     def _persist(self, snapshot: dict) -> None:
         self.daemon.store.put_value(SNAPSHOT_KEY, snapshot)

@@ -239,6 +239,21 @@ class Store:
         self.db.execute("INSERT INTO usage(agent, run_id, time, tokens, cost, model) "
                         "VALUES (?,?,?,?,?,?)", (agent, run_id, when, tokens, cost, model))
 
+    def breaker_events(self, since: float, uncounted_triggers: tuple[str, ...] = ()) -> list:
+        """Outputs, launches and spend recorded after `since` (wall clock), oldest first, as
+        the breaker counts them (`Breaker.recount`); runs started by `uncounted_triggers` are
+        left out, as the launch gate leaves them out."""
+        from .breaker import StoredEvent
+
+        marks = ",".join("?" for _ in uncounted_triggers) or "''"
+        rows = self.db.execute(
+            "SELECT time, agent, 'output', kind, hash, 0, 0.0 FROM outputs WHERE time > ? "
+            "UNION ALL SELECT started, agent, 'launch', '', '', 0, 0.0 FROM runs "
+            f"WHERE started > ? AND trigger NOT IN ({marks}) "
+            "UNION ALL SELECT time, agent, 'usage', '', '', tokens, cost FROM usage "
+            "WHERE time > ? ORDER BY 1", (since, since, *uncounted_triggers, since))
+        return [StoredEvent(*row) for row in rows]
+
     def usage_totals(self, since: float) -> dict[str, dict]:
         rows = self.db.execute("SELECT agent, SUM(tokens), SUM(cost), COUNT(*) FROM usage "
                                "WHERE time >= ? GROUP BY agent", (since,))

@@ -1,0 +1,68 @@
+"""The breaker's windows survive SIGKILL: a real daemon killed at random instants while an
+agent floods outputs never accepts more than N outputs in the window."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from harness import DaemonProc, py
+from support import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT_ENV = {"PYTHONPATH": str(ROOT)}
+N = 6
+
+FLOODER = """
+import sys
+from supervisor.sdk import Agent, OutputDenied
+a = Agent()
+i = 0
+while True:
+    i += 1
+    try:
+        a.emit("post", f"{a.run_id} post {i}")
+    except OutputDenied:
+        break
+    with open(sys.argv[1], "a") as accepted:
+        accepted.write(f"{a.run_id} {i}\\n")
+"""
+
+
+def accepted(record: Path) -> int:
+    return len(record.read_text().splitlines()) if record.exists() else 0
+
+
+def flooding_daemon(root: Path, record: Path) -> DaemonProc:
+    agents = {"flood": {"jobs": [{"id": "main", "command": [*py(FLOODER), str(record)],
+                                  "schedule": {"every_s": 3600}}],
+                        "limits": {"outputs": {"max_outputs": N, "window_s": 600}}}}
+    return DaemonProc(root, agents)
+
+
+def test_sigkill_between_outputs_never_gives_a_fresh_window(tmp_path):
+    """After SIGKILLs at random instants of a flood, the (N+1)th output in the window is still
+    the one denied: the accepted outputs over every daemon never exceed N."""
+    seed = int(os.environ.get("WATCHKEEPER_DURABLE_SEED", random.randrange(1 << 30)))
+    print(f"WATCHKEEPER_DURABLE_SEED={seed}")
+    rng = random.Random(seed)
+    record = tmp_path / "accepted.txt"
+    for _ in range(2):
+        target = min(N, accepted(record) + rng.randint(1, 2))
+        d = flooding_daemon(tmp_path, record).start(extra_env=AGENT_ENV)
+        try:
+            d.call("start-now", agent="flood")
+            wait_until(lambda t=target, d=d: accepted(record) >= t or d.find("breaker_tripped"),
+                       20,
+                       message="the flood never reached its kill point")
+            d.kill()
+        finally:
+            d.stop()
+    with flooding_daemon(tmp_path, record).start(extra_env=AGENT_ENV) as d:
+        if d.call("breaker-status")["state"] != "open":
+            d.call("start-now", agent="flood")
+            d.wait_event("breaker_tripped", timeout_s=20)
+        trip = d.call("breaker-status")["last_trip"]
+        assert trip["rule"] == "outputs" and trip["count"] == N + 1
+    assert accepted(record) <= N
