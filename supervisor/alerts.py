@@ -70,13 +70,16 @@ def trip_alert(trip: Trip) -> Alert:
                               "count": trip.count, "window_s": trip.window_s}
     if trip.kind:
         fields["output_kind"] = trip.kind
+    if trip.setting:
+        fields["setting_to_raise"] = trip.setting
     fields["last_outputs"] = list(trip.summaries)
     return Alert(
         kind=AlertKind.BREAKER_TRIP, agent=trip.agent, fields=fields, time=trip.time,
         title=f"Circuit breaker tripped by {trip.agent}: pipeline halted",
         text=(f"{trip.agent} went past the {trip.rule.value} limit ({trip.count:g} seen, limit "
               f"{trip.limit}). Every run is stopped and none will start until the breaker is "
-              "reset."),
+              "reset." + (f" If this was not a runaway, raise {trip.setting}." if trip.setting
+                          else "")),
     )
 
 
@@ -128,7 +131,9 @@ class EscalationSettings(_Settings):
     after_s: Seconds = 900.0
     """How long the first sinks may fail on one alert before it is escalated."""
     webhooks: list[WebhookSettings] = []
+    """Webhooks that get escalated alerts (as in alerts.webhooks)."""
     commands: list[CommandSettings] = []
+    """Programs that get escalated alerts (as in alerts.commands)."""
 
 
 class RateLimitSettings(_Settings):

@@ -37,6 +37,7 @@ from .breaker_rules import (
     counting_limit,
     limit_text,
     longest_window_s,
+    setting_to_raise,
 )
 from .breaker_settings import (
     AgentLimits,
@@ -149,6 +150,7 @@ class Breaker:
             rule=rule, agent=agent, kind=kind, count=count, window_s=window_s,
             limit=limit_text(rule, limit, window_s, kind, noun),
             summaries=list(self._windows.summaries.get(agent, ())), time=self._wall_clock(),
+            setting=setting_to_raise(rule, agent, kind, noun),
         )
         self.last_trip = trip
         self.trips_total += 1  # logged once, by the output gate that acts on the trip

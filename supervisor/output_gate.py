@@ -25,6 +25,8 @@ from .breaker import (
     content_hash,
     longest_window_s,
 )
+from .breaker_defaults import RESTART_TRIGGERS, derived_limits
+from .breaker_rules import launch_limit
 from .control.handlers import ADMIN, AGENT, READ_ONLY, command
 from .control.protocol import error, ok
 
@@ -35,13 +37,16 @@ SNAPSHOT_KEY = "breaker"
 
 
 def merged_breaker_settings(config) -> BreakerSettings:
-    """The main file's breaker section with each agent file's `limits:` folded in."""
+    """The main file's breaker section with each agent file's `limits:` folded in, and every
+    limit left unset derived from that agent's schedule (breaker_defaults.py)."""
     settings = config.settings.breaker
     agents = dict(settings.agents)
     for name, spec in config.agents.items():
         if spec.limits is not None:
             agents[name] = spec.limits
-    return msgspec.structs.replace(settings, agents=agents)
+    explicit = msgspec.structs.replace(settings, agents=agents)
+    derived = {name: derived_limits(explicit, config.agents, name) for name in config.agents}
+    return msgspec.structs.replace(settings, agents={**agents, **derived})
 
 
 class OutputGate:
@@ -89,7 +94,8 @@ class OutputGate:
         SIGKILL by many accepted outputs."""
         breaker = self.breaker
         since = max(breaker.windows_since_wall, time.time() - longest_window_s(breaker.settings))
-        counted = breaker.recount(self.daemon.store.breaker_events(since))
+        uncounted = () if breaker.settings.launches.count_restarts else RESTART_TRIGGERS
+        counted = breaker.recount(self.daemon.store.breaker_events(since, uncounted))
         if counted:
             log.info("breaker_windows_recounted", events=counted)
 
@@ -108,12 +114,18 @@ class OutputGate:
         if decision.trip is not None:
             trip = decision.trip
             log.critical("breaker_tripped", agent=trip.agent, rule=trip.rule.value,
-                         limit=trip.limit, count=trip.count, window_s=trip.window_s)
+                         limit=trip.limit, count=trip.count, window_s=trip.window_s,
+                         setting=trip.setting)
             self.daemon.pipeline.halt()
             self.alerter.send(trip_alert(trip))
         return decision
 
-    def _launch_gate(self, agent: str) -> str | None:
+    def _launch_gate(self, agent: str, trigger: str = "") -> str | None:
+        if trigger in RESTART_TRIGGERS and not launch_limit(self.breaker.settings,
+                                                            agent).count_restarts:
+            # The crash-loop policy contains restarts; counting them halted every healthy
+            # agent because one `always` agent crash-looped.
+            return "breaker open" if self.breaker.state == BreakerState.OPEN else None
         decision = self.decide(self.breaker.check_launch, agent)
         return None if decision.allowed else decision.reason
 

@@ -55,7 +55,7 @@ class Pipeline:
         self.on_run_finished: list[Callable[[Run, RunRecord], None]] = []
         self.on_run_started: list[Callable[[Run], None]] = []
         self.on_crash_loop: list[Callable[[AgentRuntime], None]] = []
-        self.launch_gate: Callable[[str], str | None] = lambda agent: None
+        self.launch_gate: Callable[[str, str], str | None] = lambda agent, trigger: None
         # Shared storage decides which host runs a firing: a non-empty answer says why not here.
         self.claim_firing: Callable[[Fire, AgentSpec, Job], str] = lambda fire, spec, job: ""
         self.base_env = dict(os.environ)
@@ -160,7 +160,7 @@ class Pipeline:
 
     # -- runs -------------------------------------------------------------------------------
     def start_run(self, rt: AgentRuntime, job: Job, *, trigger: str, attempt: int) -> Run | None:
-        refusal = self.launch_gate(rt.name)
+        refusal = self.launch_gate(rt.name, trigger)
         if refusal:
             log.warning("run_refused", agent=rt.name, job=job.id, reason=refusal)
             return None
