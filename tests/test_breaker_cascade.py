@@ -22,6 +22,8 @@ import pytest
 from harness import DaemonProc, py, wk
 from support import wait_until
 
+from supervisor.errors import ControlError
+
 ROOT = Path(__file__).resolve().parent.parent
 # Agents run in tmp_path; they must import this tree's supervisor package, not an installed one.
 AGENT_ENV = {"PYTHONPATH": str(ROOT)}
@@ -174,11 +176,12 @@ def test_scheduler_loop_cascade_halts_with_one_alert_and_stays_halted(tmp_path, 
         wait_until(lambda: not live_descendants(d), 10,
                    message=f"agent processes left: {live_descendants(d)}")
         wait_until(hook.trip_alerts, 10, message="no trip alert reached the webhook")
-        assert d.find("run_finished", agent="scheduler", stop_reason="breaker")
+        d.wait_event("run_finished", agent="scheduler", stop_reason="breaker")
         assert d.call("status")["daemon"]["halted"] is True
     posted = len(discord.posts)
     assert 1 <= posted <= N
     assert len(hook.posts) == 1 and len(hook.trip_alerts()) == 1
+    assert len(d.find("breaker_tripped")) == 1  # one trip, one log line
     assert f"agent: {trip['agent']}" in hook.posts[0]["content"]
 
     with DaemonProc(tmp_path, agents, **settings).start(extra_env=AGENT_ENV) as d2:
@@ -187,7 +190,12 @@ def test_scheduler_loop_cascade_halts_with_one_alert_and_stays_halted(tmp_path, 
         status = json.loads(wk("--config", str(d2.config_path), "--json", "breaker",
                                "status").stdout)
         assert status["state"] == "open" and status["last_trip"]["agent"] == trip["agent"]
-        assert d2.call("start-now", agent="content") == {"result": HALTED, "run_id": None}
+        with pytest.raises(ControlError, match=f"refused: {HALTED}"):
+            d2.call("start-now", agent="content")
+        refused = wk("--config", str(d2.config_path), "start-now", "content")
+        assert refused.returncode != 0 and HALTED in refused.stderr
+        with pytest.raises(ControlError, match="resume refused"):
+            d2.call("resume")
         assert not d2.find("run_started") and not live_descendants(d2)
 
         # The operator pauses the two buggy agents, then resets: the pipeline runs again.
@@ -195,11 +203,13 @@ def test_scheduler_loop_cascade_halts_with_one_alert_and_stays_halted(tmp_path, 
             assert wk("--config", str(d2.config_path), "pause", buggy).returncode == 0
         reset = wk("--config", str(d2.config_path), "breaker", "reset", "--reason", "x")
         assert reset.returncode == 0 and reset.stdout.strip() == "breaker reset", reset.stderr
+        d2.wait_event("breaker_reset")
         assert d2.call("start-now", agent="content")["result"] == "started"
         d2.wait_event("run_finished", agent="content", outcome="succeeded", timeout_s=20)
         d2.wait_event("firing_skipped", agent="community", reason="paused")
         assert d2.call("breaker-status")["state"] == "closed"
     assert len(hook.trip_alerts()) == 1  # the reset is announced; the trip never twice
+    assert len(d2.find("breaker_reset")) == 1  # one reset, one log line
     assert len(discord.posts) == posted
 
 
