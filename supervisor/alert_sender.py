@@ -215,6 +215,13 @@ class AlertSender:
             self.outbox.add_sink(alert.alert_id, sink.key)
             self._dispatch(alert, sink.key)
 
+    def prune(self) -> None:
+        """Forget settled alerts a week past `max_age_s` (the outbox must not grow forever)."""
+        try:
+            self.outbox.prune(self.settings.max_age_s + 7 * 86400.0, self._wall())
+        except Exception as exc:  # noqa: BLE001 - a full disk must not stop the tick
+            log.error("alert_outbox_prune_failed", error=str(exc))
+
     # -- what people see -----------------------------------------------------------------------
     def undelivered(self) -> Undelivered:
         try:

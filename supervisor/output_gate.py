@@ -56,6 +56,7 @@ class OutputGate:
         self.daemon = None
         self.breaker: Breaker | None = None
         self.alerter: AlertSender | None = None
+        self._next_outbox_prune = 0.0
 
     def start(self, daemon) -> None:
         self.daemon = daemon
@@ -130,6 +131,9 @@ class OutputGate:
         return None if decision.allowed else decision.reason
 
     def _tick(self, now_mono: float) -> None:
+        if now_mono >= self._next_outbox_prune:
+            self._next_outbox_prune = now_mono + 3600.0
+            self.alerter.prune()
         changed = self.breaker.tick()
         if changed == BreakerState.HALF_OPEN:
             log.warning("breaker_half_open", hint="scheduling resumes with a probe budget")

@@ -229,3 +229,45 @@ def test_command_sink_exit_3_is_failed_and_retried(tmp_path):
         assert delivered["attempts"] == 2
     stdin_seen = [json.loads(line) for line in record.read_text().splitlines()]
     assert len(stdin_seen) == 2 and stdin_seen[0]["alert_id"] == stdin_seen[1]["alert_id"]
+
+
+def test_escalation_sink_gets_an_alert_the_first_sink_failed_on(tmp_path):
+    """Once the first webhook has failed on an alert for escalation.after_s, the escalation
+    sink gets it (with the same id), while the first one keeps being retried."""
+    record = tmp_path / "escalated.jsonl"
+    escalate = ("import pathlib, sys; pathlib.Path(sys.argv[1]).open('a')"
+                ".write(sys.stdin.read() + '\\n')")
+    d = tripping_daemon(tmp_path, hook_url(free_port()))
+    d.settings["alerts"]["escalation"] = {
+        "after_s": 0.5, "commands": [{"argv": [sys.executable, "-c", escalate, str(record)]}]}
+    d.write_config()
+    with d.start(extra_env=AGENT_ENV):
+        trip(d)
+        d.wait_event("alert_escalated", timeout_s=15)
+        delivered = d.wait_event("alert_delivered", kind="breaker_trip", timeout_s=15)
+        assert delivered["sink"].startswith("command ")
+        assert d.call("breaker-status")["alerts"]["undelivered"] == 1  # the webhook still owes
+    [escalated] = [json.loads(line) for line in record.read_text().splitlines()]
+    assert escalated["kind"] == "breaker_trip" and escalated["alert_id"]
+
+
+def test_prune_forgets_settled_old_alerts_and_keeps_owed_ones(tmp_path):
+    """Pruning drops alerts past the age that every sink settled, never one still owed."""
+    from supervisor.alert_outbox import Outbox
+    from supervisor.alerts import Alert, AlertKind
+    from supervisor.store import Store
+
+    store = Store(tmp_path / "state.db")
+    try:
+        outbox = Outbox(store)
+        old = 1_000_000.0
+        settled = outbox.add(Alert(kind=AlertKind.CRASH_LOOP, title="a", text="", time=old),
+                             ["webhook:x"])
+        owed = outbox.add(Alert(kind=AlertKind.BREAKER_TRIP, title="b", text="", time=old),
+                          ["webhook:x"])
+        outbox.delivered(settled.alert_id, "webhook:x", now=old + 1)
+        outbox.prune(older_than_s=3600, now=old + 7200)
+        assert [d.alert.alert_id for d in outbox.pending()] == [owed.alert_id]
+        assert store.db.execute("SELECT COUNT(*) FROM alert_outbox").fetchone()[0] == 1
+    finally:
+        store.close()
