@@ -152,3 +152,19 @@ def test_derived_defaults_are_what_docs_say():
     for headroom in (LAUNCH_HEADROOM, DUPLICATE_HEADROOM, OUTPUT_HEADROOM):
         assert f"plus {headroom}" in docs
     assert yaml.safe_load("a: 1")  # yaml stays importable for the harness
+
+
+def test_start_now_refused_by_the_launch_limit_is_an_error_naming_the_setting(tmp_path):
+    """A start-now past an explicit launch limit is refused with an error naming the limit
+    and the setting to raise, and `watchkeeper start-now` exits non-zero."""
+    agents = {"quick": {"jobs": [{"id": "main", "command": py("pass"),
+                                  "schedule": {"every_s": 3600}}],
+                        "limits": {"launches": {"max_runs": 1, "window_s": 3600}}}}
+    with DaemonProc(tmp_path, agents).start() as d:
+        assert d.call("start-now", agent="quick")["result"] == "started"
+        d.wait_event("run_finished", agent="quick")
+        refused = wk("--config", str(d.config_path), "start-now", "quick")
+        assert refused.returncode != 0
+        assert "refused: launches limit" in refused.stderr
+        trip = d.wait_event("breaker_tripped", agent="quick")
+        assert trip["setting"].startswith("limits.launches.max_runs in agents.d/quick.yaml")

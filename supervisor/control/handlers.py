@@ -225,10 +225,9 @@ def _start_now(h: Handlers, conn, req):
                              f"(jobs: {', '.join(j.id for j in rt.spec.jobs)})")
     result = h.daemon.pipeline.fire(Fire(rt.name, job_id, "manual", time.time()))
     run = rt.run
-    if result in START_REFUSALS or (result == "started" and run is None):
+    if result in START_REFUSALS or result.startswith("refused: "):
         # An error reply, so that `watchkeeper start-now` exits non-zero with the reason.
-        reason = result if result != "started" else "the run did not start (see run_refused " \
-                                                    "or run_spawn_failed in the log)"
+        reason = result.removeprefix("refused: ")
         return error(req.id, f"start-now {rt.name}: refused: {reason}", refused=True,
                      result=result, run_id=None)
     return ok(req.id, {"result": result, "run_id": run.run_id if run else None})
