@@ -271,3 +271,53 @@ def test_prune_forgets_settled_old_alerts_and_keeps_owed_ones(tmp_path):
         assert store.db.execute("SELECT COUNT(*) FROM alert_outbox").fetchone()[0] == 1
     finally:
         store.close()
+
+
+def test_status_line_and_metrics_show_the_undelivered_alert(tmp_path):
+    """While the webhook refuses, the sd_notify STATUS line and the metrics show the owed
+    alert; once delivered, both show none."""
+    port = free_port()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(0.1)
+    statuses: list[str] = []
+
+    def status_lines() -> list[str]:
+        while True:
+            try:
+                message = notify.recv(65536).decode()
+            except TimeoutError:
+                return statuses
+            statuses.extend(line for line in message.split("\n") if line.startswith("STATUS="))
+
+    metrics_port = free_port()
+
+    def metric(name: str) -> float | None:
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        for line in text.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return None
+
+    d = tripping_daemon(tmp_path, hook_url(port))
+    d.settings["metrics"] = {"port": metrics_port}
+    d.write_config()
+    try:
+        d.start(extra_env=AGENT_ENV, notify_socket=tmp_path / "notify.sock")
+        trip(d)
+        wait_until(lambda: any("1 alert(s) undelivered" in s for s in status_lines()), 15,
+                   message=f"no STATUS with the owed alert: {statuses[-3:]}")
+        wait_until(lambda: metric("watchkeeper_alerts_undelivered") == 1.0, 15)
+        assert metric("watchkeeper_alerts_oldest_undelivered_age_seconds") > 0
+        receiver = Receiver(port)
+        try:
+            d.wait_event("alert_delivered", timeout_s=15)
+            wait_until(lambda: metric("watchkeeper_alerts_undelivered") == 0.0, 15)
+            wait_until(lambda: "undelivered" not in status_lines()[-1], 15)
+        finally:
+            receiver.close()
+    finally:
+        d.stop()
+        notify.close()
