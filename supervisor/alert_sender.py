@@ -39,6 +39,7 @@ class _Attempt(msgspec.Struct, frozen=True):
     alert: Alert
     error: str | None
     duration_s: float
+    retry_after_s: float | None = None
 
 
 class _SinkThread:
@@ -54,12 +55,14 @@ class _SinkThread:
     def _run(self) -> None:
         while (alert := self.jobs.get()) is not None:
             started = time.monotonic()
+            error, retry_after_s = None, None
             try:
                 self.sink.attempt(alert)
-                error = None
             except Exception as err:  # noqa: BLE001 - a sink's failure is a result, not a crash
                 error = str(err)[:_ERROR_CHARS] or type(err).__name__
-            self._report(_Attempt(self.sink.key, alert, error, time.monotonic() - started))
+                retry_after_s = getattr(err, "retry_after_s", None)
+            self._report(_Attempt(self.sink.key, alert, error, time.monotonic() - started,
+                                  retry_after_s))
 
 
 class AlertSender:
@@ -195,7 +198,8 @@ class AlertSender:
                       hint=f"undelivered for alerts.max_age_s ({self.settings.max_age_s:g}s)")
             return
         backoff = sink.settings
-        delay_s = min(backoff.backoff_max_s, backoff.backoff_s * 2 ** (attempts - 1))
+        delay_s = min(backoff.backoff_max_s,
+                      result.retry_after_s or backoff.backoff_s * 2 ** (attempts - 1))
         log.error("alert_delivery_failed", sink=sink.name, kind=alert.kind.value,
                   agent=alert.agent, alert_id=alert.alert_id, attempt=attempts,
                   retry_in_s=round(delay_s, 3), error=result.error)
