@@ -9,7 +9,8 @@ again, after a restart too: at-least-once per sink, the alert's id lets a receiv
 rare duplicate.
 
 Only the daemon's loop calls this (the store's one writer); the sender (alert_sender.py)
-reports results back to the loop.
+reports results back to the loop. A mark that cannot be written (full disk) is logged and
+lost: the alert is then sent again, never dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import NamedTuple
 import msgspec
 
 from .alerts import Alert
+from .store import tolerant_write
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alert_outbox (
@@ -90,21 +92,25 @@ class Outbox:
                                  [(alert.alert_id, sink) for sink in sinks])
         return alert
 
+    @tolerant_write
     def add_sink(self, alert_id: str, sink: str) -> None:
         """Owe an alert to one more sink (escalation); a second call changes nothing."""
         self._db.execute("INSERT OR IGNORE INTO alert_deliveries(alert_id, sink) VALUES (?,?)",
                          (alert_id, sink))
 
+    @tolerant_write
     def delivered(self, alert_id: str, sink: str, now: float | None = None) -> None:
         self._db.execute("UPDATE alert_deliveries SET delivered=?, attempts=attempts+1 "
                          "WHERE alert_id=? AND sink=?", (now or time.time(), alert_id, sink))
 
+    @tolerant_write
     def failed(self, alert_id: str, sink: str, error: str, now: float | None = None) -> None:
         now = now or time.time()
         self._db.execute("UPDATE alert_deliveries SET attempts=attempts+1, last_error=?, "
                          "first_failed=COALESCE(first_failed, ?) WHERE alert_id=? AND sink=?",
                          (error, now, alert_id, sink))
 
+    @tolerant_write
     def give_up(self, alert_id: str, sink: str, error: str, now: float | None = None) -> None:
         self._db.execute("UPDATE alert_deliveries SET given_up=?, last_error=? "
                          "WHERE alert_id=? AND sink=?", (now or time.time(), error, alert_id,

@@ -32,6 +32,8 @@ def _record(write):
             return None
     return tolerant
 
+tolerant_write = _record  # for the other tables of this database (alert_outbox.py)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
