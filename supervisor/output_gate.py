@@ -140,9 +140,18 @@ class OutputGate:
             self.daemon.pipeline.unhalt()
 
     def _crash_loop_alert(self, rt) -> None:
-        self.alerter.send(Alert(kind=AlertKind.CRASH_LOOP, agent=rt.name,
-                                title=f"watchkeeper: {rt.name} is crash looping",
-                                text=f"{rt.failures} consecutive failures; last {rt.last_exit}"))
+        # One alert per crash-loop episode (until the agent succeeds again): its further
+        # cool-downs are in `status` (state failed, failures), not a page every cool-down.
+        if rt.cooldowns > 1:
+            return
+        policy = self.daemon.config.settings.crash_loop
+        self.alerter.send(Alert(
+            kind=AlertKind.CRASH_LOOP, agent=rt.name,
+            title=f"watchkeeper: {rt.name} is crash looping",
+            text=(f"{rt.failures} consecutive failures; last {rt.last_exit}. It cools down "
+                  f"({policy.cooldown_s:g}s, doubling up to {policy.cooldown_max_s:g}s) and "
+                  "retries; the rest of the pipeline keeps running. No further alert until "
+                  "it succeeds again.")))
 
     def reset(self, by: str, reason: str) -> bool:
         with self.daemon.store.transaction():

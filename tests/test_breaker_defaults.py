@@ -120,8 +120,8 @@ HEALTHY = "import sys; open(sys.argv[1], 'a').write('ran\\n')"
 
 
 def test_crash_looping_always_agent_is_contained_and_the_healthy_one_keeps_running(tmp_path):
-    """A crash-looping `always` agent backs off and cools down with one alert and no halt,
-    even with a tiny launch limit, while a healthy agent beside it keeps running."""
+    """A crash-looping `always` agent backs off and cools down with one alert for the whole
+    episode and no halt, even with a tiny launch limit, while a healthy agent keeps running."""
     record = tmp_path / "healthy.txt"
     agents = {
         "crasher": {"jobs": [{"id": "main", "command": py(CRASHER), "schedule": {"always": True},
@@ -131,7 +131,8 @@ def test_crash_looping_always_agent_is_contained_and_the_healthy_one_keeps_runni
                               "schedule": {"every_s": 0.3}}]},
     }
     crash_loop = {"failures": 3, "cooldown_s": 0.3, "cooldown_max_s": 0.5}
-    with DaemonProc(tmp_path, agents, crash_loop=crash_loop).start() as d:
+    alerts = {"rate_limit": {"per_key_interval_s": 0.01}}  # only the episode rule limits
+    with DaemonProc(tmp_path, agents, crash_loop=crash_loop, alerts=alerts).start() as d:
         d.wait_event("agent_crash_loop", agent="crasher", count=3, timeout_s=30)
         ran = len(record.read_text().splitlines())
         wait_until(lambda: len(record.read_text().splitlines()) >= ran + 2, 15,
