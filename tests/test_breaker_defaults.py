@@ -169,3 +169,83 @@ def test_start_now_refused_by_the_launch_limit_is_an_error_naming_the_setting(tm
         assert "refused: launches limit" in refused.stderr
         trip = d.wait_event("breaker_tripped", agent="quick")
         assert trip["setting"].startswith("limits.launches.max_runs in agents.d/quick.yaml")
+
+
+class _NoScheduler:
+    """The simulation fires the healthy agent itself, on the simulated clock."""
+
+    def set_agent(self, spec) -> None:
+        pass
+
+    def remove_agent(self, name: str) -> None:
+        pass
+
+
+def test_crash_looping_always_agent_for_a_simulated_hour_beside_a_healthy_one(tmp_path):
+    """Over a simulated hour (an injected clock, real child processes) a crash-looping
+    `always` agent with default settings never halts the pipeline, raises one alert, and the
+    healthy agent beside it runs every one of its firings."""
+    import os
+    import selectors
+
+    from supervisor.breaker import Breaker
+    from supervisor.output_gate import OutputGate
+    from supervisor.pipeline import Pipeline
+    from supervisor.scheduler import Fire
+    from supervisor.store import Store
+    from supervisor.timers import Timers
+
+    (tmp_path / "agents.d").mkdir()
+    (tmp_path / "watchkeeper.yaml").write_text(f"state_dir: {tmp_path / 'state'}\n")
+    (tmp_path / "agents.d/crasher.yaml").write_text(
+        'jobs: [{id: main, command: ["false"], schedule: {always: true}}]\n')
+    (tmp_path / "agents.d/healthy.yaml").write_text(
+        'jobs: [{id: main, command: ["true"], schedule: {every_s: 60}}]\n')
+    config = load_config(tmp_path / "watchkeeper.yaml")
+    (tmp_path / "state").mkdir()
+    clock = [0.0]
+    watched: dict = {}
+
+    class Daemon:  # what the output gate plugs into
+        pass
+
+    daemon = Daemon()
+    daemon.config, daemon.on_tick = config, []
+    daemon.store, daemon.timers = Store(tmp_path / "state.db"), Timers(clock=lambda: clock[0])
+    daemon.selector = selectors.DefaultSelector()
+    daemon.pipeline = Pipeline(
+        settings=config.settings, state_dir=tmp_path / "state", socket_path=tmp_path / "s",
+        store=daemon.store, timers=daemon.timers, scheduler=_NoScheduler(), cgroups=None,
+        watch_fd=watched.__setitem__, unwatch_fd=lambda fd: watched.pop(fd, None))
+    gate = OutputGate()
+    gate.start(daemon)
+    gate.breaker = Breaker(merged_breaker_settings(config), clock=lambda: clock[0],
+                           wall_clock=lambda: 1e9 + clock[0], persist=gate._persist)
+    pipeline = daemon.pipeline
+    try:
+        pipeline.set_agents(config.agents)
+        healthy_fired, next_healthy = 0, 0.0
+        while clock[0] < 3600:
+            for run in list(pipeline.runs.values()):
+                _, status = os.waitpid(run.pid, 0)  # `true` and `false` exit at once
+                for fd, on_output in list(watched.items()):
+                    on_output(fd)
+                pipeline.child_exited(run.pid, status)
+            due_in = daemon.timers.time_until_next()
+            clock[0] = min(next_healthy, clock[0] + due_in if due_in is not None else 3600)
+            if next_healthy <= clock[0] < 3600:
+                pipeline.fire(Fire("healthy", "main", "every", 1e9 + clock[0]))
+                healthy_fired, next_healthy = healthy_fired + 1, next_healthy + 60
+            daemon.timers.run_due()
+        runs = {agent: [r for r in daemon.store.recent_runs(agent, 10_000)]
+                for agent in ("crasher", "healthy")}
+        crash_alerts = daemon.store.db.execute(
+            "SELECT COUNT(*) FROM alert_outbox WHERE kind='crash_loop'").fetchone()[0]
+    finally:
+        gate.alerter.close(timeout_s=1)
+        daemon.store.close()
+    assert gate.breaker.trips_total == 0 and not pipeline.halted
+    assert healthy_fired == 60
+    assert [r.outcome for r in runs["healthy"]] == ["succeeded"] * 60
+    assert len(runs["crasher"]) >= 10 and pipeline.agents["crasher"].cooldowns >= 2
+    assert crash_alerts == 1
