@@ -82,7 +82,7 @@ class AlertSender:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._threads = {s.key: _SinkThread(s, self._post_result)
                          for s in [*chosen, *self.escalation_sinks]}
-        self.first_sinks = [s.key for s in chosen]
+        self.first_sinks = list(dict.fromkeys(s.key for s in chosen))  # one row per sink
         self._in_flight: set[tuple[str, str]] = set()
         self._attempts: dict[tuple[str, str], int] = {}
         self._escalated: set[str] = set()

@@ -476,3 +476,11 @@ def test_webhook_settings_reject_non_http_url_without_echoing_it():
     assert "http:// or https://" in str(err.value) and "s3cr3t" not in str(err.value)
     with pytest.raises(msgspec.ValidationError, match=r"unknown field `retry`"):
         msgspec.convert({"webhooks": [{"url": "https://x.test/h", "retry": 2}]}, AlertSettings)
+
+
+def test_the_same_webhook_listed_twice_gets_one_delivery(receiver: Receiver, make_loop):
+    """Two identical webhook entries are one sink: the alert is stored, owed and posted once."""
+    loop = make_loop(AlertSettings(webhooks=[WebhookSettings(url=receiver.url())] * 2))
+    assert loop.send(crash())
+    assert loop.run_until(loop.settled)
+    assert len(receiver.requests) == 1
