@@ -484,3 +484,6 @@ def test_the_same_webhook_listed_twice_gets_one_delivery(receiver: Receiver, mak
     assert loop.send(crash())
     assert loop.run_until(loop.settled)
     assert len(receiver.requests) == 1
+    delivered = loop.store.db.execute("SELECT COUNT(*) FROM alert_deliveries "
+                                      "WHERE delivered IS NOT NULL").fetchone()[0]
+    assert delivered == 1
