@@ -90,14 +90,14 @@ def test_memory_hog_past_memory_max_is_stopped_with_reason_memory(tmp_path):
         assert finished["stop_reason"] == "memory"
 
 
-SLOW_FIRST_BEAT = ("import time\ntime.sleep(2)\nfrom supervisor.sdk import Agent\na = Agent()\n"
+SLOW_FIRST_BEAT = ("import time\ntime.sleep(1.5)\nfrom supervisor.sdk import Agent\na = Agent()\n"
                    "while True:\n    a.heartbeat()\n    time.sleep(0.2)\n")
 
 
 def test_first_beat_grace_spares_a_slow_start_but_not_a_silent_run(tmp_path):
     """A run whose first beat comes after its stale window but within first_beat_grace_s is
     not stale; a run that never beats is, once the window and the grace are over."""
-    beat = {"interval_s": 0.5, "stale_multiple": 2, "on_stale": "kill", "first_beat_grace_s": 4}
+    beat = {"interval_s": 0.5, "stale_multiple": 2, "on_stale": "kill", "first_beat_grace_s": 6}
     agents = {
         "slow": {"heartbeat": beat, "jobs": [{"id": "main", "command": py(SLOW_FIRST_BEAT),
                                               "schedule": {"every_s": 600}}]},
