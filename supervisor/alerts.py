@@ -1,12 +1,11 @@
-"""Alerts: tell a person, without ever making the daemon's loop wait for them to be told.
+"""Alerts: what one is, the `[alerts]` settings, how it is rendered, and the sinks.
 
-`Alerter.send()` logs the alert at critical (journald PRIORITY=2 through the logging layer) and
-queues it for each sink; every sink has its own worker thread and bounded queue, so a Discord
-endpoint that accepts a connection and never answers delays neither the loop nor the other sinks.
-
-A flood of events must not become a flood of alerts: alerts other than breaker trips are
-rate-limited per (kind, agent) and by a global hourly cap. Breaker trips skip the limiter; the
-breaker already yields exactly one per trip, and losing that one is the failure this exists for.
+A sink makes one delivery attempt at a time (`attempt()`, raising DeliveryFailed); the outbox
+(alert_outbox.py) and the sender (alert_sender.py) make an alert durable and retry it. A flood
+of events must not become a flood of alerts: alerts other than breaker trips are rate-limited
+per (kind, agent) and by a global hourly cap (AlertRateLimiter). Breaker trips skip the
+limiter; the breaker already yields exactly one per trip, and losing that one is the failure
+this exists for.
 
 Webhook URLs carry their secret token in the path, so logs show only scheme and host.
 """
@@ -18,23 +17,18 @@ import enum
 import os
 import signal
 import subprocess
-import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import msgspec
-import structlog
 
 from supervisor.breaker import Trip
 
 if TYPE_CHECKING:
     import urllib.error
-
-log = structlog.get_logger("watchkeeper.alerts")
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 _CONTENT_CHARS = 2000  # Discord rejects longer `content`; Slack accepts it
@@ -61,6 +55,7 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     agent: str | None = None
     fields: dict[str, Any] = {}  # JSON-able details: limit, count, window_s, last outputs...
     time: float = msgspec.field(default_factory=time.time)  # wall clock, for people
+    alert_id: str = ""  # stable across every delivery attempt: receivers drop duplicates by it
 
 
 def trip_alert(trip: Trip) -> Alert:
@@ -69,13 +64,16 @@ def trip_alert(trip: Trip) -> Alert:
                               "count": trip.count, "window_s": trip.window_s}
     if trip.kind:
         fields["output_kind"] = trip.kind
+    if trip.setting:
+        fields["setting_to_raise"] = trip.setting
     fields["last_outputs"] = list(trip.summaries)
     return Alert(
         kind=AlertKind.BREAKER_TRIP, agent=trip.agent, fields=fields, time=trip.time,
         title=f"Circuit breaker tripped by {trip.agent}: pipeline halted",
         text=(f"{trip.agent} went past the {trip.rule.value} limit ({trip.count:g} seen, limit "
               f"{trip.limit}). Every run is stopped and none will start until the breaker is "
-              "reset."),
+              "reset." + (f" If this was not a runaway, raise {trip.setting}." if trip.setting
+                          else "")),
     )
 
 
@@ -92,8 +90,12 @@ class WebhookSettings(_Settings):
     url: str
     timeout_s: Seconds = 5.0
     retries: Annotated[int, msgspec.Meta(ge=0)] = 3
+    """Ignored since the alert outbox, which retries every failed attempt until
+    `alerts.max_age_s`; accepted so that older configurations load."""
     backoff_s: Seconds = 1.0
+    """First retry delay; it doubles after each failed attempt."""
     backoff_max_s: Seconds = 30.0
+    """Cap on the retry delay."""
 
     def __post_init__(self) -> None:
         parts = urllib.parse.urlsplit(self.url)
@@ -111,6 +113,21 @@ class CommandSettings(_Settings):
 
     argv: Annotated[list[str], msgspec.Meta(min_length=1)]
     timeout_s: Seconds = 10.0
+    backoff_s: Seconds = 1.0
+    """First retry delay after the command failed; it doubles after each failed attempt."""
+    backoff_max_s: Seconds = 30.0
+    """Cap on the retry delay."""
+
+
+class EscalationSettings(_Settings):
+    """Sinks that get an alert only once the first sinks failed to deliver it for `after_s`."""
+
+    after_s: Seconds = 900.0
+    """How long the first sinks may fail on one alert before it is escalated."""
+    webhooks: list[WebhookSettings] = []
+    """Webhooks that get escalated alerts (as in alerts.webhooks)."""
+    commands: list[CommandSettings] = []
+    """Programs that get escalated alerts (as in alerts.commands)."""
 
 
 class RateLimitSettings(_Settings):
@@ -130,7 +147,12 @@ class AlertSettings(_Settings):
     """Programs run per alert with the alert as JSON on stdin: argv, timeout_s."""
     rate_limit: RateLimitSettings = msgspec.field(default_factory=RateLimitSettings)
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 64
-    """Alerts waiting per sink; a trip alert displaces an older one."""
+    """Ignored since the alert outbox (state.db) holds every undelivered alert; accepted so
+    that older configurations load."""
+    max_age_s: Seconds = 86400.0
+    """An undelivered alert is retried (across restarts) until it is this old."""
+    escalation: EscalationSettings | None = None
+    """Optional sinks for alerts the first sinks failed to deliver for `after_s`."""
 
 
 # -- redaction and rendering -------------------------------------------------------------------
@@ -182,63 +204,61 @@ def webhook_body(alert: Alert) -> dict[str, Any]:
     No embeds: Slack ignores them and Discord would show every field twice.
     """
     text = render_text(alert)
-    return {"content": text, "text": text, "allowed_mentions": {"parse": []}}
+    body = {"content": text, "text": text, "allowed_mentions": {"parse": []}}
+    if alert.alert_id:
+        body["alert_id"] = alert.alert_id
+    return body
 
 
 # -- sinks -------------------------------------------------------------------------------------
 
 
 class DeliveryFailed(Exception):
-    pass
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s  # the receiver's Retry-After, if it sent one
 
 
 class Sink(Protocol):
-    name: str
+    name: str  # for people and logs: no secret
+    key: str  # stable across restarts: the outbox's delivery rows name the sink by it
+    settings: WebhookSettings | CommandSettings  # backoff_s, backoff_max_s
 
-    def deliver(self, alert: Alert, stop: threading.Event) -> None:
-        """Deliver one alert or raise; return early when `stop` is set."""
+    def attempt(self, alert: Alert) -> None:
+        """Deliver one alert once, or raise DeliveryFailed."""
 
 
 class WebhookSink:
-    """HTTP POST of a JSON body, retried with exponential backoff on network errors, 429 and 5xx."""
+    """HTTP POST of a JSON body with the alert's id as its Idempotency-Key."""
 
     def __init__(self, settings: WebhookSettings) -> None:
         self.settings = settings
         self.name = f"webhook {redact_url(settings.url)}"
+        self.key = f"webhook:{_digest(settings.url)}"  # stable across restarts, no secret
 
-    def deliver(self, alert: Alert, stop: threading.Event) -> None:
-        # Imported here: http.client brings ssl and email (~6 MiB) into a daemon that may
-        # never send an alert.
+    def attempt(self, alert: Alert) -> None:
+        """One POST of the alert; raises DeliveryFailed (the outbox retries)."""
         import http.client
         import urllib.error
 
-        s, body = self.settings, msgspec.json.encode(webhook_body(alert))
-        for attempt in range(1, s.retries + 2):
-            try:
-                self._post(body)
-                return
-            except urllib.error.HTTPError as err:
-                if err.code != 429 and err.code < 500:
-                    raise DeliveryFailed(f"HTTP {err.code} {err.reason}; not retried") from None
-                error, retry_after = f"HTTP {err.code} {err.reason}", _retry_after(err)
-            except (OSError, http.client.HTTPException) as err:
-                error, retry_after = _scrub(f"{type(err).__name__}: {err}", s.url), None
-            except ValueError as err:  # urllib quotes the whole URL in these messages
-                raise DeliveryFailed(_scrub(f"invalid request: {err}", s.url)) from None
-            if attempt > s.retries:
-                raise DeliveryFailed(f"{error}; gave up after {attempt} attempts")
-            delay_s = min(s.backoff_max_s, retry_after or s.backoff_s * 2 ** (attempt - 1))
-            log.warning("alert_retry", sink=self.name, kind=alert.kind.value, attempt=attempt,
-                        delay_s=delay_s, error=error)
-            if stop.wait(delay_s):
-                raise DeliveryFailed(f"{error}; abandoned at shutdown after {attempt} attempts")
+        try:
+            self._post(msgspec.json.encode(webhook_body(alert)), alert.alert_id)
+        except urllib.error.HTTPError as err:
+            raise DeliveryFailed(f"HTTP {err.code} {err.reason}", _retry_after(err)) from None
+        except (OSError, http.client.HTTPException) as err:
+            raise DeliveryFailed(_scrub(f"{type(err).__name__}: {err}", self.settings.url)) \
+                from None
+        except ValueError as err:  # urllib quotes the whole URL in these messages
+            raise DeliveryFailed(_scrub(f"invalid request: {err}", self.settings.url)) from None
 
-    def _post(self, body: bytes) -> None:
+    def _post(self, body: bytes, alert_id: str = "") -> None:
         import urllib.request
 
-        request = urllib.request.Request(
-            self.settings.url, data=body, method="POST",
-            headers={"Content-Type": "application/json", "User-Agent": _USER_AGENT})
+        headers = {"Content-Type": "application/json", "User-Agent": _USER_AGENT}
+        if alert_id:
+            headers["Idempotency-Key"] = alert_id
+        request = urllib.request.Request(self.settings.url, data=body, method="POST",
+                                         headers=headers)
         with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
             response.read(65536)
 
@@ -250,30 +270,52 @@ def _retry_after(err: urllib.error.HTTPError) -> float | None:
         return None
 
 
+# The daemon's loop reaps every child with waitpid(-1) (it is a subreaper), so the command's
+# exit status would be stolen before Popen saw it, and a failed command recorded as delivered.
+# A small Python parent waits for the command itself and writes the status on its stdout,
+# which no reaper can take.
+_STATUS_WRAPPER = (
+    "import subprocess, sys\n"
+    "try:\n"
+    "    code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+    "except OSError as err:\n"
+    "    sys.stderr.write(f'cannot run {sys.argv[1]!r}: {err.strerror or err}')\n"
+    "    code = 127\n"
+    "sys.stdout.write(str(code))\n"
+)
+
+
 class CommandSink:
     """Runs argv with the alert JSON on stdin; the whole process group dies at the timeout."""
 
     def __init__(self, settings: CommandSettings) -> None:
         self.settings = settings
         self.name = f"command {os.path.basename(settings.argv[0])}"
+        self.key = f"command:{_digest(chr(0).join(settings.argv))}"
 
-    def deliver(self, alert: Alert, stop: threading.Event) -> None:
+    def attempt(self, alert: Alert) -> None:
+        """Run the command once; raises DeliveryFailed unless it exits 0."""
+        import sys
+
         argv, timeout_s = self.settings.argv, self.settings.timeout_s
         try:
             # Own session: on timeout we kill the group, so a grandchild holding our pipes
             # cannot keep communicate() waiting.
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _STATUS_WRAPPER, *argv],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True)
         except OSError as err:
             raise DeliveryFailed(f"cannot run {argv[0]!r}: {err.strerror or err}") from None
         try:
-            _, stderr = proc.communicate(msgspec.json.encode(alert), timeout=timeout_s)
+            out, stderr = proc.communicate(msgspec.json.encode(alert), timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise DeliveryFailed(f"timed out after {timeout_s:g}s; process group killed") from None
-        if proc.returncode != 0:
+        status = out.decode(errors="replace").strip()
+        if status != "0":
             tail = stderr.decode(errors="replace").strip()[-_ERROR_CHARS:]
-            raise DeliveryFailed(f"exited with status {proc.returncode}: {tail}")
+            shown = status if status.lstrip("-").isdigit() else "unknown (killed)"
+            raise DeliveryFailed(f"exited with status {shown}: {tail}")
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -286,8 +328,14 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-def sinks_from_settings(settings: AlertSettings) -> list[Sink]:
+def sinks_from_settings(settings: AlertSettings | EscalationSettings) -> list[Sink]:
     return [*map(WebhookSink, settings.webhooks), *map(CommandSink, settings.commands)]
+
+
+def _digest(text: str) -> str:
+    from .hashing import blake2b
+
+    return blake2b(text.encode(), digest_size=6).hexdigest()
 
 
 # -- rate limiting -----------------------------------------------------------------------------
@@ -317,144 +365,3 @@ class AlertRateLimiter:
         self._last[key] = now
         self._recent.append(now)
         return True, self._suppressed.pop(key, 0)
-
-
-# -- the alerter -------------------------------------------------------------------------------
-
-
-class _SinkWorker:
-    """One sink's bounded queue and thread; a slow sink only delays its own alerts."""
-
-    def __init__(self, sink: Sink, queue_size: int, stop: threading.Event) -> None:
-        self.sink, self._queue_size, self._stop = sink, queue_size, stop
-        self._items: deque[Alert] = deque()
-        self._busy = False
-        self._cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name=f"alerts: {sink.name}",
-                                       daemon=True)
-        self.thread.start()
-
-    def put(self, alert: Alert) -> Alert | None:
-        """Queue the alert; returns whichever alert had to be dropped because the queue is full."""
-        with self._cond:
-            dropped = None
-            if len(self._items) >= self._queue_size:
-                # A stalled sink must still carry the breaker trip: evict an older non-trip alert.
-                victim = next((a for a in self._items if a.kind not in NEVER_RATE_LIMITED), None)
-                if alert.kind not in NEVER_RATE_LIMITED or victim is None:
-                    return alert
-                self._items.remove(victim)
-                dropped = victim
-            self._items.append(alert)
-            self._cond.notify_all()
-            return dropped
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._items and not self._stop.is_set():
-                    self._cond.wait()
-                if self._stop.is_set():
-                    self._abandon()
-                    return
-                alert, self._busy = self._items.popleft(), True
-            try:
-                self._deliver(alert)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def _deliver(self, alert: Alert) -> None:
-        started = time.monotonic()
-        try:
-            self.sink.deliver(alert, self._stop)
-        except Exception as err:
-            # One failing sink is logged and the others go on; the critical log line already
-            # recorded the alert itself.
-            log.error("alert_delivery_failed", sink=self.sink.name, kind=alert.kind.value,
-                      agent=alert.agent, title=alert.title, error=str(err)[:_ERROR_CHARS])
-            return
-        log.info("alert_delivered", sink=self.sink.name, kind=alert.kind.value,
-                 agent=alert.agent, duration_s=round(time.monotonic() - started, 3))
-
-    def _abandon(self) -> None:
-        if self._items:
-            log.error("alerts_abandoned", sink=self.sink.name, count=len(self._items),
-                      kinds=sorted({a.kind.value for a in self._items}))
-            self._items.clear()
-
-    def wait_idle(self, deadline: float) -> bool:
-        with self._cond:
-            while self._items or self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._cond.wait(remaining)
-            return True
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-
-class Alerter:
-    """Fans alerts out to sinks on background threads; `send()` never waits for a sink."""
-
-    def __init__(self, settings: AlertSettings | None = None, *,
-                 sinks: Sequence[Sink] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        settings = settings or AlertSettings()
-        self._limiter = AlertRateLimiter(settings.rate_limit, clock)
-        self._lock = threading.Lock()  # send() may come from more than one thread
-        self._stop = threading.Event()
-        self._closed = False
-        chosen = sinks_from_settings(settings) if sinks is None else list(sinks)
-        self._workers = [_SinkWorker(sink, settings.queue_size, self._stop) for sink in chosen]
-
-    def send(self, alert: Alert) -> bool:
-        """Log the alert at critical and queue it for every sink; False if not queued.
-
-        Alerts are not queued when rate-limited away or after `close()`.
-        """
-        with self._lock:
-            admitted, suppressed = self._limiter.admit(alert)
-        if not admitted:
-            log.warning("alert_suppressed", kind=alert.kind.value, agent=alert.agent,
-                        title=alert.title, suppressed=suppressed)
-            return False
-        if suppressed:
-            alert = msgspec.structs.replace(
-                alert, fields={**alert.fields, "suppressed_since_last": suppressed})
-        log.critical("alert", kind=alert.kind.value, agent=alert.agent, title=alert.title,
-                     text=alert.text, fields=alert.fields,
-                     time=datetime.fromtimestamp(alert.time, UTC).isoformat())
-        if self._closed:
-            log.error("alert_after_close", kind=alert.kind.value, agent=alert.agent)
-            return False
-        for worker in self._workers:
-            dropped = worker.put(alert)
-            if dropped is not None:
-                log.error("alert_dropped_queue_full", sink=worker.sink.name,
-                          kind=dropped.kind.value, agent=dropped.agent, title=dropped.title)
-        return True
-
-    def flush(self, timeout_s: float) -> bool:
-        """Wait until every queued alert was delivered or failed; False if time ran out."""
-        deadline = time.monotonic() + timeout_s
-        return all([worker.wait_idle(deadline) for worker in self._workers])
-
-    def close(self, timeout_s: float = 5.0) -> bool:
-        """Deliver what can be delivered within timeout_s, then stop the workers."""
-        self._closed = True
-        deadline = time.monotonic() + timeout_s
-        flushed = self.flush(timeout_s)
-        self._stop.set()  # cuts retry backoffs short; an in-flight request runs to its timeout
-        for worker in self._workers:
-            worker.wake()
-        for worker in self._workers:
-            worker.thread.join(max(0.0, deadline - time.monotonic()))
-        if not flushed:
-            log.error("alerter_closed_with_pending_alerts",
-                      sinks=[w.sink.name for w in self._workers if w.thread.is_alive()])
-        return flushed

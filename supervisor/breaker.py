@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -36,6 +36,8 @@ from .breaker_rules import (
     content_hash,
     counting_limit,
     limit_text,
+    longest_window_s,
+    setting_to_raise,
 )
 from .breaker_settings import (
     AgentLimits,
@@ -60,12 +62,25 @@ from .breaker_windows import BreakerWindows, SpendWindow
 __all__ = [
     "ALLOWED", "DENIED_OPEN", "TRANSITIONS", "AgentLimits", "Breaker", "BreakerSettings",
     "BreakerState", "Count", "Decision", "DuplicateLimit", "IllegalTransition", "LaunchLimit",
-    "OutputLimit", "Rule", "Seconds", "SnapshotError", "SpendBudget", "Trip", "content_hash",
+    "OutputLimit", "Rule", "Seconds", "SnapshotError", "SpendBudget", "StoredEvent", "Trip",
+    "content_hash", "longest_window_s",
 ]
 
 log = structlog.get_logger("watchkeeper.breaker")
 
 _SUMMARY_CHARS = 200
+
+
+class StoredEvent(NamedTuple):
+    """One output, launch or spend the store recorded, for `Breaker.recount`."""
+
+    wall: float
+    agent: str
+    what: str  # "output", "launch" or "usage"
+    kind: str = ""
+    content_hash: str = ""
+    tokens: int = 0
+    cost: float = 0.0
 
 
 def _is_amount(value: object) -> bool:
@@ -91,9 +106,11 @@ class Breaker:
         self.last_trip: Trip | None = None
         self.trips_total = 0
         self._clear_windows()
+        self.windows_since_wall = 0.0  # no reset yet: every stored event counts
 
     def _clear_windows(self) -> None:
         self._windows = BreakerWindows(self.settings.pipeline_spend.window_s)
+        self.windows_since_wall = self._wall_clock()
 
     def apply_settings(self, settings: BreakerSettings) -> None:
         """Take new limits (config reload); windows adopt them on their next event."""
@@ -133,11 +150,10 @@ class Breaker:
             rule=rule, agent=agent, kind=kind, count=count, window_s=window_s,
             limit=limit_text(rule, limit, window_s, kind, noun),
             summaries=list(self._windows.summaries.get(agent, ())), time=self._wall_clock(),
+            setting=setting_to_raise(rule, agent, kind, noun),
         )
         self.last_trip = trip
-        self.trips_total += 1
-        log.error("breaker_tripped", rule=rule.value, agent=agent, kind=kind, limit=trip.limit,
-                  count=count, window_s=window_s)
+        self.trips_total += 1  # logged once, by the output gate that acts on the trip
         self.transition(BreakerState.OPEN, reason=f"{rule.value} limit exceeded by {agent}",
                         now=now)
         reason = f"{rule.value} limit: {agent} reached {count:g}, limit is {trip.limit}"
@@ -229,9 +245,9 @@ class Breaker:
 
     def reset(self, by: str, reason: str, now: float | None = None) -> bool:
         """Close the breaker and forget all windows; returns whether it was open or half-open."""
-        log.warning("breaker_reset", by=by, reason=reason, state=self.state.value)
-        self._clear_windows()
+        self._clear_windows()  # logged once, by the output gate
         if self.state is BreakerState.CLOSED:
+            self._save()  # the cleared windows must stay cleared after a crash
             return False
         self.transition(BreakerState.CLOSED, reason=f"reset by {by}: {reason}", now=now)
         return True
@@ -254,6 +270,49 @@ class Breaker:
             return self.state
         return None
 
+    def recount(self, events: Iterable[StoredEvent], now: float | None = None) -> int:
+        """Rebuild the windows from stored events, oldest first; returns how many counted.
+
+        The snapshot is written only on state changes and at a graceful stop; the store holds
+        every output, launch and spend the gate accepted, committed before the agent heard
+        `allowed`. Recounting them at start-up means a SIGKILL never hands a runaway agent a
+        fresh window.
+        """
+        now, wall = self._now(now), self._wall_clock()
+        s, summaries = self.settings, self._windows.summaries
+        windows = self._windows = BreakerWindows(s.pipeline_spend.window_s)
+        windows.summaries = summaries
+        counted = 0
+        for event in events:
+            if event.wall <= self.windows_since_wall:
+                continue
+            t = now - max(0.0, wall - event.wall)
+            counted += 1
+            if event.what == "launch":
+                limits = counting_limit(s, Rule.LAUNCHES, event.agent, "")
+                windows.count((Rule.LAUNCHES.value, event.agent, ""), *limits, t)
+            elif event.what == "usage":
+                budget = agent_budget(s, event.agent)
+                windows.add_spend(event.agent, budget.window_s, t, event.tokens, event.cost)
+                windows.add_pipeline_spend(s.pipeline_spend.window_s, t, event.tokens, event.cost)
+            else:
+                self._recount_output(event, t)
+        windows.sweep(now)
+        return counted
+
+    def _recount_output(self, event: StoredEvent, t: float) -> None:
+        s, windows = self.settings, self._windows
+        for rule, kind in ((Rule.OUTPUTS, ""), (Rule.KIND_OUTPUTS, event.kind)):
+            limits = counting_limit(s, rule, event.agent, kind)
+            if limits is not None:
+                windows.count((rule.value, event.agent, kind), *limits, t)
+        if event.content_hash:
+            limits = counting_limit(s, Rule.DUPLICATES, event.agent, event.kind)
+            windows.count_hash((event.agent, event.content_hash), *limits, t,
+                               s.max_tracked_hashes)
+        if self.state is BreakerState.HALF_OPEN:
+            windows.count_probe(event.agent)
+
     def memory_footprint(self) -> dict[str, int]:
         """Counts of tracked keys and stored timestamps, for metrics and the bounded-memory test."""
         return self._windows.footprint()
@@ -263,7 +322,7 @@ class Breaker:
     def snapshot(self, now: float | None = None) -> dict[str, Any]:
         """The breaker's state, trip record and windows as JSON-able builtins."""
         memory = BreakerMemory(self.state, self.since, self.last_trip, self.trips_total,
-                               self._windows)
+                               self._windows, self.windows_since_wall)
         return dump_snapshot(memory, now=self._now(now), wall=self._wall_clock())
 
     def restore(self, snapshot: dict[str, Any], now: float | None = None) -> None:
@@ -271,7 +330,8 @@ class Breaker:
         snap = load_snapshot(snapshot)
         memory = restore_snapshot(snap, self.settings, now=self._now(now),
                                   wall=self._wall_clock())
-        self.state, self.since, self.last_trip, self.trips_total, self._windows = memory
+        (self.state, self.since, self.last_trip, self.trips_total, self._windows,
+         self.windows_since_wall) = memory
         # A restored closed breaker is routine: warning only when it holds the pipeline.
         (log.info if self.state is BreakerState.CLOSED else log.warning)(
             "breaker_restored", state=self.state.value, trips_total=self.trips_total,

@@ -38,6 +38,7 @@ class Trip(msgspec.Struct, frozen=True, kw_only=True):
     summaries: list[str]  # the agent's last output summaries, oldest first
     time: float  # wall-clock seconds since the epoch
     kind: str | None = None
+    setting: str = ""  # what to raise if the trip was wrong: "limits.launches.max_runs in ..."
 
 
 class Decision(msgspec.Struct, frozen=True):
@@ -49,6 +50,8 @@ class Decision(msgspec.Struct, frozen=True):
 ALLOWED = Decision(True)
 DENIED_OPEN = Decision(False, "breaker open")
 _NO_OVERRIDES = AgentLimits()
+# For an agent the configuration does not define (limits are derived per defined agent).
+FALLBACK_MAX_OUTPUTS, FALLBACK_MAX_RUNS, FALLBACK_MAX_REPEATS = 30, 12, 3
 
 _NOUNS = {
     Rule.OUTPUTS: "outputs",
@@ -71,15 +74,39 @@ def counting_limit(settings: BreakerSettings, rule: Rule, agent: str,
     s, over = settings, settings.agents.get(agent, _NO_OVERRIDES)
     if rule is Rule.OUTPUTS:
         out = over.outputs or s.outputs
-        return out.max_outputs, out.window_s
+        return out.max_outputs or FALLBACK_MAX_OUTPUTS, out.window_s
     if rule is Rule.KIND_OUTPUTS:
         out = over.kinds.get(kind) or s.kinds.get(kind)
-        return None if out is None else (out.max_outputs, out.window_s)
+        return None if out is None else (out.max_outputs or FALLBACK_MAX_OUTPUTS, out.window_s)
     if rule is Rule.LAUNCHES:
         runs = over.launches or s.launches
-        return runs.max_runs, runs.window_s
+        return runs.max_runs or FALLBACK_MAX_RUNS, runs.window_s
     dup = over.duplicates or s.duplicates
-    return dup.max_repeats, dup.window_s
+    return dup.max_repeats or FALLBACK_MAX_REPEATS, dup.window_s
+
+
+def launch_limit(settings: BreakerSettings, agent: str):
+    """The LaunchLimit that applies to `agent` (its override, else the global one)."""
+    return settings.agents.get(agent, _NO_OVERRIDES).launches or settings.launches
+
+
+_SETTINGS = {
+    Rule.OUTPUTS: "outputs.max_outputs",
+    Rule.KIND_OUTPUTS: "kinds.{kind}.max_outputs",
+    Rule.DUPLICATES: "duplicates.max_repeats",
+    Rule.LAUNCHES: "launches.max_runs",
+    Rule.AGENT_SPEND: "spend.max_{noun}",
+}
+
+
+def setting_to_raise(rule: Rule, agent: str, kind: str | None = None, noun: str = "") -> str:
+    """The exact setting an operator raises when this rule tripped wrongly."""
+    if rule is Rule.PIPELINE_SPEND:
+        return f"breaker.pipeline_spend.max_{noun} in watchkeeper.yaml"
+    if rule is Rule.PROBE:
+        return "breaker.probe_outputs in watchkeeper.yaml"
+    field = _SETTINGS[rule].format(kind=kind, noun=noun)
+    return f"limits.{field} in agents.d/{agent}.yaml (or breaker.{field} for every agent)"
 
 
 def agent_budget(settings: BreakerSettings, agent: str) -> SpendBudget:
@@ -92,3 +119,14 @@ def limit_text(rule: Rule, limit: int | float, window_s: float, kind: str | None
     """The limit for people, as the trip alert shows it: "30 outputs in 600s"."""
     noun = noun or _NOUNS[rule].format(kind=kind)
     return f"{limit:g} {noun} in {window_s:g}s"
+
+
+def longest_window_s(settings: BreakerSettings) -> float:
+    """The longest window any rule looks back over: older events can never count."""
+    limits = [settings.outputs, settings.launches, settings.duplicates, settings.agent_spend,
+              settings.pipeline_spend, *settings.kinds.values()]
+    for over in settings.agents.values():
+        limits.extend(x for x in (over.outputs, over.launches, over.duplicates, over.spend)
+                      if x is not None)
+        limits.extend(over.kinds.values())
+    return max(limit.window_s for limit in limits)

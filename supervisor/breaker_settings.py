@@ -21,8 +21,9 @@ class _Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen
 class OutputLimit(_Settings):
     """At most `max_outputs` outputs in any `window_s` seconds."""
 
-    max_outputs: Count = 30
-    """Outputs allowed in the window; the next one trips the breaker."""
+    max_outputs: Count | None = None
+    """Outputs allowed in the window; the next one trips the breaker. null: the most runs the
+    agent's schedule starts in the window plus 30 (30 for a kind limit)."""
     window_s: Seconds = 600.0
     """Length of the sliding window."""
 
@@ -30,17 +31,22 @@ class OutputLimit(_Settings):
 class LaunchLimit(_Settings):
     """At most `max_runs` run launches of one agent in any `window_s` seconds."""
 
-    max_runs: Count = 12
-    """Run launches of one agent allowed in the window."""
+    max_runs: Count | None = None
+    """Run launches of one agent allowed in the window. null: the most runs the agent's
+    schedule starts in the window (times 1 + retries when `count_restarts`) plus 12."""
     window_s: Seconds = 3600.0
     """Length of the sliding window."""
+    count_restarts: bool = False
+    """Count runs started by a retry or an `always` restart; by default the crash-loop policy
+    (back-off, cool-down, one alert) governs those and they never halt the pipeline."""
 
 
 class DuplicateLimit(_Settings):
     """One content hash may appear at most `max_repeats` times per agent in `window_s`."""
 
-    max_repeats: Count = 3
-    """Times the same content may be emitted in the window."""
+    max_repeats: Count | None = None
+    """Times the same content may be emitted in the window. null: the most runs the agent's
+    schedule starts in the window plus 3 (a digest may repeat once per run)."""
     window_s: Seconds = 3600.0
     """Length of the sliding window."""
 

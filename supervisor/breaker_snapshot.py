@@ -33,6 +33,7 @@ class BreakerMemory(NamedTuple):
     last_trip: Trip | None
     trips_total: int
     windows: BreakerWindows
+    windows_since: float = 0.0  # wall clock of the last reset: older stored events never count
 
 
 class _Snapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -50,6 +51,7 @@ class _Snapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pipeline_spend: list[list[float]] = []
     summaries: dict[str, list[str]] = {}
     probes: dict[str, int] = {}
+    windows_since: float = 0.0
 
 
 def dump_snapshot(memory: BreakerMemory, *, now: float, wall: float) -> dict[str, Any]:
@@ -70,7 +72,7 @@ def dump_snapshot(memory: BreakerMemory, *, now: float, wall: float) -> dict[str
         spend={a: spend(w) for a, w in windows.spend.items()},
         pipeline_spend=spend(windows.pipeline_spend),
         summaries={a: list(q) for a, q in windows.summaries.items()},
-        probes=dict(windows.probes),
+        probes=dict(windows.probes), windows_since=memory.windows_since,
     )
     return msgspec.to_builtins(snap)
 
@@ -96,7 +98,7 @@ def restore_snapshot(snap: _Snapshot, settings: BreakerSettings, *, now: float,
         return now - max(0.0, wall - t)
 
     return BreakerMemory(snap.state, to_mono(snap.since), snap.last_trip, snap.trips_total,
-                         _restore_windows(snap, settings, to_mono))
+                         _restore_windows(snap, settings, to_mono), snap.windows_since)
 
 
 def _restore_windows(snap: _Snapshot, settings: BreakerSettings,

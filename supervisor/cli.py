@@ -103,6 +103,10 @@ def cmd_check_config(args) -> int:
             print(issue, file=sys.stderr)
         print(f"{len(exc.issues)} error(s)", file=sys.stderr)
         return EXIT_ERROR
+    from .breaker_defaults import limits_below_schedule
+
+    for file, line, field, problem in limits_below_schedule(config):  # warnings, not errors
+        print(f"{file}:{line or 1}: {field}: warning: {problem}", file=sys.stderr)
     jobs = sum(len(a.jobs) for a in config.agents.values())
     if args.json:
         _print({"path": str(config.path), "ok": True, "agents": len(config.agents),

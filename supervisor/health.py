@@ -21,6 +21,7 @@ from .heartbeat import (
     DegradationTracker,
     OnStale,
     Verdict,
+    first_beat_due_s,
     heartbeat_path,
     heartbeat_verdict,
     load_heartbeat,
@@ -207,10 +208,14 @@ class Health:
             verdict = heartbeat_verdict(reading, settings, now, started_at=run.started_wall)
             if verdict is Verdict.FRESH:
                 beat = reading.heartbeat
-                last = max(beat.ts if beat is not None else 0.0, run.started_wall)
+                if beat is not None and beat.ts >= run.started_wall:
+                    stale_at = beat.ts + settings.stale_after_s
+                else:  # in its first-beat grace: look again for the first beat
+                    stale_at = min(run.started_wall + first_beat_due_s(settings),
+                                   now + settings.stale_after_s)
                 # Read again when this beat can first be stale, but never on the very next
                 # tick: a beat exactly at the edge would otherwise be read twice.
-                self._beat_due[run.run_id] = max(last + settings.stale_after_s,
+                self._beat_due[run.run_id] = max(stale_at,
                                                  now + min(1.0, settings.stale_after_s))
                 continue
             self._stale_runs.add(run.run_id)

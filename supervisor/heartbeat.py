@@ -55,12 +55,18 @@ class HeartbeatSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     stale_multiple: float = 3.0
     on_stale: OnStale = OnStale.LOG
     """A running agent's stale heartbeat: log, restart the run, or kill it."""
+    first_beat_grace_s: float = 30.0
+    """Extra time a run has for its first beat, on top of the stale window: 50 agents started
+    at once on 2 busy cores were still importing when a 3 s window ran out."""
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:
             raise ValueError(f"heartbeat.interval_s must be > 0 seconds, got {self.interval_s}")
         if not self.stale_multiple >= 1:
             raise ValueError(f"heartbeat.stale_multiple must be >= 1, got {self.stale_multiple}")
+        if not self.first_beat_grace_s >= 0:
+            raise ValueError("heartbeat.first_beat_grace_s must be >= 0 seconds, got "
+                             f"{self.first_beat_grace_s}")
 
     @property
     def stale_after_s(self) -> float:
@@ -201,12 +207,19 @@ def heartbeat_verdict(hb: Heartbeat | HeartbeatReading | None, settings: Heartbe
         if fault is Verdict.GARBAGE:
             return Verdict.GARBAGE
     last = hb.ts if hb is not None else None
-    if started_at is not None:
-        last = started_at if last is None else max(last, started_at)
+    if started_at is not None and (last is None or last < started_at):
+        # No beat from this run yet: its start counts as one, plus the first-beat grace.
+        return (Verdict.FRESH if now - started_at <= first_beat_due_s(settings)
+                else Verdict.STALE)
     if last is None:
         return Verdict.MISSING
     # A beat from the future (clock step, skewed writer) counts as fresh rather than stale.
     return Verdict.FRESH if now - last <= settings.stale_after_s else Verdict.STALE
+
+
+def first_beat_due_s(settings: HeartbeatSettings) -> float:
+    """Seconds after a run's start by which its first beat must have come."""
+    return settings.stale_after_s + settings.first_beat_grace_s
 
 
 def stale_response(verdict: Verdict, settings: HeartbeatSettings) -> OnStale | None:

@@ -269,7 +269,8 @@ class MemoryGuard:
         if level is self.level:
             return
         event = log.warning if level is not Level.NORMAL else log.info
-        event("memory_level_changed", previous=self.level.value, level=level.value,
+        # `memory_level`, not `level`: the logger's own `level` key (warning) overwrote it.
+        event("memory_level_changed", previous=self.level.value, memory_level=level.value,
               percent_used=round(percent, 1))
         self.level = level
         if level is not Level.CRITICAL:

@@ -56,6 +56,10 @@ class Metrics:
                              registry=reg)
         self.queue = Gauge("watchkeeper_steward_queue_depth", "Memory updates waiting for the "
                            "steward", registry=reg)
+        self.alerts_owed = Gauge("watchkeeper_alerts_undelivered", "Alerts some sink has not "
+                                 "acknowledged yet", registry=reg)
+        self.alerts_age = Gauge("watchkeeper_alerts_oldest_undelivered_age_seconds", "Age of the "
+                                "oldest undelivered alert (0 when none)", registry=reg)
         self.running = Gauge("watchkeeper_agents_running", "Agents with a live run", registry=reg)
         self.server, _thread = start_http_server(settings.port, addr=settings.address,
                                                  registry=reg)
@@ -100,6 +104,9 @@ class Metrics:
         gate = getattr(self.daemon, "output_gate", None)
         if gate is not None:
             self.breaker.set(BREAKER_VALUES.get(gate.breaker.state.value, 0))
+            owed = gate.alerter.undelivered()
+            self.alerts_owed.set(owed.count)
+            self.alerts_age.set(owed.oldest_age_s)
         steward = getattr(self.daemon, "steward", None)
         if steward is not None:
             self.queue.set(steward.queue_depth())

@@ -2,8 +2,9 @@
 
 Each `emit` is recorded and checked by the circuit breaker (breaker.py). The (N+1)th output
 in the window is denied and trips the breaker: the whole pipeline halts (no run starts,
-every run is stopped) and exactly one alert goes out (alerts.py). The breaker's state is
-persisted, so a restarted daemon comes back halted.
+every run is stopped) and exactly one alert goes out (alert_sender.py). The breaker's state
+and the trip's alert commit in one transaction, so a restarted daemon comes back halted and
+still owes (and sends) the alert.
 """
 
 from __future__ import annotations
@@ -13,8 +14,19 @@ import time
 import msgspec
 import structlog
 
-from .alerts import Alert, Alerter, AlertKind, trip_alert
-from .breaker import Breaker, BreakerSettings, BreakerState, Decision, SnapshotError, content_hash
+from .alert_sender import AlertSender
+from .alerts import Alert, AlertKind, trip_alert
+from .breaker import (
+    Breaker,
+    BreakerSettings,
+    BreakerState,
+    Decision,
+    SnapshotError,
+    content_hash,
+    longest_window_s,
+)
+from .breaker_defaults import RESTART_TRIGGERS, derived_limits
+from .breaker_rules import launch_limit
 from .control.handlers import ADMIN, AGENT, READ_ONLY, command
 from .control.protocol import error, ok
 
@@ -25,13 +37,16 @@ SNAPSHOT_KEY = "breaker"
 
 
 def merged_breaker_settings(config) -> BreakerSettings:
-    """The main file's breaker section with each agent file's `limits:` folded in."""
+    """The main file's breaker section with each agent file's `limits:` folded in, and every
+    limit left unset derived from that agent's schedule (breaker_defaults.py)."""
     settings = config.settings.breaker
     agents = dict(settings.agents)
     for name, spec in config.agents.items():
         if spec.limits is not None:
             agents[name] = spec.limits
-    return msgspec.structs.replace(settings, agents=agents)
+    explicit = msgspec.structs.replace(settings, agents=agents)
+    derived = {name: derived_limits(explicit, config.agents, name) for name in config.agents}
+    return msgspec.structs.replace(settings, agents={**agents, **derived})
 
 
 class OutputGate:
@@ -40,12 +55,13 @@ class OutputGate:
     def __init__(self) -> None:
         self.daemon = None
         self.breaker: Breaker | None = None
-        self.alerter: Alerter | None = None
+        self.alerter: AlertSender | None = None
+        self._next_outbox_prune = 0.0
 
     def start(self, daemon) -> None:
         self.daemon = daemon
         daemon.output_gate = self
-        self.alerter = Alerter(daemon.config.settings.alerts)
+        self.alerter = AlertSender(daemon.config.settings.alerts, daemon.store, daemon.timers)
         daemon.alerter = self.alerter
         self.breaker = Breaker(merged_breaker_settings(daemon.config), persist=self._persist)
         snapshot = daemon.store.get_value(SNAPSHOT_KEY)
@@ -55,6 +71,7 @@ class OutputGate:
             except SnapshotError as exc:
                 log.error("breaker_snapshot_unreadable", error=str(exc),
                           hint="starting with a closed breaker")
+        self._recount()
         if self.breaker.state == BreakerState.OPEN:
             trip = self.breaker.last_trip
             log.critical("pipeline_halted_at_start", agent=trip.agent if trip else None,
@@ -63,6 +80,8 @@ class OutputGate:
         daemon.pipeline.launch_gate = self._launch_gate
         daemon.pipeline.on_crash_loop.append(self._crash_loop_alert)
         daemon.on_tick.append(self._tick)
+        # After the halt is restored: an alert its predecessor still owed goes out now.
+        self.alerter.attach(daemon.selector)
 
     def reload(self, daemon) -> None:
         self.breaker.apply_settings(merged_breaker_settings(daemon.config))
@@ -71,49 +90,89 @@ class OutputGate:
         self._persist(self.breaker.snapshot())
         self.alerter.close(timeout_s=5.0)
 
+    def _recount(self) -> None:
+        """Windows from the store's rows, not the snapshot's: the snapshot may predate a
+        SIGKILL by many accepted outputs."""
+        breaker = self.breaker
+        since = max(breaker.windows_since_wall, time.time() - longest_window_s(breaker.settings))
+        uncounted = () if breaker.settings.launches.count_restarts else RESTART_TRIGGERS
+        counted = breaker.recount(self.daemon.store.breaker_events(since, uncounted))
+        if counted:
+            log.info("breaker_windows_recounted", events=counted)
+
     def _persist(self, snapshot: dict) -> None:
         self.daemon.store.put_value(SNAPSHOT_KEY, snapshot)
 
     # -- decisions -------------------------------------------------------------------------
+    def decide(self, check, *args) -> Decision:
+        """Run one breaker check and act on it in one transaction: the new state and its
+        alert commit together."""
+        with self.daemon.store.transaction():
+            return self.handle(check(*args))
+
     def handle(self, decision: Decision) -> Decision:
         """Act on a decision: a trip halts the pipeline and sends the one alert."""
         if decision.trip is not None:
             trip = decision.trip
             log.critical("breaker_tripped", agent=trip.agent, rule=trip.rule.value,
-                         limit=trip.limit, count=trip.count, window_s=trip.window_s)
+                         limit=trip.limit, count=trip.count, window_s=trip.window_s,
+                         setting=trip.setting)
             self.daemon.pipeline.halt()
             self.alerter.send(trip_alert(trip))
         return decision
 
-    def _launch_gate(self, agent: str) -> str | None:
-        decision = self.handle(self.breaker.check_launch(agent))
+    def _launch_gate(self, agent: str, trigger: str = "") -> str | None:
+        if trigger in RESTART_TRIGGERS and not launch_limit(self.breaker.settings,
+                                                            agent).count_restarts:
+            # The crash-loop policy contains restarts; counting them halted every healthy
+            # agent because one `always` agent crash-looped.
+            return "breaker open" if self.breaker.state == BreakerState.OPEN else None
+        decision = self.decide(self.breaker.check_launch, agent)
         return None if decision.allowed else decision.reason
 
     def _tick(self, now_mono: float) -> None:
+        if now_mono >= self._next_outbox_prune:
+            self._next_outbox_prune = now_mono + 3600.0
+            self.alerter.prune()
         changed = self.breaker.tick()
         if changed == BreakerState.HALF_OPEN:
             log.warning("breaker_half_open", hint="scheduling resumes with a probe budget")
             self.daemon.pipeline.unhalt()
 
     def _crash_loop_alert(self, rt) -> None:
-        self.alerter.send(Alert(kind=AlertKind.CRASH_LOOP, agent=rt.name,
-                                title=f"watchkeeper: {rt.name} is crash looping",
-                                text=f"{rt.failures} consecutive failures; last {rt.last_exit}"))
+        # One alert per crash-loop episode (until the agent succeeds again): its further
+        # cool-downs are in `status` (state failed, failures), not a page every cool-down.
+        if rt.cooldowns > 1:
+            return
+        policy = self.daemon.config.settings.crash_loop
+        self.alerter.send(Alert(
+            kind=AlertKind.CRASH_LOOP, agent=rt.name,
+            title=f"watchkeeper: {rt.name} is crash looping",
+            text=(f"{rt.failures} consecutive failures; last {rt.last_exit}. It cools down "
+                  f"({policy.cooldown_s:g}s, doubling up to {policy.cooldown_max_s:g}s) and "
+                  "retries; the rest of the pipeline keeps running. No further alert until "
+                  "it succeeds again.")))
 
     def reset(self, by: str, reason: str) -> bool:
-        was_open = self.breaker.reset(by, reason)
-        log.warning("breaker_reset", by=by, reason=reason, was_open=was_open)
-        if was_open:
-            self.alerter.send(Alert(kind=AlertKind.BREAKER_RESET, title="watchkeeper: breaker "
-                                    "reset", text=f"reset by {by}: {reason}"))
+        with self.daemon.store.transaction():
+            was_open = self.breaker.reset(by, reason)
+            log.warning("breaker_reset", by=by, reason=reason, was_open=was_open)
+            if was_open:
+                self.alerter.send(Alert(kind=AlertKind.BREAKER_RESET, title="watchkeeper: "
+                                        "breaker reset", text=f"reset by {by}: {reason}"))
         self.daemon.pipeline.unhalt()
         return was_open
 
     def status(self) -> dict:
         trip = self.breaker.last_trip
+        owed = self.alerter.undelivered()
+        summary = f"breaker {self.breaker.state.value}"
+        if owed.count:
+            summary += (f"; {owed.count} alert(s) undelivered, oldest {owed.oldest_age_s:.0f}s"
+                        + (f" ({owed.last_error[:80]})" if owed.last_error else ""))
         return {"state": self.breaker.state.value, "trips_total": self.breaker.trips_total,
                 "last_trip": msgspec.to_builtins(trip) if trip else None,
-                "summary": f"breaker {self.breaker.state.value}"}
+                "alerts": owed.as_dict(), "summary": summary}
 
 
 def _gate(h):
@@ -132,10 +191,13 @@ def _emit(h, conn, req, run):
         return error(req.id, "`summary` and `content` must be strings")
     digest = args.get("content_hash") or content_hash(content if content is not None else summary)
     gate = _gate(h)
-    decision = gate.handle(gate.breaker.check_output(run.agent, kind, digest,
-                                                     summary[:MAX_SUMMARY_CHARS]))
-    h.daemon.store.record_output(run.agent, run.run_id, kind, time.time(), digest,
-                                 summary[:MAX_SUMMARY_CHARS], decision.allowed)
+    # The output is stored in the transaction of its verdict, before the agent hears
+    # `allowed`: the windows are rebuilt from these rows after a crash.
+    with h.daemon.store.transaction():
+        decision = gate.handle(gate.breaker.check_output(run.agent, kind, digest,
+                                                         summary[:MAX_SUMMARY_CHARS]))
+        h.daemon.store.record_output(run.agent, run.run_id, kind, time.time(), digest,
+                                     summary[:MAX_SUMMARY_CHARS], decision.allowed)
     log.info("output_emitted" if decision.allowed else "output_denied", agent=run.agent,
              run_id=run.run_id, kind=kind, summary=summary[:120], reason=decision.reason or None)
     if not decision.allowed:
@@ -149,9 +211,10 @@ def _usage(h, conn, req, run):
     if not isinstance(tokens, int) or not isinstance(cost, int | float):
         return error(req.id, "usage needs integer `tokens` and numeric `cost`")
     gate = _gate(h)
-    decision = gate.handle(gate.breaker.report_usage(run.agent, tokens, float(cost)))
-    h.daemon.store.record_usage(run.agent, run.run_id, time.time(), tokens, float(cost),
-                                str(req.args.get("model", ""))[:64])
+    with h.daemon.store.transaction():
+        decision = gate.handle(gate.breaker.report_usage(run.agent, tokens, float(cost)))
+        h.daemon.store.record_usage(run.agent, run.run_id, time.time(), tokens, float(cost),
+                                    str(req.args.get("model", ""))[:64])
     if not decision.allowed:
         return error(req.id, f"denied: {decision.reason}", denied=True, reason=decision.reason)
     return ok(req.id, {"allowed": True})

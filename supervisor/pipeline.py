@@ -73,7 +73,8 @@ class Pipeline:
         self.on_run_finished: list[Callable[[Run, RunRecord], None]] = []
         self.on_run_started: list[Callable[[Run], None]] = []
         self.on_crash_loop: list[Callable[[AgentRuntime], None]] = []
-        self.launch_gate: Callable[[str], str | None] = lambda agent: None
+        self.launch_gate: Callable[[str, str], str | None] = lambda agent, trigger: None
+        self.last_refusal = ""  # why the launch gate refused the last start_run
         # Shared storage decides which host runs a firing: a non-empty answer says why not here.
         self.claim_firing: Callable[[Fire, AgentSpec, Job], str] = lambda fire, spec, job: ""
         self.base_env = dict(os.environ)
@@ -144,7 +145,9 @@ class Pipeline:
         if rt.run is not None:
             return self._overlap(rt, job, fire)
         rt.cancel_retry()
-        self.start_run(rt, job, trigger=fire.trigger, attempt=0)
+        self.last_refusal = ""
+        if self.start_run(rt, job, trigger=fire.trigger, attempt=0) is None:
+            return f"refused: {self.last_refusal}" if self.last_refusal else "spawn failed"
         return "started"
 
     def _blocked(self, rt: AgentRuntime, fire: Fire) -> str:
@@ -180,9 +183,10 @@ class Pipeline:
 
     # -- runs -------------------------------------------------------------------------------
     def start_run(self, rt: AgentRuntime, job: Job, *, trigger: str, attempt: int) -> Run | None:
-        refusal = self.launch_gate(rt.name)
+        refusal = self.launch_gate(rt.name, trigger)
         if refusal:
             log.warning("run_refused", agent=rt.name, job=job.id, reason=refusal)
+            self.last_refusal = refusal  # for `start-now`'s error reply
             return None
         degraded = self.degraded_upstreams(rt.spec)
         run = Run(rt.spec, job, attempt=attempt, trigger=trigger, degraded=degraded)

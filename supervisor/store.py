@@ -6,6 +6,7 @@ Only the daemon's loop writes here (one connection, one thread). Other processes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -30,6 +31,8 @@ def _record(write):
                       hint="is the state directory's disk full?")
             return None
     return tolerant
+
+tolerant_write = _record  # for the other tables of this database (alert_outbox.py)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -117,6 +120,42 @@ class Store:
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(SCHEMA)
         self.db.row_factory = sqlite3.Row
+        self._after_commit: list = []
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """One transaction around everything inside; nested uses join the outer one.
+
+        A state change and the alert it causes commit together (alert_outbox.py), so a
+        SIGKILL can lose neither one alone.
+        """
+        if self.db.in_transaction:
+            yield self.db
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._after_commit.clear()
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            log.error("store_write_failed", write="transaction", error=str(exc),
+                      hint="is the state directory's disk full?")
+            with contextlib.suppress(sqlite3.OperationalError):
+                self.db.execute("ROLLBACK")
+        callbacks, self._after_commit = self._after_commit, []
+        for callback in callbacks:
+            callback()
+
+    def after_commit(self, callback) -> None:
+        """Call `callback` once the current transaction commits (at once outside one)."""
+        if self.db.in_transaction:
+            self._after_commit.append(callback)
+        else:
+            callback()
 
     def close(self) -> None:
         self.db.close()
@@ -201,6 +240,21 @@ class Store:
                      model: str) -> None:
         self.db.execute("INSERT INTO usage(agent, run_id, time, tokens, cost, model) "
                         "VALUES (?,?,?,?,?,?)", (agent, run_id, when, tokens, cost, model))
+
+    def breaker_events(self, since: float, uncounted_triggers: tuple[str, ...] = ()) -> list:
+        """Outputs, launches and spend recorded after `since` (wall clock), oldest first, as
+        the breaker counts them (`Breaker.recount`); runs started by `uncounted_triggers` are
+        left out, as the launch gate leaves them out."""
+        from .breaker import StoredEvent
+
+        marks = ",".join("?" for _ in uncounted_triggers) or "''"
+        rows = self.db.execute(
+            "SELECT time, agent, 'output', kind, hash, 0, 0.0 FROM outputs WHERE time > ? "
+            "UNION ALL SELECT started, agent, 'launch', '', '', 0, 0.0 FROM runs "
+            f"WHERE started > ? AND trigger NOT IN ({marks}) "
+            "UNION ALL SELECT time, agent, 'usage', '', '', tokens, cost FROM usage "
+            "WHERE time > ? ORDER BY 1", (since, since, *uncounted_triggers, since))
+        return [StoredEvent(*row) for row in rows]
 
     def usage_totals(self, since: float) -> dict[str, dict]:
         rows = self.db.execute("SELECT agent, SUM(tokens), SUM(cost), COUNT(*) FROM usage "

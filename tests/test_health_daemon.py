@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from harness import DaemonProc, py
 
 from supervisor.heartbeat import write_heartbeat
+
+AGENT_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 
 BEAT_THEN_HANG = ("from supervisor.sdk import Agent\nimport time\na = Agent()\na.heartbeat()\n"
                   "print('beat', flush=True)\ntime.sleep(300)\n")
@@ -85,3 +88,27 @@ def test_memory_hog_past_memory_max_is_stopped_with_reason_memory(tmp_path):
         assert ev["memory_mb"] > 150 and ev["limit_mb"] == 150
         finished = d.wait_event("run_finished", agent="hog", timeout_s=30)
         assert finished["stop_reason"] == "memory"
+
+
+SLOW_FIRST_BEAT = ("import time\ntime.sleep(1.5)\nfrom supervisor.sdk import Agent\na = Agent()\n"
+                   "while True:\n    a.heartbeat()\n    time.sleep(0.2)\n")
+
+
+def test_first_beat_grace_spares_a_slow_start_but_not_a_silent_run(tmp_path):
+    """A run whose first beat comes after its stale window but within first_beat_grace_s is
+    not stale; a run that never beats is, once the window and the grace are over."""
+    beat = {"interval_s": 0.5, "stale_multiple": 2, "on_stale": "kill", "first_beat_grace_s": 6}
+    agents = {
+        "slow": {"heartbeat": beat, "jobs": [{"id": "main", "command": py(SLOW_FIRST_BEAT),
+                                              "schedule": {"every_s": 600}}]},
+        "silent": {"heartbeat": beat, "jobs": [{"id": "main",
+                                                "command": py("import time; time.sleep(300)"),
+                                                "schedule": {"every_s": 600}}]},
+    }
+    with DaemonProc(tmp_path, agents).start(extra_env=AGENT_ENV) as d:
+        d.call("start-now", agent="slow")
+        d.call("start-now", agent="silent")
+        d.wait_event("heartbeat_stale", agent="silent", timeout_s=20)
+        assert (d.state_dir / "status" / "slow.heartbeat").exists()
+        assert not d.find("heartbeat_stale", agent="slow")
+        assert next(a for a in d.call("status")["agents"] if a["agent"] == "slow")["run_id"]

@@ -143,11 +143,24 @@ def test_future_beat_is_fresh():
 
 
 def test_new_run_gets_a_full_window_before_judged():
-    """With started_at, an old or missing beat is fresh until a stale window after the start."""
+    """With started_at, an old or missing beat is fresh until a stale window plus the
+    first-beat grace after the start."""
     old = Heartbeat(ts=NOW - 10_000)
     assert heartbeat_verdict(old, SETTINGS, NOW + 100, started_at=NOW) is Verdict.FRESH
     assert heartbeat_verdict(None, SETTINGS, NOW + 100, started_at=NOW) is Verdict.FRESH
-    assert heartbeat_verdict(None, SETTINGS, NOW + 200, started_at=NOW) is Verdict.STALE
+    assert heartbeat_verdict(None, SETTINGS, NOW + 211, started_at=NOW) is Verdict.STALE
+
+
+def test_first_beat_grace_applies_only_until_the_runs_first_beat():
+    """A run without a beat of its own gets stale window + first_beat_grace_s; once it beat,
+    only the stale window counts."""
+    settings = HeartbeatSettings(interval_s=0.5, stale_multiple=6, first_beat_grace_s=30)
+    assert heartbeat_verdict(None, settings, NOW + 20, started_at=NOW) is Verdict.FRESH
+    assert heartbeat_verdict(None, settings, NOW + 34, started_at=NOW) is Verdict.STALE
+    beat = Heartbeat(ts=NOW + 1)
+    assert heartbeat_verdict(beat, settings, NOW + 4.5, started_at=NOW) is Verdict.STALE
+    none = HeartbeatSettings(interval_s=0.5, stale_multiple=6, first_beat_grace_s=0)
+    assert heartbeat_verdict(None, none, NOW + 4, started_at=NOW) is Verdict.STALE
 
 
 def test_stale_response_follows_settings():

@@ -223,8 +223,9 @@ def test_level_changes_are_logged_once_each():
         source.percent = 60
         for t in range(5, 10):
             guard.tick(float(t))
-    assert [(e["event"], e["level"]) for e in logs] == [("memory_level_changed", "warning"),
-                                                       ("memory_level_changed", "normal")]
+    assert [(e["event"], e["memory_level"], e["log_level"]) for e in logs] == [
+        ("memory_level_changed", "warning", "warning"),
+        ("memory_level_changed", "normal", "info")]
 
 
 # ---------------------------------------------------------------------------------------------

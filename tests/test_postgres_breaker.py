@@ -54,7 +54,7 @@ def test_trip_on_one_host_halts_every_host_with_one_alert(tmp_path, schema):
         stopped = h1.wait_event("run_finished", agent="sleeper", timeout_s=10)
         wait_until(lambda: alerts(sink), 10, message="the alert command ran")
         status = [d.call("status") for d in (h1, h2)]
-        refused = h1.call("start-now", agent="poster")
+        refused = h1.client().call_raw("start-now", {"agent": "poster"})
     finally:
         h1.stop()
         h2.stop()
@@ -63,7 +63,7 @@ def test_trip_on_one_host_halts_every_host_with_one_alert(tmp_path, schema):
     assert emitted == [2, 1] and denied == [0, 1]  # the limit counted both hosts' outputs
     assert stopped["stop_reason"] == "breaker"
     assert all(s["daemon"]["halted"] for s in status)
-    assert refused["result"] == "pipeline halted by the circuit breaker"
+    assert not refused["ok"] and refused["result"] == "pipeline halted by the circuit breaker"
     trips = [a for a in alerts(sink) if a.get("kind") == "breaker_trip"]
     assert len(trips) == 1 and trips[0]["agent"] == "poster", alerts(sink)
     assert query(schema, "select state, changed_by from breaker_state") == [("open", "h2")]

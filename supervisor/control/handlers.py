@@ -252,7 +252,16 @@ def _start_now(h: Handlers, conn, req):
                              f"(jobs: {', '.join(j.id for j in rt.spec.jobs)})")
     result = h.daemon.pipeline.fire(Fire(rt.name, job_id, "manual", time.time()))
     run = rt.run
+    if result in START_REFUSALS or result.startswith("refused: "):
+        # An error reply, so that `watchkeeper start-now` exits non-zero with the reason.
+        reason = result.removeprefix("refused: ")
+        return error(req.id, f"start-now {rt.name}: refused: {reason}", refused=True,
+                     result=result, run_id=None)
     return ok(req.id, {"result": result, "run_id": run.run_id if run else None})
+
+
+START_REFUSALS = frozenset({"shutting down", "pipeline halted by the circuit breaker",
+                            "unknown"})
 
 
 @command(ADMIN, "pause")
@@ -268,6 +277,10 @@ def _resume(h: Handlers, conn, req):
     names = _agent_names(h, req)
     if isinstance(names, bytes):
         return names
+    if h.daemon.pipeline.halted:
+        return error(req.id, "resume refused: the pipeline is halted by the circuit breaker, "
+                     "so nothing would run; `watchkeeper breaker reset --reason TEXT` resumes it",
+                     refused=True)
     return ok(req.id, {"resumed": h.daemon.pipeline.set_paused(names, False)})
 
 
