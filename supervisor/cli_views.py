@@ -210,12 +210,11 @@ def _show_halt(status: dict, command_prefix: str) -> None:
 
 
 def undelivered_alerts(status: dict) -> int | None:
-    """The alert outbox's undelivered count, when the daemon reports one."""
-    alerts = status.get("extensions", {}).get("alerts")
-    for source in (status["daemon"], alerts if isinstance(alerts, dict) else {}):
-        for key in ("alerts_undelivered", "undelivered", "pending"):
-            if isinstance(source.get(key), int):
-                return source[key]
+    """The alert outbox's undelivered count (the breaker extension's `alerts`), when the
+    daemon reports one."""
+    alerts = (status.get("extensions", {}).get("breaker") or {}).get("alerts")
+    if isinstance(alerts, dict) and isinstance(alerts.get("undelivered"), int):
+        return alerts["undelivered"]
     return None
 
 

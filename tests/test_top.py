@@ -23,9 +23,11 @@ def agent(name: str, **extra) -> dict:
 def view(now: float, runs: list[dict], halted: bool = False) -> View:
     status = {"daemon": {"pid": 1, "version": "0", "state": "running", "uptime_s": 600,
                          "halted": halted, "halt_reason": "circuit breaker tripped by b",
-                         "halted_since": now - 60, "alerts_undelivered": 2},
+                         "halted_since": now - 60},
               "agents": [agent("a"), agent("b", degraded=["a"])],
-              "extensions": {"breaker": {"state": "open" if halted else "closed"}},
+              "extensions": {"breaker": {"state": "open" if halted else "closed",
+                                         "alerts": {"undelivered": 2, "oldest_age_s": 50.0,
+                                                    "last_error": "refused"}}},
               "memory": {"level": "normal", "percent_used": 40.0, "warn_percent": 80.0,
                          "act_percent": 87.0}}
     return View(status, runs, [], now, hours=3.0)
