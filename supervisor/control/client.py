@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import os
 import socket
-from pathlib import Path
 
 from ..errors import ControlError, DaemonNotRunning
-from .protocol import MAX_FRAME_BYTES
+
+# Not imported from .protocol, which loads msgspec: every agent imports this module.
+MAX_REPLY_BYTES = 16 << 20
 
 
 class ControlClient:
-    def __init__(self, socket_path: str | Path, timeout_s: float = 30.0) -> None:
+    def __init__(self, socket_path: str | os.PathLike, timeout_s: float = 30.0) -> None:
         self.socket_path = str(socket_path)
         self.timeout_s = timeout_s
         self._sock: socket.socket | None = None
@@ -70,7 +71,7 @@ class ControlClient:
                 self.close()
                 raise DaemonNotRunning("the daemon closed the connection")
             self._buffer += chunk
-            if len(self._buffer) > 16 * MAX_FRAME_BYTES:
+            if len(self._buffer) > MAX_REPLY_BYTES:
                 raise ControlError("reply too large")
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line
