@@ -20,7 +20,7 @@ BIN = os.path.dirname(sys.executable)
 # Modules the agents' side must never load: the daemon's dependencies, and the standard
 # library's heavy parts. Checked in `python -I -S`, where nothing else imports them.
 FORBIDDEN = ("structlog", "psutil", "msgspec", "yaml", "apscheduler", "asyncio", "ssl",
-             "sqlite3", "argparse", "pathlib", "dataclasses", "typing", "threading",
+             "sqlite3", "socket", "argparse", "pathlib", "dataclasses", "typing", "threading",
              "supervisor.cli", "supervisor.locks", "supervisor.heartbeat",
              "supervisor.control.protocol")
 
@@ -63,7 +63,7 @@ def test_sdk_import_loads_only_what_the_socket_needs():
     code = (f"import sys; sys.path.insert(0, {ROOT!r}); import supervisor.sdk; "
             "print(' '.join(sorted(sys.modules)))")
     loaded = set(bare_python(code).stdout.split())
-    assert "supervisor.sdk" in loaded and "socket" in loaded
+    assert "supervisor.sdk" in loaded and "_socket" in loaded
     assert loaded.isdisjoint(FORBIDDEN), sorted(loaded & set(FORBIDDEN))
 
 

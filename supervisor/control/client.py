@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+# _socket, not socket: the socket module builds its enums at import (~2 ms per agent call).
+import _socket
 import json
 import os
-import socket
 
 from ..errors import ControlError, DaemonNotRunning
 
@@ -16,15 +17,15 @@ class ControlClient:
     def __init__(self, socket_path: str | os.PathLike, timeout_s: float = 30.0) -> None:
         self.socket_path = str(socket_path)
         self.timeout_s = timeout_s
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
         self._buffer = b""
         self._next_id = 0
         self.run_id = os.environ.get("WATCHKEEPER_RUN_ID")
         self.token = os.environ.get("WATCHKEEPER_RUN_TOKEN")
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _socket.socket:
         if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
             sock.settimeout(self.timeout_s)
             try:
                 sock.connect(self.socket_path)
