@@ -8,6 +8,7 @@ to running agents, performs the guard's actions, and serves the `heartbeat` comm
 from __future__ import annotations
 
 import os
+import selectors
 import time
 
 import structlog
@@ -30,6 +31,7 @@ from .memguard import AgentMemorySettings, MemoryGuard, StopRun
 from .memguard import Alert as GuardAlert
 from .procscan import LiveRun
 from .proctree import last_pid_created, subtree, tree_children
+from .psi import PressureTrigger
 from .scheduler import Fire
 from .states import Outcome, RunState, StopReason
 
@@ -46,6 +48,7 @@ class Health:
         self.tracker = DegradationTracker()
         self.guard: MemoryGuard | None = None
         self._guard_timer = None
+        self._pressure: PressureTrigger | None = None
         self._stale_runs: set[str] = set()  # runs whose stale heartbeat was already handled
         # run id -> wall-clock time its heartbeat can first turn stale: the file is read then,
         # not every tick (a beat only moves that time later).
@@ -66,6 +69,7 @@ class Health:
     def stop(self, daemon) -> None:
         if self._guard_timer is not None:
             self._guard_timer.cancel()
+        self._close_pressure_trigger()
 
     def _make_guard(self) -> None:
         daemon = self.daemon
@@ -74,7 +78,35 @@ class Health:
         self.guard = MemoryGuard(
             daemon.config.settings.memory_guard, daemon_pid=os.getpid(), state_dir=str(daemon.state_dir),
             live_runs=self._live_runs, agent_settings=self._agent_memory)
+        self._arm_pressure_trigger()
         self._guard_timer = daemon.timers.call_later(0, self._guard_tick)
+
+    def _arm_pressure_trigger(self) -> None:
+        """Where the kernel has PSI, it wakes the guard on memory pressure (psi.py), and the
+        guard samples only slowly meanwhile."""
+        self._close_pressure_trigger()
+        stall_ms = self.daemon.config.settings.memory_guard.pressure_stall_ms
+        trigger = PressureTrigger.open(stall_ms=stall_ms) if stall_ms else None
+        if trigger is not None:
+            self._pressure = trigger
+            self.daemon.selector.register(trigger.fileno(), selectors.EVENT_READ,
+                                          self._on_pressure)
+            self.guard.kernel_notifies = True
+
+    def _close_pressure_trigger(self) -> None:
+        if self._pressure is not None:
+            self.daemon.selector.unregister(self._pressure.fileno())
+            self._pressure.close()
+            self._pressure = None
+
+    def _on_pressure(self, _mask: int) -> None:
+        self._pressure.drain()
+        if self._guard_timer is not None:
+            self._guard_timer.cancel()
+        self._guard_tick()
+        log.info("memory_pressure_notified", stall_ms=self._pressure.stall_ms,
+                 path=self._pressure.path, memory_level=self.guard.level.value,
+                 samples=self.guard.samples)
 
     def _live_runs(self) -> dict[str, LiveRun]:
         return {r.run_id: LiveRun(r.agent, r.pid, str(r.cgroup) if r.cgroup else None)
