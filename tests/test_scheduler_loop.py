@@ -21,7 +21,9 @@ import json, sys
 from supervisor.deferred import defer
 defer("asyncio")  # as `watchkeeper run` does
 from supervisor.config import Job, Schedule
+from supervisor.configload import load_config
 from supervisor.scheduler import make_trigger
+load_config(sys.argv[1])  # validates the cron expression too
 cron = make_trigger(Job(id="c", command=["x"], schedule=Schedule(cron="30 2 * * *",
                                                                    timezone="Europe/Berlin")))
 every = make_trigger(Job(id="e", command=["x"], schedule=Schedule(every_s=5)))
@@ -33,11 +35,14 @@ print(json.dumps({"modules": sorted(sys.modules), "asyncio": type(sys.modules["a
 """
 
 
-def test_trigger_arithmetic_imports_none_of_apscheduler_extras():
-    """Building cron and interval triggers loads no asyncio, ssl, email, multiprocessing,
-    importlib.metadata or APScheduler scheduler, and the triggers still compute slots."""
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+def test_trigger_arithmetic_imports_none_of_apscheduler_extras(tmp_path):
+    """Loading a config with a cron job and building cron and interval triggers loads no
+    asyncio, ssl, email, multiprocessing, importlib.metadata or APScheduler scheduler, and
+    the triggers still compute slots."""
+    config = DaemonProc(tmp_path, {"c": {"jobs": [{"id": "m", "command": ["true"],
+                                                  "schedule": {"cron": "30 2 * * *"}}]}})
+    out = subprocess.run([sys.executable, "-c", PROBE, str(config.config_path)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
     result = json.loads(out)
     loaded = [m for m in result["modules"]
               if any(m == u or m.startswith(u.rstrip(".") + ".") for u in UNUSED_BY_TRIGGERS)]
