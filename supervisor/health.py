@@ -77,7 +77,8 @@ class Health:
             self._guard_timer.cancel()
         self.guard = MemoryGuard(
             daemon.config.settings.memory_guard, daemon_pid=os.getpid(), state_dir=str(daemon.state_dir),
-            live_runs=self._live_runs, agent_settings=self._agent_memory)
+            live_runs=self._live_runs, agent_settings=self._agent_memory,
+            run_pids=self._run_pids)
         self._arm_pressure_trigger()
         self._guard_timer = daemon.timers.call_later(0, self._guard_tick)
 
@@ -111,6 +112,12 @@ class Health:
     def _live_runs(self) -> dict[str, LiveRun]:
         return {r.run_id: LiveRun(r.agent, r.pid, str(r.cgroup) if r.cgroup else None)
                 for r in self.daemon.pipeline.runs.values()}
+
+    def _run_pids(self, run_id: str, live: LiveRun) -> list[int]:
+        """A run's known processes: its own tree, and the descendants the pipeline
+        attributed to it (those that left the tree); never the whole process table."""
+        known = [pid for pid, rid in self.daemon.pipeline.owners.items() if rid == run_id]
+        return [live.root_pid, *subtree(tree_children(live.root_pid), live.root_pid), *known]
 
     def _agent_memory(self, agent: str) -> AgentMemorySettings:
         rt = self.daemon.pipeline.agents.get(agent)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import msgspec
@@ -34,6 +34,7 @@ from supervisor.procscan import (
     SystemMemory,
     chrome_role,
     classify,
+    read_process,
 )
 
 log = structlog.get_logger("watchkeeper.memguard")
@@ -228,8 +229,12 @@ class MemoryGuard:
     def __init__(self, settings: MemoryGuardSettings, *, daemon_pid: int, state_dir: str,
                  live_runs: Callable[[], Mapping[str, LiveRun]],
                  agent_settings: Callable[[str], AgentMemorySettings],
-                 source: MemorySource | None = None, signaller: Signaller | None = None) -> None:
+                 source: MemorySource | None = None, signaller: Signaller | None = None,
+                 run_pids: Callable[[str, LiveRun], Iterable[int]] | None = None) -> None:
         self.settings = settings
+        # A run's known processes (its tree and what the pipeline attributed to it): with
+        # it, a run without a cgroup is measured without scanning the whole process table.
+        self._run_pids = run_pids
         self._daemon_pid = daemon_pid
         self._state_dir = state_dir
         self._live_runs = live_runs
@@ -368,6 +373,9 @@ class MemoryGuard:
                 usage[rid] = _Usage(mb=cg, exact=True)
         if not tree_runs:
             return usage
+        if self._run_pids is not None:
+            usage.update({rid: self._known_pids_usage(rid, run) for rid, run in tree_runs.items()})
+            return usage
         table = self._source.process_table(under_pid=self._daemon_pid)
         owners = classify(table, daemon_pid=self._daemon_pid, state_dir=self._state_dir,
                           live_runs=live)
@@ -380,6 +388,14 @@ class MemoryGuard:
             usage[rid] = _Usage(mb=sum(table[p].rss_mb for p in pids), pids=pids,
                                 head=root.cmdline_head() if root else "")
         return usage
+
+    def _known_pids_usage(self, run_id: str, run: LiveRun) -> _Usage:
+        """The RSS sum of the run's known processes only (an upper bound, like the scan's)."""
+        infos = [info for info in (read_process(pid, 0) for pid in
+                                   dict.fromkeys(self._run_pids(run_id, run))) if info]
+        head = next((info.cmdline_head() for info in infos if info.pid == run.root_pid), "")
+        return _Usage(mb=sum(info.rss_mb for info in infos), pids=[i.pid for i in infos],
+                      head=head)
 
     def _precise(self, usage: _Usage) -> float:
         if not usage.exact:

@@ -1,4 +1,5 @@
-"""The memory guard driven by the kernel: a PSI trigger wakes it, it does not poll."""
+"""The memory guard driven by the kernel (a PSI trigger wakes it), and per-run limits that
+read only the run's own processes."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from harness import DaemonProc, py
 from support import require, wait_until
 from test_memguard import own_memory_cgroup
 
+from supervisor import procscan
 from supervisor.memguard import Level, MemoryGuardSettings, interval_for
-from supervisor.procscan import SystemMemory
+from supervisor.procscan import LiveRun, SystemMemory
 from supervisor.psi import SYSTEM_MEMORY_PRESSURE, PressureTrigger
 
 # Allocates far past its cgroup's limit: reclaim stalls, then the OOM killer; again and
@@ -88,3 +90,37 @@ def test_real_allocation_in_a_limited_cgroup_wakes_the_guard_without_sampling(
             os.killpg(hog.pid, signal.SIGKILL)
             hog.wait()
         assert event["samples"] == 2 and event["memory_level"] == "normal"
+
+
+HOG = ("import sys\nblock = bytearray(80 << 20)\nfor i in range(0, len(block), 4096): block[i] = 1\n"
+       "print('ready', flush=True)\nsys.stdin.read()")
+
+
+def _guard_over_real_run(tmp_path, hog, run_pids):
+    from supervisor.memguard import AgentMemorySettings, MemoryGuard
+
+    return MemoryGuard(MemoryGuardSettings(run_check_interval_s=0), daemon_pid=os.getpid(),
+                       state_dir=str(tmp_path),
+                       live_runs=lambda: {"r1": LiveRun("hog", hog.pid)},
+                       agent_settings=lambda agent: AgentMemorySettings(memory_max_mb=40),
+                       run_pids=run_pids)
+
+
+def test_run_limit_measures_only_the_runs_known_pids(tmp_path, monkeypatch):
+    """A run over its memory_max_mb is stopped after reading only its own processes: the
+    whole process table is never scanned (it is without the run's pids, as a control)."""
+    scans = []
+    real_read_ppids = procscan.read_ppids
+    monkeypatch.setattr(procscan, "read_ppids", lambda *a: scans.append(1) or real_read_ppids(*a))
+    hog = subprocess.Popen([sys.executable, "-c", HOG], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout.readline().strip() == "ready"
+        actions = _guard_over_real_run(tmp_path, hog, lambda rid, run: [run.root_pid]).tick(1.0)
+        assert [(a.run_id, a.reason.value) for a in actions] == [("r1", "memory")]
+        assert actions[0].memory_mb > 40 and scans == []
+        _guard_over_real_run(tmp_path, hog, None).tick(1.0)
+        assert scans  # the old path: a scan of every process's stat
+    finally:
+        hog.kill()
+        hog.wait()
