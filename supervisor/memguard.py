@@ -8,7 +8,8 @@ to take effect before the next:
 Independently, a run whose tree exceeds its agent's `memory_max_mb` gets `StopRun(reason=memory)`.
 
 The guard never sleeps: `tick(now)` does one bounded step and `next_tick_at` tells the loop
-when to call again (sooner while kills are in flight or memory is tight). It kills orphans
+when to call again (sooner while kills are in flight or memory is tight; seldom when
+`kernel_notifies`, because a PSI trigger then calls it on pressure: psi.py, health.py). It kills orphans
 itself because they belong to no run; runs are stopped by the daemon, which owns them.
 """
 
