@@ -7,6 +7,7 @@ to running agents, performs the guard's actions, and serves the `heartbeat` comm
 
 from __future__ import annotations
 
+import functools
 import os
 import selectors
 import time
@@ -31,7 +32,7 @@ from .memguard import AgentMemorySettings, MemoryGuard, StopRun
 from .memguard import Alert as GuardAlert
 from .procscan import LiveRun
 from .proctree import last_pid_created, subtree, tree_children
-from .psi import PressureTrigger
+from .psi import SYSTEM_MEMORY_PRESSURE, PressureTrigger
 from .scheduler import Fire
 from .states import Outcome, RunState, StopReason
 
@@ -48,7 +49,7 @@ class Health:
         self.tracker = DegradationTracker()
         self.guard: MemoryGuard | None = None
         self._guard_timer = None
-        self._pressure: PressureTrigger | None = None
+        self._pressure: list[PressureTrigger] = []
         self._stale_runs: set[str] = set()  # runs whose stale heartbeat was already handled
         # run id -> wall-clock time its heartbeat can first turn stale: the file is read then,
         # not every tick (a beat only moves that time later).
@@ -83,31 +84,39 @@ class Health:
         self._guard_timer = daemon.timers.call_later(0, self._guard_tick)
 
     def _arm_pressure_trigger(self) -> None:
-        """Where the kernel has PSI, it wakes the guard on memory pressure (psi.py), and the
-        guard samples only slowly meanwhile."""
+        """Where the kernel has PSI, it wakes the guard on memory pressure (psi.py): the
+        machine's, and the runs' cgroups' when the daemon owns them; the guard then samples
+        only slowly."""
         self._close_pressure_trigger()
         stall_ms = self.daemon.config.settings.memory_guard.pressure_stall_ms
-        trigger = PressureTrigger.open(stall_ms=stall_ms) if stall_ms else None
-        if trigger is not None:
-            self._pressure = trigger
-            self.daemon.selector.register(trigger.fileno(), selectors.EVENT_READ,
-                                          self._on_pressure)
-            self.guard.kernel_notifies = True
+        if not stall_ms:
+            return
+        paths = [SYSTEM_MEMORY_PRESSURE]
+        cgroups = getattr(self.daemon, "cgroups", None)
+        if cgroups is not None and (cgroups.base / "memory.pressure").exists():
+            paths.append(str(cgroups.base / "memory.pressure"))
+        for path in paths:
+            trigger = PressureTrigger.open(path, stall_ms=stall_ms)
+            if trigger is not None:
+                self._pressure.append(trigger)
+                self.daemon.selector.register(trigger.fileno(), selectors.EVENT_READ,
+                                              functools.partial(self._on_pressure, trigger))
+        self.guard.kernel_notifies = bool(self._pressure) and \
+            self._pressure[0].path == SYSTEM_MEMORY_PRESSURE
 
     def _close_pressure_trigger(self) -> None:
-        if self._pressure is not None:
-            self.daemon.selector.unregister(self._pressure.fileno())
-            self._pressure.close()
-            self._pressure = None
+        for trigger in self._pressure:
+            self.daemon.selector.unregister(trigger.fileno())
+            trigger.close()
+        self._pressure = []
 
-    def _on_pressure(self, _mask: int) -> None:
-        self._pressure.drain()
+    def _on_pressure(self, trigger: PressureTrigger, _mask: int) -> None:
+        trigger.drain()
         if self._guard_timer is not None:
             self._guard_timer.cancel()
         self._guard_tick()
-        log.info("memory_pressure_notified", stall_ms=self._pressure.stall_ms,
-                 path=self._pressure.path, memory_level=self.guard.level.value,
-                 samples=self.guard.samples)
+        log.info("memory_pressure_notified", stall_ms=trigger.stall_ms, path=trigger.path,
+                 memory_level=self.guard.level.value, samples=self.guard.samples)
 
     def _live_runs(self) -> dict[str, LiveRun]:
         return {r.run_id: LiveRun(r.agent, r.pid, str(r.cgroup) if r.cgroup else None)
