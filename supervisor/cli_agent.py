@@ -6,7 +6,7 @@ budget said no: stop); 6 conflict (memory expect_version did not match).
 
 Every bash agent runs these verbs several times per run, so `run_agent_verb` serves them
 without argparse and without the daemon's modules (supervisor/entry.py calls it first):
-this module imports only json, sys and the SDK, which imports only socket and os.
+this module imports only json, sys and the SDK, which imports only _socket and os.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ class Memory:
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
 
-    def get(self, namespace: str, key: str) :
+    def get(self, namespace: str, key: str):
         entry = self.entry(namespace, key)
         return entry["value"] if entry else None
 
