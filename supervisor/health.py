@@ -15,6 +15,7 @@ import time
 import structlog
 
 from .alerts import Alert, AlertKind
+from .cgroup_events import UsageThreshold
 from .config import AgentSpec
 from .control.handlers import AGENT, command
 from .control.protocol import error, ok
@@ -49,7 +50,7 @@ class Health:
         self.tracker = DegradationTracker()
         self.guard: MemoryGuard | None = None
         self._guard_timer = None
-        self._pressure: list[PressureTrigger] = []
+        self._pressure: list[PressureTrigger | UsageThreshold] = []
         self._stale_runs: set[str] = set()  # runs whose stale heartbeat was already handled
         # run id -> wall-clock time its heartbeat can first turn stale: the file is read then,
         # not every tick (a beat only moves that time later).
@@ -84,25 +85,28 @@ class Health:
         self._guard_timer = daemon.timers.call_later(0, self._guard_tick)
 
     def _arm_pressure_trigger(self) -> None:
-        """Where the kernel has PSI, it wakes the guard on memory pressure (psi.py): the
-        machine's, and the runs' cgroups' when the daemon owns them; the guard then samples
-        only slowly."""
+        """Where the kernel can tell, it wakes the guard on memory pressure: PSI triggers
+        (psi.py) on the machine and on the runs' cgroups when the daemon owns them, and
+        usage thresholds at warn and act percent of a cgroup v1 `scope_cgroup`
+        (cgroup_events.py). With the machine's PSI trigger the guard samples only slowly."""
         self._close_pressure_trigger()
-        stall_ms = self.daemon.config.settings.memory_guard.pressure_stall_ms
-        if not stall_ms:
+        settings = self.daemon.config.settings.memory_guard
+        if not settings.pressure_stall_ms:
             return
         paths = [SYSTEM_MEMORY_PRESSURE]
         cgroups = getattr(self.daemon, "cgroups", None)
         if cgroups is not None and (cgroups.base / "memory.pressure").exists():
             paths.append(str(cgroups.base / "memory.pressure"))
-        for path in paths:
-            trigger = PressureTrigger.open(path, stall_ms=stall_ms)
-            if trigger is not None:
-                self._pressure.append(trigger)
-                self.daemon.selector.register(trigger.fileno(), selectors.EVENT_READ,
-                                              functools.partial(self._on_pressure, trigger))
-        self.guard.kernel_notifies = bool(self._pressure) and \
-            self._pressure[0].path == SYSTEM_MEMORY_PRESSURE
+        triggers = [PressureTrigger.open(path, stall_ms=settings.pressure_stall_ms)
+                    for path in paths]
+        self.guard.kernel_notifies = triggers[0] is not None
+        if settings.scope_cgroup:
+            triggers += UsageThreshold.open_percents(
+                settings.scope_cgroup, [settings.warn_percent, settings.act_percent])
+        for trigger in filter(None, triggers):
+            self._pressure.append(trigger)
+            self.daemon.selector.register(trigger.fileno(), selectors.EVENT_READ,
+                                          functools.partial(self._on_pressure, trigger))
 
     def _close_pressure_trigger(self) -> None:
         for trigger in self._pressure:
@@ -110,12 +114,12 @@ class Health:
             trigger.close()
         self._pressure = []
 
-    def _on_pressure(self, trigger: PressureTrigger, _mask: int) -> None:
+    def _on_pressure(self, trigger: PressureTrigger | UsageThreshold, _mask: int) -> None:
         trigger.drain()
         if self._guard_timer is not None:
             self._guard_timer.cancel()
         self._guard_tick()
-        log.info("memory_pressure_notified", stall_ms=trigger.stall_ms, path=trigger.path,
+        log.info("memory_pressure_notified", path=trigger.path,
                  memory_level=self.guard.level.value, samples=self.guard.samples)
 
     def _live_runs(self) -> dict[str, LiveRun]:

@@ -81,7 +81,9 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     pressure_stall_ms: float = 100.0
     """Where the kernel has PSI (/proc/pressure/memory), it wakes the guard when tasks
     stalled on memory this long within 2 s; below warn_percent the guard then reads memory
-    only every slow_interval_s. 0 turns the trigger off (adaptive sampling only)."""
+    only every slow_interval_s. A cgroup v1 scope_cgroup also wakes it when its usage
+    crosses warn_percent or act_percent. 0 turns kernel notifications off (adaptive
+    sampling only)."""
     # Per-run memory_max_mb checks walk the daemon's process tree; they need not run each tick.
     run_check_interval_s: float = 5.0
     kill_grace_s: float = 2.0

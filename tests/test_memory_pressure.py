@@ -3,6 +3,7 @@ read only the run's own processes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -34,9 +35,9 @@ def psi_trigger_works() -> bool:
     return True
 
 
-@pytest.fixture
-def tiny_cgroup():
-    """A child memory cgroup limited to 32 MiB, removed afterwards."""
+@contextlib.contextmanager
+def limited_cgroup(limit_bytes: int):
+    """A child memory cgroup with this limit (its path and version), removed afterwards."""
     found = own_memory_cgroup()
     require(found is not None and os.access(found[0], os.W_OK),
             "no writable memory cgroup (need cgroup v1 memory or v2 with memory delegated)")
@@ -45,12 +46,21 @@ def tiny_cgroup():
     try:
         path.mkdir()
         (path / ("memory.max" if version == "v2" else "memory.limit_in_bytes")).write_text(
-            str(32 << 20))
+            str(limit_bytes))
     except OSError as err:
         require(False, f"cannot create a limited memory cgroup under {parent}: {err}")
-    yield path
-    wait_until(lambda: not (path / "cgroup.procs").read_text().strip(), 10)
-    path.rmdir()
+    try:
+        yield path, version
+    finally:
+        wait_until(lambda: not (path / "cgroup.procs").read_text().strip(), 10)
+        path.rmdir()
+
+
+@pytest.fixture
+def tiny_cgroup():
+    """A child memory cgroup limited to 32 MiB."""
+    with limited_cgroup(32 << 20) as (path, _):
+        yield path
 
 
 def test_with_psi_the_guard_samples_slowly_far_from_the_threshold():
@@ -124,3 +134,29 @@ def test_run_limit_measures_only_the_runs_known_pids(tmp_path, monkeypatch):
     finally:
         hog.kill()
         hog.wait()
+
+
+HOLD = ("import sys\nblock = bytearray(160 << 20)\nfor i in range(0, len(block), 4096): block[i] = 1\n"
+        "print('holding', flush=True)\nsys.stdin.read()")
+
+
+def test_crossing_warn_percent_of_a_v1_scope_cgroup_wakes_the_guard(tmp_path):
+    """A real allocation that takes a cgroup v1 scope past warn_percent, without any stall,
+    wakes the guard through the kernel's usage threshold: one reading besides the first."""
+    with limited_cgroup(256 << 20) as (path, version):
+        require(version == "v1", "usage thresholds are a cgroup v1 feature")
+        memory = {"scope_cgroup": str(path), "warn_percent": 50, "act_percent": 95,
+                  "clear_percent": 40, "slow_interval_s": 3600}
+        idle = {"jobs": [{"id": "m", "command": py("pass"), "schedule": {"every_s": 3600}}]}
+        with DaemonProc(tmp_path, {"idle": idle}, memory_guard=memory).start() as d:
+            hog = subprocess.Popen(["sh", "-c", f'echo $$ > {path}/cgroup.procs && '
+                                                f'exec "$0" -c "$1"', sys.executable, HOLD],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert hog.stdout.readline().strip() == "holding"
+                event = d.wait_event("memory_pressure_notified", timeout_s=20)
+            finally:
+                hog.kill()
+                hog.wait()
+        assert event["path"].endswith("memory.usage_in_bytes")
+        assert event["samples"] == 2 and event["memory_level"] == "warning"
