@@ -1,17 +1,23 @@
 """`watchkeeper` subcommands for agents in any language, and for the steward and breaker.
 
-Exit codes an agent script can rely on: 0 done; 1 error; 3 daemon not running; 4 busy
-(task locked by someone else); 5 denied (the output gate or a budget said no: stop);
-6 conflict (memory expect_version did not match).
+Exit codes an agent script can rely on: 0 done; 1 error (also: called outside a run);
+3 daemon not running; 4 busy (task locked by someone else); 5 denied (the output gate or a
+budget said no: stop); 6 conflict (memory expect_version did not match).
+
+Every bash agent runs these verbs several times per run, so `run_agent_verb` serves them
+without argparse and without the daemon's modules (supervisor/entry.py calls it first):
+this module imports only json, sys and the SDK, which imports only _socket and os.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
-from .errors import ControlError
+from .errors import ControlError, DaemonNotRunning, LockBusy, WatchkeeperError
 
+EXIT_ERROR, EXIT_NOT_RUNNING, EXIT_BUSY = 1, 3, 4
 EXIT_DENIED_OUTPUT, EXIT_CONFLICT = 5, 6
 
 
@@ -23,10 +29,14 @@ def _json_arg(text: str):
 
 
 def _sdk(args):
-    from .cli import _socket_path
     from .sdk import Agent
 
-    return Agent(str(_socket_path(args)))
+    socket = getattr(args, "socket", None)
+    if not socket and (getattr(args, "config", None) or "WATCHKEEPER_SOCKET" not in os.environ):
+        from .discovery import find_socket  # outside a run: the one discovery order
+
+        socket = str(find_socket(None, getattr(args, "config", None)))
+    return Agent(socket)
 
 
 def cmd_heartbeat(args) -> int:
@@ -151,11 +161,26 @@ def _search_explained(args) -> int:
                f"beside {hit['neighbour_of']}" if hit.get("neighbour_of") else ""]
         print(f"{place:3d}. {hit['namespace']}/{hit['key']}  score {hit['score']:.4f}  "
               f"{hit['tokens']} tokens  ({', '.join(w for w in why if w)})")
+def cmd_task_lock(args) -> int:
+    """`lock TASK` / `unlock TASK` for the calling run; exit 4 when the task is busy."""
+    from .sdk import DaemonLock
+
+    agent = _sdk(args)
+    try:
+        if args.command == "lock":
+            agent.lock(args.task)
+        else:
+            DaemonLock(agent, args.task).release()
+    except LockBusy as exc:
+        print(f"watchkeeper lock: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     return 0
 
 
 def cmd_upstream_ok(args) -> int:
-    return 0 if _sdk(args).upstream_ok(args.name) else 1
+    agent = _sdk(args)
+    agent.require_run("upstream-ok")
+    return 0 if agent.upstream_ok(args.name) else 1
 
 
 def cmd_outputs(args) -> int:
@@ -268,3 +293,112 @@ def add_agent_commands(sub) -> None:
     p.add_argument("action", choices=["status", "reset"])
     p.add_argument("--reason")
     p.set_defaults(func=cmd_breaker)
+
+
+# -- the fast path --------------------------------------------------------------------------------
+# verb -> (handler, positional names, {option: (dest, type)}). Only well-formed calls are
+# served here; anything else (--help, a typo, --config) goes to the full argparse parser,
+# which prints the usual usage and errors.
+_WRITE_OPTIONS = {"--expect-version": ("expect_version", int),
+                  "--idempotency-key": ("idempotency_key", str)}
+_FAST_VERBS = {
+    "heartbeat": (cmd_heartbeat, (), {}),
+    "lock": (cmd_task_lock, ("task",), {}),
+    "unlock": (cmd_task_lock, ("task",), {}),
+    "emit": (cmd_emit, ("kind", "summary"), {"--content-file": ("content_file", str)}),
+    "usage": (cmd_usage, (), {"--tokens": ("tokens", int), "--cost": ("cost", float),
+                              "--model": ("model", str)}),
+    "upstream-ok": (cmd_upstream_ok, ("name",), {}),
+    "search": (cmd_search, ("query",), {"--k": ("k", int), "--budget": ("budget", int),
+                                        "--namespace": ("namespace", list),
+                                        "--json": ("json", bool)}),
+    "memory get": (cmd_memory, ("namespace", "key"), {}),
+    "memory put": (cmd_memory, ("namespace", "key", "value"), _WRITE_OPTIONS),
+    "memory merge": (cmd_memory, ("namespace", "key", "value"), _WRITE_OPTIONS),
+    "memory append": (cmd_memory, ("namespace", "key", "value"), _WRITE_OPTIONS),
+    "memory delete": (cmd_memory, ("namespace", "key"), _WRITE_OPTIONS),
+}
+_DEFAULTS = {"content_file": None, "tokens": None, "cost": 0.0, "model": None, "k": None,
+             "budget": None, "namespace": None, "speaker": None, "explain": False,
+             "json": False, "expect_version": None,
+             "idempotency_key": None, "socket": None, "config": None}
+# Reads an operator may also run outside a run, with the config naming the socket.
+_READS = ("memory get", "search")
+
+
+def parse_agent_verb(argv: list[str]):
+    """(handler, args) for a well-formed agent verb (optionally after `--socket PATH`),
+    else None."""
+    import types
+
+    values = dict(_DEFAULTS)
+    if argv[:1] == ["--socket"] and len(argv) > 2:
+        values["socket"], argv = argv[1], argv[2:]
+    verb, rest = (" ".join(argv[:2]), argv[2:]) if argv[:1] == ["memory"] else \
+        (argv[0] if argv else "", argv[1:])
+    if verb not in _FAST_VERBS:
+        return None
+    handler, positional, options = _FAST_VERBS[verb]
+    words = _parse_words(rest, options, values)
+    if words is None or len(words) != len(positional):
+        return None
+    if verb == "usage" and values["tokens"] is None:
+        return None  # argparse says that --tokens is required
+    values.update(zip(positional, words, strict=True))
+    values["command"], _, values["op"] = verb.partition(" ")
+    return handler, types.SimpleNamespace(**values)
+
+
+def _parse_words(rest: list[str], options: dict, values: dict) -> list[str] | None:
+    words: list[str] = []
+    items = iter(rest)
+    for item in items:
+        if not item.startswith("--") or item == "--":
+            words.append(item)
+            continue
+        flag, has_value, value = item.partition("=")
+        if flag not in options:
+            return None
+        dest, kind = options[flag]
+        if kind is bool:
+            values[dest] = True
+            continue
+        value = value if has_value else next(items, None)
+        if value is None:
+            return None
+        try:
+            values[dest] = (values[dest] or []) + [value] if kind is list else kind(value)
+        except ValueError:
+            return None
+    return words
+
+
+def run_agent_verb(argv: list[str]) -> int | None:
+    """Serve one agent verb and return its exit code; None when the full parser should."""
+    if "-h" in argv or "--help" in argv:
+        return None
+    parsed = parse_agent_verb(argv)
+    if parsed is None:
+        return None
+    handler, args = parsed
+    verb = f"{args.command} {args.op}".strip()
+    from .sdk import NotInRun
+
+    try:
+        if verb not in _READS:
+            _sdk(args).require_run(verb)
+        return handler(args)
+    except NotInRun as exc:
+        print(f"watchkeeper {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except DaemonNotRunning as exc:
+        print(f"watchkeeper: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        print(f"watchkeeper {args.command}: {exc}", file=sys.stderr)
+        for line in getattr(exc, "reply", {}).get("errors", []):
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_ERROR
+    except WatchkeeperError as exc:
+        print(f"watchkeeper: {exc}", file=sys.stderr)
+        return EXIT_ERROR

@@ -2,7 +2,7 @@
 
 Signals, scheduler firings, control requests and child output all arrive as events on one
 selector; the loop handles them in order, runs due timers and does its periodic duties.
-No other thread changes state: the scheduler thread only posts Fire events.
+No other thread changes state; cron and interval jobs wait on the loop's own timers.
 
 Signals (handled in handle_signal, never in the signal handler itself):
     SIGTERM, SIGINT  warm stop: stop scheduling, SIGTERM every run, SIGKILL after the
@@ -163,7 +163,7 @@ class Daemon:
             log.warning("runs_lost_with_previous_daemon", count=closed)
         self.cgroups = RunCgroups.setup(cfg.settings.cgroups,
                                         f"watchkeeper-{os.getpid()}")
-        self.scheduler = Scheduler(self.post, time.time)
+        self.scheduler = Scheduler(self.post, time.time, self.timers)
         self.pipeline = Pipeline(
             settings=cfg.settings, state_dir=self.state_dir, socket_path=cfg.socket_path,
             store=self.store, timers=self.timers, scheduler=self.scheduler,
@@ -278,9 +278,9 @@ class Daemon:
         return timeout
 
     def _tick(self, now: float) -> None:
-        """Periodic duties: wake the scheduler if the clock jumped, break stale locks,
+        """Periodic duties: re-arm cron timers if the wall clock jumped, break stale locks,
         prune history, let extensions do theirs."""
-        self.scheduler.wakeup_on_clock_jump()
+        self.scheduler.recheck_wall_clock()
         settings = self.config.settings
         if now >= self._next_lock_check:
             self._next_lock_check = now + settings.locks.check_interval_s
@@ -295,7 +295,7 @@ class Daemon:
                 log.exception("tick_hook_failed", hook=getattr(hook, "__qualname__", str(hook)))
 
     def post(self, fire: Fire) -> None:
-        """Thread-safe: called by the scheduler thread."""
+        """Thread-safe: the scheduler calls it from the loop, anything else may too."""
         self.events.put(fire)
         try:
             os.write(self._wake_w, b"x")

@@ -7,12 +7,15 @@ to running agents, performs the guard's actions, and serves the `heartbeat` comm
 
 from __future__ import annotations
 
+import functools
 import os
+import selectors
 import time
 
 import structlog
 
 from .alerts import Alert, AlertKind
+from .cgroup_events import UsageThreshold
 from .cgroups import RunCgroups
 from .config import AgentSpec
 from .control.handlers import AGENT, command
@@ -32,6 +35,7 @@ from .memguard import AgentMemorySettings, MemoryGuard, StopRun
 from .memguard import Alert as GuardAlert
 from .procscan import LiveRun
 from .proctree import last_pid_created, subtree, tree_children
+from .psi import SYSTEM_MEMORY_PRESSURE, PressureTrigger
 from .scheduler import Fire
 from .states import Outcome, RunState, StopReason
 
@@ -51,6 +55,7 @@ class Health:
         self.tracker = DegradationTracker()
         self.guard: MemoryGuard | None = None
         self._guard_timer = None
+        self._pressure: list[PressureTrigger | UsageThreshold] = []
         self._stale_runs: set[str] = set()  # runs whose stale heartbeat was already handled
         # run id -> wall-clock time its heartbeat can first turn stale: the file is read then,
         # not every tick (a beat only moves that time later).
@@ -74,6 +79,7 @@ class Health:
     def stop(self, daemon) -> None:
         if self._guard_timer is not None:
             self._guard_timer.cancel()
+        self._close_pressure_trigger()
 
     def _make_guard(self) -> None:
         daemon = self.daemon
@@ -81,12 +87,58 @@ class Health:
             self._guard_timer.cancel()
         self.guard = MemoryGuard(
             daemon.config.settings.memory_guard, daemon_pid=os.getpid(), state_dir=str(daemon.state_dir),
-            live_runs=self._live_runs, agent_settings=self._agent_memory)
+            live_runs=self._live_runs, agent_settings=self._agent_memory,
+            run_pids=self._run_pids)
+        self._arm_pressure_trigger()
         self._guard_timer = daemon.timers.call_later(0, self._guard_tick)
+
+    def _arm_pressure_trigger(self) -> None:
+        """Where the kernel can tell, it wakes the guard on memory pressure: PSI triggers
+        (psi.py) on the machine and on the runs' cgroups when the daemon owns them, and
+        usage thresholds at warn and act percent of a cgroup v1 `scope_cgroup`
+        (cgroup_events.py). With the machine's PSI trigger the guard samples only slowly."""
+        self._close_pressure_trigger()
+        settings = self.daemon.config.settings.memory_guard
+        if not settings.pressure_stall_ms:
+            return
+        paths = [SYSTEM_MEMORY_PRESSURE]
+        cgroups = getattr(self.daemon, "cgroups", None)
+        if cgroups is not None and (cgroups.base / "memory.pressure").exists():
+            paths.append(str(cgroups.base / "memory.pressure"))
+        triggers = [PressureTrigger.open(path, stall_ms=settings.pressure_stall_ms)
+                    for path in paths]
+        self.guard.kernel_notifies = triggers[0] is not None
+        if settings.scope_cgroup:
+            triggers += UsageThreshold.open_percents(
+                settings.scope_cgroup, [settings.warn_percent, settings.act_percent])
+        for trigger in filter(None, triggers):
+            self._pressure.append(trigger)
+            self.daemon.selector.register(trigger.fileno(), selectors.EVENT_READ,
+                                          functools.partial(self._on_pressure, trigger))
+
+    def _close_pressure_trigger(self) -> None:
+        for trigger in self._pressure:
+            self.daemon.selector.unregister(trigger.fileno())
+            trigger.close()
+        self._pressure = []
+
+    def _on_pressure(self, trigger: PressureTrigger | UsageThreshold, _mask: int) -> None:
+        trigger.drain()
+        if self._guard_timer is not None:
+            self._guard_timer.cancel()
+        self._guard_tick()
+        log.info("memory_pressure_notified", path=trigger.path,
+                 memory_level=self.guard.level.value, samples=self.guard.samples)
 
     def _live_runs(self) -> dict[str, LiveRun]:
         return {r.run_id: LiveRun(r.agent, r.pid, str(r.cgroup) if r.cgroup else None)
                 for r in self.daemon.pipeline.runs.values()}
+
+    def _run_pids(self, run_id: str, live: LiveRun) -> list[int]:
+        """A run's known processes: its own tree, and the descendants the pipeline
+        attributed to it (those that left the tree); never the whole process table."""
+        known = [pid for pid, rid in self.daemon.pipeline.owners.items() if rid == run_id]
+        return [live.root_pid, *subtree(tree_children(live.root_pid), live.root_pid), *known]
 
     def _agent_memory(self, agent: str) -> AgentMemorySettings:
         rt = self.daemon.pipeline.agents.get(agent)

@@ -8,7 +8,8 @@ to take effect before the next:
 Independently, a run whose tree exceeds its agent's `memory_max_mb` gets `StopRun(reason=memory)`.
 
 The guard never sleeps: `tick(now)` does one bounded step and `next_tick_at` tells the loop
-when to call again (sooner while kills are in flight or memory is tight). It kills orphans
+when to call again (sooner while kills are in flight or memory is tight; seldom when
+`kernel_notifies`, because a PSI trigger then calls it on pressure: psi.py, health.py). It kills orphans
 itself because they belong to no run; runs are stopped by the daemon, which owns them.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import enum
 import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 import msgspec
@@ -34,6 +35,7 @@ from supervisor.procscan import (
     SystemMemory,
     chrome_role,
     classify,
+    read_process,
 )
 
 log = structlog.get_logger("watchkeeper.memguard")
@@ -76,6 +78,12 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     """The fastest climb of memory use the guard plans for: below warn_percent it reads
     again before a climb this fast could reach warn_percent, then samples at
     fast_interval_s. A faster jump is seen within slow_interval_s."""
+    pressure_stall_ms: float = 100.0
+    """Where the kernel has PSI (/proc/pressure/memory), it wakes the guard when tasks
+    stalled on memory this long within 2 s; below warn_percent the guard then reads memory
+    only every slow_interval_s. A cgroup v1 scope_cgroup also wakes it when its usage
+    crosses warn_percent or act_percent. 0 turns kernel notifications off (adaptive
+    sampling only)."""
     # Per-run memory_max_mb checks walk the daemon's process tree; they need not run each tick.
     run_check_interval_s: float = 5.0
     kill_grace_s: float = 2.0
@@ -103,6 +111,9 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
                 f" act={self.act_percent}")
         if not self.fill_rate_mb_s > 0:
             raise ValueError(f"fill_rate_mb_s must be > 0, got {self.fill_rate_mb_s}")
+        if not 0 <= self.pressure_stall_ms <= 2000:
+            raise ValueError("pressure_stall_ms must be from 0 (off) to 2000 ms (the kernel's "
+                             f"2 s window), got {self.pressure_stall_ms}")
         if not 0 < self.fast_interval_s <= self.slow_interval_s:
             raise ValueError("memory intervals must satisfy 0 < fast_interval_s <= slow_interval_s"
                              f", got fast={self.fast_interval_s} slow={self.slow_interval_s}")
@@ -123,11 +134,15 @@ def next_level(level: Level, percent: float, settings: MemoryGuardSettings) -> L
     return Level.WARNING if percent >= settings.warn_percent else Level.NORMAL
 
 
-def interval_for(level: Level, settings: MemoryGuardSettings, reading: SystemMemory) -> float:
-    """Fast at warning and above; below, the time a climb at fill_rate_mb_s needs to reach
-    warn_percent, kept between the fast and the slow interval."""
+def interval_for(level: Level, settings: MemoryGuardSettings, reading: SystemMemory,
+                 kernel_notifies: bool = False) -> float:
+    """Fast at warning and above; below, slow_interval_s when the kernel wakes the guard on
+    pressure, else the time a climb at fill_rate_mb_s needs to reach warn_percent, kept
+    between the fast and the slow interval."""
     if level is not Level.NORMAL:
         return settings.fast_interval_s
+    if kernel_notifies:
+        return settings.slow_interval_s
     headroom_mb = (settings.warn_percent - reading.percent_used) / 100 * reading.total_mb
     return min(settings.slow_interval_s,
                max(settings.fast_interval_s, headroom_mb / settings.fill_rate_mb_s))
@@ -217,8 +232,12 @@ class MemoryGuard:
     def __init__(self, settings: MemoryGuardSettings, *, daemon_pid: int, state_dir: str,
                  live_runs: Callable[[], Mapping[str, LiveRun]],
                  agent_settings: Callable[[str], AgentMemorySettings],
-                 source: MemorySource | None = None, signaller: Signaller | None = None) -> None:
+                 source: MemorySource | None = None, signaller: Signaller | None = None,
+                 run_pids: Callable[[str, LiveRun], Iterable[int]] | None = None) -> None:
         self.settings = settings
+        # A run's known processes (its tree and what the pipeline attributed to it): with
+        # it, a run without a cgroup is measured without scanning the whole process table.
+        self._run_pids = run_pids
         self._daemon_pid = daemon_pid
         self._state_dir = state_dir
         self._live_runs = live_runs
@@ -231,6 +250,9 @@ class MemoryGuard:
         self._kills: dict[int, _Kill] = {}
         self._stopping: dict[str, float] = {}
         self._last_alert_at: float | None = None
+        # Set by whoever waits on a PSI trigger (health.py) and calls tick() when it fires.
+        self.kernel_notifies = False
+        self.samples = 0  # readings of system memory taken
 
     @property
     def kills_in_flight(self) -> int:
@@ -239,6 +261,7 @@ class MemoryGuard:
     def tick(self, now: float) -> list[Action]:
         self._advance_kills(now)
         reading = self._source.system()
+        self.samples += 1
         percent = reading.percent_used
         self._set_level(next_level(self.level, percent, self.settings), percent)
         live = self._live_runs()
@@ -249,7 +272,8 @@ class MemoryGuard:
             actions.extend(self._check_run_limits(now, live))
         if self.level is Level.CRITICAL and percent >= self.settings.act_percent:
             actions.extend(self._relieve(now, percent, live))
-        self.next_tick_at = now + interval_for(self.level, self.settings, reading)
+        self.next_tick_at = now + interval_for(self.level, self.settings, reading,
+                                               self.kernel_notifies)
         if any(self._agent_settings(run.agent).memory_max_mb for run in live.values()):
             self.next_tick_at = min(self.next_tick_at, self._next_run_check_at)
         if self._kills:
@@ -353,6 +377,9 @@ class MemoryGuard:
                 usage[rid] = _Usage(mb=cg, exact=True)
         if not tree_runs:
             return usage
+        if self._run_pids is not None:
+            usage.update({rid: self._known_pids_usage(rid, run) for rid, run in tree_runs.items()})
+            return usage
         table = self._source.process_table(under_pid=self._daemon_pid)
         owners = classify(table, daemon_pid=self._daemon_pid, state_dir=self._state_dir,
                           live_runs=live)
@@ -365,6 +392,14 @@ class MemoryGuard:
             usage[rid] = _Usage(mb=sum(table[p].rss_mb for p in pids), pids=pids,
                                 head=root.cmdline_head() if root else "")
         return usage
+
+    def _known_pids_usage(self, run_id: str, run: LiveRun) -> _Usage:
+        """The RSS sum of the run's known processes only (an upper bound, like the scan's)."""
+        infos = [info for info in (read_process(pid, 0) for pid in
+                                   dict.fromkeys(self._run_pids(run_id, run))) if info]
+        head = next((info.cmdline_head() for info in infos if info.pid == run.root_pid), "")
+        return _Usage(mb=sum(info.rss_mb for info in infos), pids=[i.pid for i in infos],
+                      head=head)
 
     def _precise(self, usage: _Usage) -> float:
         if not usage.exact:

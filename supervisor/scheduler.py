@@ -1,14 +1,19 @@
-"""The APScheduler adapter: turns cron and interval schedules into firings for the loop.
+"""Cron and interval schedules as firings on the daemon's own loop.
 
-APScheduler only decides *when*. Its job function does nothing but post a Fire event to
-the daemon's loop, which alone decides whether and how a run starts (overlap, pause,
-breaker, crash loop). APScheduler never kills a hung job and sleeps on an event that does
-not notice suspend or clock jumps: the loop enforces timeouts itself and calls
-wakeup_on_clock_jump() on every tick.
+APScheduler's triggers decide *when* (cron fields, time zones, DST); the loop's timer heap
+(timers.py) does the waiting, so there is no scheduler thread. When a job's timer runs,
+the job is posted as a Fire event; the loop alone decides whether and how a run starts
+(overlap, pause, breaker, crash loop).
 
-APScheduler is imported when the first timed job appears, not before: with its imports
-(asyncio, ssl, importlib.metadata) it costs ~12 MiB of RSS and ~40 ms of start-up, which a
-daemon that supervises only long-running programs should not pay.
+The heap runs on the monotonic clock, schedules on the wall clock. A timer that comes
+due while the wall clock says "not yet" (the clock stepped back) is armed again for the
+rest; a wall-clock step forward or a resume from suspend, which the monotonic clock does
+not see, is noticed by recheck_wall_clock() on the loop's next tick, which re-arms every
+job. Missed slots coalesce into one firing, within the job's misfire_grace_s.
+
+The triggers are imported when the first timed job appears, and without the imports
+they never use (trigger_imports.py): a daemon that supervises only long-running programs
+pays nothing for them.
 """
 
 from __future__ import annotations
@@ -16,24 +21,32 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import structlog
+
 from .config import AgentSpec, Job
+from .timers import Timer, Timers
+from .trigger_imports import trigger_classes
 
 if TYPE_CHECKING:
-    from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.triggers.base import BaseTrigger
 
+log = structlog.get_logger("watchkeeper.scheduler")
+
 # A step of the wall clock against the monotonic clock larger than this is a clock jump
-# (settimeofday, NTP step, resume from suspend): the scheduler thread must recompute.
+# (settimeofday, NTP step, resume from suspend): every job's timer is armed again.
 CLOCK_JUMP_S = 0.5
+# A timer that runs this early by the wall clock is armed again rather than fired.
+EARLY_TOLERANCE_S = 0.001
+# Past this many missed slots (a minutely job after weeks away), skip to the next slot.
+MAX_SLOTS_WALKED = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
 class Fire:
-    """A scheduled firing, posted from the scheduler thread to the loop."""
+    """A scheduled firing, posted to the loop."""
 
     agent: str
     job: str
@@ -42,7 +55,7 @@ class Fire:
 
 
 def is_timed(job: Job) -> bool:
-    """Whether APScheduler plans the job's firings (cron and interval jobs)."""
+    """Whether the job fires on a trigger (cron and interval jobs)."""
     return job.schedule.cron is not None or job.schedule.every_s is not None
 
 
@@ -54,16 +67,14 @@ def make_trigger(job: Job) -> BaseTrigger | None:
         return once_per_wall_clock_cron()(**cron_fields(sched.cron), timezone=sched.timezone,
                                           jitter=jitter)
     if sched.every_s is not None:
-        from apscheduler.triggers.interval import IntervalTrigger
-
-        return IntervalTrigger(seconds=sched.every_s, timezone="UTC", jitter=jitter)
+        return trigger_classes()[1](seconds=sched.every_s, timezone="UTC", jitter=jitter)
     return None
 
 
 @functools.cache
 def once_per_wall_clock_cron() -> type:
     """The CronTrigger subclass below, defined on first use (see the module docstring)."""
-    from apscheduler.triggers.cron import CronTrigger
+    CronTrigger = trigger_classes()[0]  # noqa: N806 - a class
 
     class OncePerWallClockCron(CronTrigger):
         """CronTrigger that does not repeat a fixed-hour job in the hour that DST fall-back
@@ -137,15 +148,33 @@ def missed_firing(job: Job, last_fire: float | None, now: float) -> bool:
     return nxt is not None and nxt.timestamp() <= now
 
 
+class _Planned:
+    """One timed job: its trigger, its next slot (wall clock) and the timer waiting for it."""
+
+    __slots__ = ("agent", "job", "trigger", "next_fire", "timer")
+
+    def __init__(self, agent: str, job: Job, trigger: BaseTrigger) -> None:
+        self.agent, self.job, self.trigger = agent, job, trigger
+        self.next_fire: dt.datetime | None = None
+        self.timer: Timer | None = None
+
+    def disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class Scheduler:
-    def __init__(self, post: Callable[[Fire], None], clock: Callable[[], float]) -> None:
+    def __init__(self, post: Callable[[Fire], None], clock: Callable[[], float],
+                 timers: Timers | None = None) -> None:
         self._post = post
-        self._clock = clock
-        self._aps: BackgroundScheduler | None = None  # created with the first timed job
+        self._clock = clock  # the wall clock (time.time), injectable for tests
+        self._timers = timers if timers is not None else Timers()
         self._started = False
         self._stopped = False
-        self._clock_offset = clock() - time.monotonic()
+        self._clock_offset = clock() - self._timers.clock()
         self._jobs: dict[str, Job] = {}
+        self._planned: dict[str, _Planned] = {}
 
     @staticmethod
     def key(agent: str, job: str) -> str:
@@ -153,49 +182,29 @@ class Scheduler:
 
     def start(self) -> None:
         self._started = True
-        if self._aps is not None:
-            self._aps.start()
+        for planned in self._planned.values():
+            self._arm(planned)
 
     def shutdown(self) -> None:
         self._stopped = True
-        if self._aps is not None and self._aps.running:
-            self._aps.shutdown(wait=False)
+        for planned in self._planned.values():
+            planned.disarm()
 
     def alive(self) -> bool:
-        """False once the scheduler thread has died (the watchdog stops pinging then).
-        Without timed jobs there is no thread, and nothing that could die."""
-        if self._aps is None:
-            return not self._stopped
-        thread = getattr(self._aps, "_thread", None)
-        return bool(self._aps.running and thread is not None and thread.is_alive())
+        """False once shut down: no firing will come any more."""
+        return not self._stopped
 
-    def wakeup(self) -> None:
-        if self._aps is not None and self._aps.running:
-            self._aps.wakeup()
-
-    def wakeup_on_clock_jump(self) -> bool:
-        """Wake the scheduler thread if the wall clock stepped since the last call: its
-        wait runs on the monotonic clock and would otherwise fire late (or early)."""
-        offset = self._clock() - time.monotonic()
+    def recheck_wall_clock(self) -> bool:
+        """On every tick: when the wall clock stepped against the monotonic clock since the
+        last call, arm every job's timer again from its wall-clock slot; True if it did."""
+        offset = self._clock() - self._timers.clock()
         jumped = abs(offset - self._clock_offset) > CLOCK_JUMP_S
         self._clock_offset = offset
         if jumped:
-            self.wakeup()
+            log.info("wall_clock_jump_noticed", jobs=len(self._planned))
+            for planned in self._planned.values():
+                self._arm(planned)
         return jumped
-
-    def _scheduler(self) -> BackgroundScheduler:
-        if self._aps is None:
-            from apscheduler.executors.pool import ThreadPoolExecutor
-            from apscheduler.schedulers.background import BackgroundScheduler
-
-            self._aps = BackgroundScheduler(
-                executors={"default": ThreadPoolExecutor(max_workers=1)},
-                job_defaults={"coalesce": True, "max_instances": 1},
-                timezone="UTC",
-            )
-            if self._started and not self._stopped:
-                self._aps.start()
-        return self._aps
 
     def set_agent(self, spec: AgentSpec) -> None:
         """(Re)install every timed job of an agent; jobs it no longer has are removed."""
@@ -206,27 +215,65 @@ class Scheduler:
             if self._jobs.get(key) == job:
                 continue  # unchanged: keep its next fire time
             self._remove(key)
-            self._scheduler().add_job(self._fire, trigger=make_trigger(job), id=key,
-                              args=(spec.name, job.id, job.schedule.kind()),
-                              misfire_grace_time=max(1, int(job.misfire_grace_s)))
+            planned = _Planned(spec.name, job, make_trigger(job))
+            planned.next_fire = planned.trigger.get_next_fire_time(None, self._now())
+            self._planned[key] = planned
             self._jobs[key] = job
+            self._arm(planned)
 
     def remove_agent(self, agent: str) -> None:
         for key in [k for k in self._jobs if k.startswith(f"{agent}/")]:
             self._remove(key)
 
     def _remove(self, key: str) -> None:
-        if self._jobs.pop(key, None) is not None and self._aps is not None:
-            try:
-                self._aps.remove_job(key)
-            except Exception:  # noqa: BLE001 - already gone is fine
-                pass
+        self._jobs.pop(key, None)
+        planned = self._planned.pop(key, None)
+        if planned is not None:
+            planned.disarm()
 
     def next_fire(self, agent: str, job: str) -> dt.datetime | None:
-        if self._aps is None:
-            return None
-        aps_job = self._aps.get_job(self.key(agent, job))
-        return aps_job.next_run_time if aps_job else None
+        planned = self._planned.get(self.key(agent, job))
+        return planned.next_fire if planned else None
 
-    def _fire(self, agent: str, job: str, kind: str) -> None:
-        self._post(Fire(agent, job, kind, self._clock()))
+    def _now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self._clock(), dt.UTC)
+
+    def _arm(self, planned: _Planned) -> None:
+        planned.disarm()
+        if not self._started or self._stopped or planned.next_fire is None:
+            return
+        delay_s = planned.next_fire.timestamp() - self._clock()
+        planned.timer = self._timers.call_later(delay_s, functools.partial(self._due, planned))
+
+    def _due(self, planned: _Planned) -> None:
+        planned.timer = None
+        if self._planned.get(self.key(planned.agent, planned.job.id)) is not planned:
+            return  # removed or replaced meanwhile
+        now_s = self._clock()
+        if planned.next_fire.timestamp() > now_s + EARLY_TOLERANCE_S:
+            self._arm(planned)  # the wall clock is behind: it stepped back
+            return
+        last = self._advance(planned, now_s)
+        late_s = now_s - last.timestamp()
+        if late_s <= max(1.0, planned.job.misfire_grace_s):
+            self._post(Fire(planned.agent, planned.job.id, planned.job.schedule.kind(), now_s))
+        else:
+            log.warning("firing_missed", agent=planned.agent, job=planned.job.id,
+                        slot=last.isoformat(), late_s=round(late_s, 1),
+                        misfire_grace_s=planned.job.misfire_grace_s)
+        self._arm(planned)
+
+    def _advance(self, planned: _Planned, now_s: float) -> dt.datetime:
+        """Move next_fire past now; return the last slot at or before now (missed slots
+        coalesce into it)."""
+        now = dt.datetime.fromtimestamp(now_s, dt.UTC)
+        last = planned.next_fire
+        nxt = planned.trigger.get_next_fire_time(last, now)
+        walked = 0
+        while nxt is not None and nxt.timestamp() <= now_s and walked < MAX_SLOTS_WALKED:
+            last, walked = nxt, walked + 1
+            nxt = planned.trigger.get_next_fire_time(last, now)
+        if nxt is not None and nxt.timestamp() <= now_s:
+            nxt = planned.trigger.get_next_fire_time(None, now + dt.timedelta(seconds=1))
+        planned.next_fire = nxt
+        return last

@@ -16,21 +16,24 @@ Agents in other languages use the same operations through the `watchkeeper` CLI.
 
 from __future__ import annotations
 
-import dataclasses
+# Only what talking to the socket needs: every Python agent pays for what this module
+# imports (tests/test_agent_cost.py holds the line). No dataclasses (inspect), pathlib,
+# typing or threading at import time, and nothing from the daemon's side of the package.
+import _thread
 import os
-import threading
-from pathlib import Path
-from typing import Any
 
-from . import locks
 from .control.client import ControlClient
-from .errors import ControlError, DaemonNotRunning, LockBusy, WatchkeeperError
-from .heartbeat import write_heartbeat
+from .errors import ControlError, LockBusy, WatchkeeperError
 
 
 class OutputDenied(WatchkeeperError):
     """The output gate refused an output: the circuit breaker is open or would trip.
     A naive agent that does not catch this stops, which is the point."""
+
+
+class NotInRun(WatchkeeperError):
+    """An operation that acts as a run (heartbeat, lock, emit, usage, memory writes) was
+    called outside a run the daemon started: WATCHKEEPER_RUN_ID is not set."""
 
 
 class MemoryConflict(WatchkeeperError):
@@ -45,11 +48,16 @@ class MemoryRejected(WatchkeeperError):
     """The steward refused an update (too large, schema, forbidden namespace...)."""
 
 
-@dataclasses.dataclass(frozen=True)
 class SearchResult:
-    hits: list[dict]
-    tokens: int
-    text: str  # the hits rendered for a prompt
+    """The hits of a search, their token count, and the hits rendered for a prompt."""
+
+    __slots__ = ("hits", "tokens", "text")
+
+    def __init__(self, hits: list[dict], tokens: int, text: str) -> None:
+        self.hits, self.tokens, self.text = hits, tokens, text
+
+    def __repr__(self) -> str:
+        return f"SearchResult(hits={len(self.hits)}, tokens={self.tokens})"
 
 
 class Memory:
@@ -59,7 +67,7 @@ class Memory:
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
 
-    def get(self, namespace: str, key: str) -> Any:
+    def get(self, namespace: str, key: str):
         entry = self.entry(namespace, key)
         return entry["value"] if entry else None
 
@@ -72,28 +80,28 @@ class Memory:
     def history(self, **filters) -> list[dict]:
         return self._agent.call("memory-history", **filters)
 
-    def put(self, namespace: str, key: str, value: Any, **opts) -> int:
+    def put(self, namespace: str, key: str, value, **opts) -> int:
         return self._write("put", namespace, key, value, **opts)
 
     def merge(self, namespace: str, key: str, patch: dict, **opts) -> int:
         return self._write("merge", namespace, key, patch, **opts)
 
-    def append(self, namespace: str, key: str, item: Any, **opts) -> int:
+    def append(self, namespace: str, key: str, item, **opts) -> int:
         return self._write("append", namespace, key, item, **opts)
 
     def delete(self, namespace: str, key: str, **opts) -> int:
         return self._write("delete", namespace, key, None, **opts)
 
-    def _write(self, op: str, namespace: str, key: str, value: Any, *,
+    def _write(self, op: str, namespace: str, key: str, value, *,
                expect_version: int | None = None, idempotency_key: str | None = None) -> int:
-        args: dict[str, Any] = {"op": op, "namespace": namespace, "key": key}
+        args: dict = {"op": op, "namespace": namespace, "key": key}
         if op != "delete":
             args["value"] = value
         if expect_version is not None:
             args["expect_version"] = expect_version
         if idempotency_key is not None:
             args["idempotency_key"] = idempotency_key
-        reply = self._agent.client.call_raw("memory", args)
+        reply = self._agent.reply_as_run("memory", args)
         if reply.get("ok"):
             return reply["result"].get("version")
         result = reply.get("result") or {}
@@ -111,7 +119,7 @@ class DaemonLock:
 
     def release(self) -> None:
         if self._agent is not None:
-            self._agent.call("unlock", task=self.task_id)
+            self._agent.call_as_run("unlock", task=self.task_id)
             self._agent = None
 
     def __enter__(self) -> DaemonLock:
@@ -127,33 +135,57 @@ class Agent:
         self.name = env.get("WATCHKEEPER_AGENT", "")
         self.run_id = env.get("WATCHKEEPER_RUN_ID", "")
         self.job = env.get("WATCHKEEPER_JOB", "")
-        self.state_dir = Path(env.get("WATCHKEEPER_STATE_DIR", "."))
+        self.state_dir_name = env.get("WATCHKEEPER_STATE_DIR", ".")
         self.attempt = int(env.get("WATCHKEEPER_ATTEMPT", "0") or 0)
         self.degraded = env.get("WATCHKEEPER_DEGRADED") == "1"
         self.degraded_upstreams = [u for u in env.get("WATCHKEEPER_DEGRADED_UPSTREAMS",
                                                       "").split(",") if u]
         self.heartbeat_interval_s = float(env.get("WATCHKEEPER_HEARTBEAT_INTERVAL_S", "300"))
-        self.client = ControlClient(socket_path or env.get("WATCHKEEPER_SOCKET",
-                                                           self.state_dir / "control.sock"))
+        self.client = ControlClient(socket_path or env.get(
+            "WATCHKEEPER_SOCKET", os.path.join(self.state_dir_name, "control.sock")))
         self.memory = Memory(self)
-        self._beat_stop: threading.Event | None = None
-        self._lock = threading.Lock()
+        self._beat_stop = None  # a threading.Event once start_heartbeat() runs
+        self._lock = _thread.allocate_lock()
+
+    @property
+    def state_dir(self):
+        """WATCHKEEPER_STATE_DIR as a Path (pathlib is imported on first use)."""
+        from pathlib import Path
+
+        return Path(self.state_dir_name)
 
     def call(self, cmd: str, **args):
         with self._lock:  # one connection, one request in flight
             return self.client.call(cmd, **args)
 
+    def call_as_run(self, cmd: str, **args):
+        """A request this process makes as its run; NotInRun outside one (the daemon
+        would refuse it anyway, less clearly)."""
+        self.require_run(cmd)
+        return self.call(cmd, **args)
+
+    def reply_as_run(self, cmd: str, args: dict) -> dict:
+        """call_as_run's whole reply, error replies included (memory writes read them)."""
+        self.require_run(cmd)
+        with self._lock:
+            return self.client.call_raw(cmd, args)
+
+    def require_run(self, cmd: str) -> None:
+        if not self.run_id:
+            raise NotInRun(
+                f"{cmd}: not inside a watchkeeper run (WATCHKEEPER_RUN_ID is not set); "
+                "agents' operations work only in programs the daemon starts")
+
     # -- health ------------------------------------------------------------------------------
     def heartbeat(self) -> None:
-        """Record that this agent is alive: through the daemon when it answers, else by
-        writing the heartbeat file directly."""
-        try:
-            self.call("heartbeat")
-        except (DaemonNotRunning, ControlError):
-            write_heartbeat(self.state_dir, self.name, pid=os.getpid(), run_id=self.run_id)
+        """Record that this agent is alive, through the daemon: the daemon alone writes
+        heartbeat files, so an unreachable daemon raises DaemonNotRunning."""
+        self.call_as_run("heartbeat")
 
     def start_heartbeat(self, interval_s: float | None = None) -> None:
         """Heartbeat now and then every interval_s from a background thread."""
+        import threading
+
         interval = interval_s or self.heartbeat_interval_s
         self._beat_stop = stop = threading.Event()
         self.heartbeat()
@@ -162,8 +194,8 @@ class Agent:
             while not stop.wait(interval):
                 try:
                     self.heartbeat()
-                except OSError:
-                    pass
+                except (OSError, WatchkeeperError):
+                    pass  # the next beat may find the daemon back
         threading.Thread(target=beat, name="watchkeeper-heartbeat", daemon=True).start()
 
     def stop_heartbeat(self) -> None:
@@ -182,27 +214,26 @@ class Agent:
         return None
 
     # -- locks ---------------------------------------------------------------------------------
-    def lock(self, task_id: str) -> locks.HeldLock | DaemonLock:
-        """Take STATE_DIR/tasks/{task_id}.lock (raises LockBusy); held until released or
-        until this process dies. With shared storage the daemon holds it (a leased row)."""
-        if os.environ.get("WATCHKEEPER_TASK_LOCKS") == "daemon":
-            try:
-                self.call("lock", task=task_id)
-            except ControlError as exc:
-                if getattr(exc, "reply", {}).get("busy"):
-                    raise LockBusy(str(exc)) from None
-                raise
-            return DaemonLock(self, task_id)
-        return locks.acquire(self.state_dir, task_id, agent=self.name, run_id=self.run_id)
+    def lock(self, task_id: str) -> DaemonLock:
+        """Take the task lock STATE_DIR/tasks/{task_id}.lock through the daemon (raises
+        LockBusy); held until released or until this run ends. The daemon alone writes
+        lock files (with shared storage, a leased row)."""
+        try:
+            self.call_as_run("lock", task=task_id)
+        except ControlError as exc:
+            if getattr(exc, "reply", {}).get("busy"):
+                raise LockBusy(str(exc)) from None
+            raise
+        return DaemonLock(self, task_id)
 
     # -- outputs and spend ------------------------------------------------------------------------
     def emit(self, kind: str, summary: str, content: str | None = None) -> None:
         """Announce an output before publishing it; raises OutputDenied when refused."""
-        args: dict[str, Any] = {"kind": kind, "summary": summary}
+        args: dict = {"kind": kind, "summary": summary}
         if content is not None:
             args["content"] = content
         try:
-            self.call("emit", **args)
+            self.call_as_run("emit", **args)
         except ControlError as exc:
             if getattr(exc, "reply", {}).get("denied"):
                 raise OutputDenied(str(exc)) from None
@@ -211,7 +242,7 @@ class Agent:
     def report_usage(self, tokens: int, cost: float = 0.0, model: str = "") -> None:
         """Report text-generation spend; raises OutputDenied when a budget is exhausted."""
         try:
-            self.call("usage", tokens=int(tokens), cost=float(cost), model=model)
+            self.call_as_run("usage", tokens=int(tokens), cost=float(cost), model=model)
         except ControlError as exc:
             if getattr(exc, "reply", {}).get("denied"):
                 raise OutputDenied(str(exc)) from None
@@ -222,7 +253,7 @@ class Agent:
                namespaces: list[str] | None = None,
                speakers: list[str] | None = None) -> SearchResult:
         """The memory entries most relevant to `query` that fill `token_budget` (k caps if set)."""
-        args: dict[str, Any] = {"query": query}
+        args: dict = {"query": query}
         if k is not None:
             args["k"] = k
         if token_budget is not None:

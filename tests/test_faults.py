@@ -12,14 +12,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from apscheduler.executors import base as aps_executors
-from apscheduler.schedulers import base as aps_base
 from harness import DaemonProc, py
 from hostile import AGENT_ENV, ROOMY_BREAKER, integrity, processes_for, query
 from support import require, wait_until
 
 from supervisor.config import Job, Schedule
 from supervisor.scheduler import Fire, Scheduler, missed_firing
+from supervisor.timers import Timers
 
 # -- a full disk --------------------------------------------------------------------------------
 
@@ -104,28 +103,32 @@ def test_full_disk_keeps_supervising_and_recovers(tmp_path):
 
 # -- clock jumps ---------------------------------------------------------------------------------
 
-class FakeNow:
-    """A wall clock for APScheduler that the test moves; monotonic time is untouched."""
+class FakeClocks:
+    """A wall clock and a monotonic clock that the test moves, separately."""
 
     def __init__(self, start: dt.datetime) -> None:
-        self.now = start
-        clock = self
+        self.wall = start.timestamp()
+        self.mono = 1000.0
 
-        class FakeDatetime(dt.datetime):
-            @classmethod
-            def now(cls, tz=None):
-                return clock.now.astimezone(tz) if tz else clock.now
+    def advance(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
 
-        self.datetime = FakeDatetime
+    @property
+    def now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.wall, dt.UTC)
 
 
 @pytest.fixture
-def fake_wall_clock(monkeypatch):
-    start = dt.datetime(2026, 3, 1, 12, 0, 30, tzinfo=dt.UTC)
-    clock = FakeNow(start)
-    monkeypatch.setattr(aps_base, "datetime", clock.datetime)
-    monkeypatch.setattr(aps_executors, "datetime", clock.datetime)
-    return clock
+def clocks():
+    return FakeClocks(dt.datetime(2026, 3, 1, 12, 0, 30, tzinfo=dt.UTC))
+
+
+def _scheduler(clocks: FakeClocks, fires: list) -> tuple[Scheduler, Timers]:
+    timers = Timers(clock=lambda: clocks.mono)
+    sched = Scheduler(fires.append, lambda: clocks.wall, timers)
+    sched.start()
+    return sched, timers
 
 
 def _every_minute() -> Job:
@@ -137,43 +140,56 @@ def _agent_with(job: Job):
     return AgentSpec(agent="a", jobs=[job])
 
 
-def test_clock_jump_forward_fires_once_not_per_missed_slot(fake_wall_clock):
-    """When the wall clock jumps ten minutes forward, a minutely cron job fires once
-    (coalesced), not ten times, on the next scheduler wakeup."""
+def test_clock_jump_forward_fires_once_not_per_missed_slot(clocks):
+    """When the wall clock jumps ten minutes forward (a step, or a resume from suspend that
+    the monotonic clock did not see), the next tick fires a minutely job once, coalesced."""
     fires: list[Fire] = []
-    sched = Scheduler(fires.append, lambda: fake_wall_clock.now.timestamp())
-    sched.start()
-    try:
-        sched.set_agent(_agent_with(_every_minute()))
-        before = sched.next_fire("a", "j")
-        fake_wall_clock.now += dt.timedelta(minutes=10, seconds=5)
-        assert sched.wakeup_on_clock_jump()  # what the daemon's tick calls
-        assert not sched.wakeup_on_clock_jump()  # the clock runs steadily again
-        wait_until(lambda: sched.next_fire("a", "j") > fake_wall_clock.now, 5)
-        wait_until(lambda: fires, 5)
-        assert len(fires) == 1 and before < sched.next_fire("a", "j")
-    finally:
-        sched.shutdown()
+    sched, timers = _scheduler(clocks, fires)
+    sched.set_agent(_agent_with(_every_minute()))
+    before = sched.next_fire("a", "j")
+    clocks.wall += 10 * 60 + 5
+    assert timers.run_due() == 0  # the heap's monotonic deadline is still 30 s away
+    assert sched.recheck_wall_clock()  # what the daemon's tick calls
+    assert not sched.recheck_wall_clock()  # the clock runs steadily again
+    timers.run_due()
+    assert len(fires) == 1 and fires[0].at == clocks.wall
+    assert before < sched.next_fire("a", "j") and sched.next_fire("a", "j") > clocks.now
 
 
-def test_clock_jump_backward_delays_but_never_repeats(fake_wall_clock):
+def test_clock_jump_backward_delays_but_never_repeats(clocks):
     """When the wall clock jumps an hour back, a cron job that already fired does not fire
-    again for the repeated hour: its next firing stays where it was."""
+    again for the repeated hour: its timer comes due early by the wall clock and waits on."""
     fires: list[Fire] = []
-    sched = Scheduler(fires.append, lambda: fake_wall_clock.now.timestamp())
-    sched.start()
-    try:
-        sched.set_agent(_agent_with(_every_minute()))
-        fake_wall_clock.now += dt.timedelta(minutes=1)
-        sched.wakeup()
-        wait_until(lambda: fires, 5)
-        planned = sched.next_fire("a", "j")
-        fake_wall_clock.now -= dt.timedelta(hours=1)
-        assert sched.wakeup_on_clock_jump()
-        assert sched._aps._process_jobs() > 3000  # noqa: SLF001 - sleeps until the planned slot
-        assert len(fires) == 1 and sched.next_fire("a", "j") == planned
-    finally:
-        sched.shutdown()
+    sched, timers = _scheduler(clocks, fires)
+    sched.set_agent(_agent_with(_every_minute()))
+    clocks.advance(30)
+    timers.run_due()
+    assert len(fires) == 1
+    planned = sched.next_fire("a", "j")
+    clocks.wall -= 3600
+    clocks.advance(60)  # the monotonic deadline passes; by the wall clock it is 11:02
+    timers.run_due()
+    assert sched.recheck_wall_clock()
+    clocks.advance(600)
+    timers.run_due()
+    assert len(fires) == 1 and sched.next_fire("a", "j") == planned
+    assert timers.time_until_next() == pytest.approx(3600 - 600)  # the 12:02 slot, by the wall clock
+
+
+def test_clock_steps_forward_and_back_are_noticed_within_one_tick(clocks):
+    """A wall-clock step is seen by the first recheck after it, and the job fires on its
+    wall-clock slot after a step back and then forward again."""
+    fires: list[Fire] = []
+    sched, timers = _scheduler(clocks, fires)
+    sched.set_agent(_agent_with(_every_minute()))
+    clocks.wall -= 120  # 11:58:30: the 12:01 slot is now 150 s away by the wall clock
+    assert sched.recheck_wall_clock()
+    assert timers.time_until_next() == pytest.approx(150)
+    clocks.wall += 120 + 45  # 12:01:15: the slot has passed
+    assert sched.recheck_wall_clock()
+    timers.run_due()
+    assert [f.job for f in fires] == ["j"]
+    assert sched.next_fire("a", "j") == dt.datetime(2026, 3, 1, 12, 2, tzinfo=dt.UTC)
 
 
 def test_catch_up_after_clock_jumps():

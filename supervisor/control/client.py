@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+# _socket, not socket: the socket module builds its enums at import (~2 ms per agent call).
+import _socket
 import json
 import os
 import select
-import socket
 from pathlib import Path
 
 from ..errors import ControlError, DaemonNotRunning
 
+# Not imported from .protocol, which loads msgspec: every agent imports this module.
 # Replies are not capped by the daemon (a namespace is as large as its writers made it);
 # this only bounds what a client will buffer.
 MAX_REPLY_BYTES = 1 << 30
@@ -19,17 +21,17 @@ class ControlClient:
     def __init__(self, socket_path: str | Path, timeout_s: float = 30.0) -> None:
         self.socket_path = str(socket_path)
         self.timeout_s = timeout_s
-        self._sock: socket.socket | None = None
+        self._sock: _socket.socket | None = None
         self._buffer = b""
         self._next_id = 0
         self.run_id = os.environ.get("WATCHKEEPER_RUN_ID")
         self.token = os.environ.get("WATCHKEEPER_RUN_TOKEN")
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _socket.socket:
         if self._sock is not None and self._closed_by_daemon():
             self.close()  # e.g. the idle timeout: nothing was sent on it, so connect anew
         if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
             sock.settimeout(self.timeout_s)
             try:
                 sock.connect(self.socket_path)
@@ -47,7 +49,7 @@ class ControlClient:
         if not select.select([self._sock], [], [], 0)[0]:
             return False
         try:
-            return self._sock.recv(1, socket.MSG_PEEK) == b""
+            return self._sock.recv(1, _socket.MSG_PEEK) == b""
         except OSError:
             return True
 
