@@ -136,6 +136,37 @@ def test_admin_commands_need_the_daemons_user():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_a_member_of_the_daemons_group_may_read_but_not_administer():
+    """A uid whose supplementary groups hold the daemon's own group (no socket_group set)
+    may read status, but pause, reload, breaker-reset, start-now and stop stay refused."""
+    require(os.geteuid() == 0, "needs root to run a process as another uid")
+    python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+    require(python is not None, "a system python3 that another uid can execute")
+    nobody = pwd.getpwnam("nobody")
+    agent = {"jobs": [{"id": "main", "command": ["true"], "schedule": {"every_s": 3600}}]}
+    root = Path(tempfile.mkdtemp(prefix="wk-security-"))
+    try:
+        with DaemonProc(root, {"a": agent}).start(extra_env=AGENT_ENV) as d:
+            opened = _reachable_by_others(d.socket_path)
+            try:
+                out = subprocess.run([python, "-c", NOBODY, str(d.socket_path)],
+                                     user=nobody.pw_uid, group=nobody.pw_gid,
+                                     extra_groups=[os.getgid()],
+                                     capture_output=True, text=True, timeout=30)
+            finally:
+                for path, mode in opened:
+                    path.chmod(mode)
+            assert out.returncode == 0, out.stderr
+            replies = json.loads(out.stdout)
+            assert replies["status"]["ok"], replies["status"]
+            for cmd in ("pause", "resume", "reload", "breaker-reset", "start-now", "stop"):
+                assert replies[cmd]["ok"] is False, (cmd, replies[cmd])
+                assert "permission denied" in replies[cmd]["error"]
+            assert not d.find("agent_paused") and not d.find("run_started")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _reachable_by_others(socket_path: Path) -> list[tuple[Path, int]]:
     """Let other users traverse to the socket and connect (the daemon creates it 0660 in
     0700 test directories); returns the modes to restore."""
@@ -146,7 +177,7 @@ def _reachable_by_others(socket_path: Path) -> list[tuple[Path, int]]:
             break
         mode = parent.stat().st_mode & 0o7777
         changed.append((parent, mode))
-        parent.chmod(mode | 0o001)
+        parent.chmod(mode | 0o011)  # group too: a member of the owner's group checks those bits
     return changed
 
 

@@ -67,7 +67,8 @@ class Handlers:
                 log.warning("control_denied", cmd=req.cmd, peer_uid=conn.peer.uid,
                             peer_pid=conn.peer.pid, reason="not a known caller")
                 return error(req.id, f"permission denied: {req.cmd!r} needs root, the "
-                                     "daemon's user, the socket group or an agent's run")
+                                     "daemon's user or group, the socket group or an "
+                                     "agent's run")
             return (impl or READ_ONLY[req.cmd])(self, conn, req)
         if req.cmd in AGENT:
             run = self.authenticate_run(conn, req)
@@ -109,7 +110,16 @@ class Handlers:
         outputs and memory say what the agents are doing."""
         if self.is_admin(conn) or conn.peer.uid in getattr(self.daemon, "agent_uids", ()):
             return True
+        if self.in_daemons_group(conn):
+            return True
         return bool(place(conn.peer.pid, self.daemon.pipeline, self.daemon.cgroups).inside)
+
+    def in_daemons_group(self, conn: Connection) -> bool:
+        """A member of the daemon's own group (`watchkeeper` under the unit), primary or
+        supplementary: the operators `install-systemd` makes may read without
+        `socket_group`; agents run with no supplementary group, so never by this."""
+        gid = os.getgid()
+        return conn.peer.gid == gid or gid in peer_groups(conn.sock, conn.peer.pid)
 
     def _spec_of(self, run: Run | None):
         if run is None:
