@@ -146,6 +146,10 @@ class AgentSpec(_Section, kw_only=True):
     permissions: list[Permission] = []
     """Admin verbs this agent's runs may call (e.g. [start-now] for an orchestrator); by
     default every admin verb is refused from inside any run."""
+    network: bool = True
+    """false (or `off`): each run gets a network namespace of its own with loopback only
+    (no internet, no host addresses; the daemon's socket still works); needs unprivileged
+    user namespaces. true: the host's network, as the unit's IPAddressAllow= leaves it."""
 
     @property
     def name(self) -> str:

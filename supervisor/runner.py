@@ -16,6 +16,7 @@ from pathlib import Path
 
 import structlog
 
+from . import no_network
 from .cgroups import RunCgroups
 from .config import AgentSpec, Job
 from .identity import AgentIdentity
@@ -202,16 +203,20 @@ def spawn(run: Run, agent: AgentSpec, *, cwd: str, env: dict[str, str],
     job = run.job
     as_user = {} if identity is None else {
         "user": identity.uid, "group": identity.gid, "extra_groups": []}
+    argv, shell = build_argv(job), job.shell
+    if not agent.network:  # under the agent's uid: the namespace is the agent's own
+        argv = no_network.argv_for(["/bin/sh", "-c", argv] if shell else argv)
+        shell = False
     # Our own pipes, not Popen's file objects: those close their fd when the Popen is
     # collected, and a reused fd number would then alias a pipe the selector still watches.
     out_r, out_w = os.pipe2(os.O_CLOEXEC)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     try:
         popen = subprocess.Popen(
-            build_argv(job),
+            argv,
             cwd=job.cwd and os.path.join(cwd, job.cwd) or cwd,
             env=env,
-            shell=job.shell,  # noqa: S602 - only when the job file says `shell: true`
+            shell=shell,  # noqa: S602 - only when the job file says `shell: true`
             stdin=subprocess.DEVNULL,
             stdout=out_w,
             stderr=err_w,
