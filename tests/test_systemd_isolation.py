@@ -74,6 +74,28 @@ idle()
 GAMMA = """
 report("who", [os.getuid(), os.getgid(), os.getgroups(), call("heartbeat", {})["ok"]])
 """
+OFFLINE = """
+def own_loopback():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    socket.create_connection(server.getsockname(), timeout=5).close()
+report("offline", {"ns": os.readlink("/proc/self/ns/net"),
+                   "interfaces": sorted(line.split(":")[0].strip()
+                                         for line in open("/proc/self/net/dev").readlines()[2:]),
+                   "own loopback": attempt(own_loopback),
+                   "uid": os.getuid(), "heartbeat": call("heartbeat", {})["ok"],
+                   "caps": [line.split()[1] for line in open("/proc/self/status")
+                            if line.split()[:1] in (["CapPrm:"], ["CapEff:"], ["CapAmb:"])]})
+"""
+LIMITS = """
+def metadata():  # UDP: a TCP SYN the filter drops is retried, not refused
+    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"?", ("169.254.169.254", 80))
+report("limits", {"ns": os.readlink("/proc/self/ns/net"),
+                  "metadata": attempt(metadata),
+                  "nice": attempt(lambda: os.nice(1)),
+                  "netlink": attempt(lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0))})
+"""
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +120,9 @@ def isolated(tmp_path_factory):
                   "beta": {"user": "wk-beta",
                            "jobs": [probe_job(BETA, env={"BETA_SECRET": "s3cr3t"})]},
                   "gamma": {"jobs": [probe_job(GAMMA)]},
-                  "bomb": {"max_processes": 20, "jobs": [probe_job(BOMB)]}}
+                  "bomb": {"max_processes": 20, "jobs": [probe_job(BOMB)]},
+                  "delta": {"network": False, "jobs": [probe_job(OFFLINE)]},
+                  "epsilon": {"jobs": [probe_job(LIMITS)]}}
         deployment.write_config(agents)
         deployment.write_etc(MAIN_CONFIG, yaml.safe_dump({**CONFIG, "socket_group": "wk-admins"}))
         box.run("systemctl", "start", UNIT, timeout_s=90)
@@ -230,3 +254,30 @@ def test_an_agent_sharing_the_daemons_uid_cannot_read_its_memory(shared_uid):
     assert same["daemon environ"].startswith("denied") and same["daemon mem"].startswith(
         "denied"), same
     assert same["pause"] is False
+
+
+def test_an_agent_with_network_off_under_the_unit_has_only_its_own_loopback(isolated):
+    """Under the unit an agent with `network: false` runs, under its own uid and with no
+    capability, in a network namespace of its own that holds only a working loopback, and
+    still heartbeats through the daemon's socket."""
+    d = isolated
+    _admin(d, "start-now", "delta")
+    _admin(d, "start-now", "epsilon")
+    offline = _report(d, "delta", "offline")
+    online = _report(d, "epsilon", "limits")
+    assert offline["ns"] != online["ns"], (offline, online)
+    assert offline["interfaces"] == ["lo"] and offline["own loopback"] == "ok", offline
+    assert offline["heartbeat"] is True and 70000 <= offline["uid"] <= 70999, offline
+    assert offline["caps"] == ["0" * 16] * 3, offline
+
+
+def test_the_unit_keeps_agents_from_link_local_addresses_priorities_and_netlink(isolated):
+    """Under the unit an agent with network is refused (EPERM) a connection to the cloud
+    metadata address 169.254.169.254 (IPAddressDeny=), a lower priority (~@resources) and
+    a netlink socket (EAFNOSUPPORT: RestrictAddressFamilies=)."""
+    d = isolated
+    _admin(d, "start-now", "epsilon")
+    limits = _report(d, "epsilon", "limits")
+    assert limits["metadata"] == "denied:1", limits
+    assert limits["nice"] == "denied:1", limits
+    assert limits["netlink"] == "denied:97", limits
