@@ -61,3 +61,16 @@ def test_an_agent_with_network_off_sees_only_its_own_loopback(tmp_path):
     assert offline["own loopback"] == "ok", offline
     assert offline["host port"].startswith("denied"), offline
     assert offline["heartbeat"] is True, offline
+
+
+def test_without_a_network_namespace_the_command_is_not_run(tmp_path, monkeypatch, capsys):
+    """When the kernel refuses the namespace, the wrapper exits 126 with the reason and a
+    hint, and never runs the command with the host's network."""
+    def refuse(flags: int) -> None:  # what a kernel without user namespaces answers
+        raise OSError(1, "unshare: Operation not permitted")
+    monkeypatch.setattr(no_network, "unshare", refuse)
+    marker = tmp_path / "ran"
+    assert no_network.main(["touch", str(marker)]) == no_network.EXIT_NO_NAMESPACE
+    assert not marker.exists()
+    said = capsys.readouterr().err
+    assert "network: false" in said and "unprivileged_userns_clone" in said
