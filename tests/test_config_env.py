@@ -62,6 +62,12 @@ def test_expand_string_rejects_unset_and_malformed_references(text, message):
         expand_string(text, {})
 
 
+def test_expansion_is_bounded():
+    """A value that would expand past MAX_EXPANDED_CHARS is an error, not a huge string."""
+    with pytest.raises(EnvReferenceError, match="expands to more than"):
+        expand_string("${BIG}" * 1000, {"BIG": "x" * 1000})
+
+
 def test_main_file_reference_takes_the_environment_or_its_default(tmp_path, monkeypatch):
     """The alert URL takes WK_TEST_PORT from the environment, else the written default."""
     path = write(tmp_path, ALERTS)
