@@ -21,6 +21,12 @@ def scenario() -> str:
     return os.environ.get("WATCHKEEPER_SCENARIO", "")
 
 
+def demo_url(path: str) -> str:
+    """A URL on the demo's local web (demo/server.py): its port is WATCHKEEPER_DEMO_PORT,
+    default 8765, the one setting the server and the daemon's alert URL read too."""
+    return f"http://127.0.0.1:{os.environ.get('WATCHKEEPER_DEMO_PORT') or 8765}{path}"
+
+
 def say(agent: Agent, message: str) -> None:
     print(f"{agent.name}: {message}", flush=True)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # community: posts each approved article once to a Discord-compatible webhook.
 #
-#     community.sh            (COMMUNITY_WEBHOOK_URL: where to post)
+#     community.sh            (COMMUNITY_WEBHOOK_URL: where to post; by default the demo's
+#                              receiver on 127.0.0.1:$WATCHKEEPER_DEMO_PORT, default 8765)
 #
 # Written with the `watchkeeper` CLI alone, to show the drop-in contract outside Python:
 # every operation is a command, every answer an exit code (0 done, 1 error, 3 no daemon,
@@ -14,7 +15,7 @@
 # duplicate post in a channel is worse than a missing one.
 set -uo pipefail
 
-webhook=${COMMUNITY_WEBHOOK_URL:?COMMUNITY_WEBHOOK_URL must name the webhook to post to}
+webhook=${COMMUNITY_WEBHOOK_URL:-http://127.0.0.1:${WATCHKEEPER_DEMO_PORT:-8765}/webhooks/community}
 say() { echo "community: $*"; }
 
 watchkeeper heartbeat || exit 1

@@ -1,7 +1,9 @@
 """research: reads the configured pages and stores what they say as notes, through the steward.
 
-    research.py fetch INDEX_URL...     note up to RESEARCH_MAX_PAGES new pages linked from them
-    research.py refresh INDEX_URL...   re-read the oldest note's page; update it if it changed
+    research.py fetch [INDEX_URL...]     note up to RESEARCH_MAX_PAGES new pages linked from them
+    research.py refresh [INDEX_URL...]   re-read the oldest note's page; update it if it changed
+
+Without INDEX_URL, the demo's pages (http://127.0.0.1:$WATCHKEEPER_DEMO_PORT/pages/).
 
 Pages are read with headless Chromium when it is installed, so text that JavaScript puts on
 the page is seen too, and with plain HTTP otherwise (RESEARCH_FETCHER=auto|chromium|http).
@@ -22,7 +24,7 @@ import urllib.parse
 import urllib.request
 from html.parser import HTMLParser
 
-from common import run, say, scenario, slugify
+from common import demo_url, run, say, scenario, slugify
 from textgen import Meter, Prompt
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "headless_shell")
@@ -206,13 +208,14 @@ def refresh(agent, meter: Meter, index_urls: list[str]) -> int:
 
 
 def main(agent, meter: Meter, argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("fetch", "refresh"):
-        print("usage: research.py fetch|refresh INDEX_URL...", flush=True)
+    if not argv or argv[0] not in ("fetch", "refresh"):
+        print("usage: research.py fetch|refresh [INDEX_URL...]", flush=True)
         return 2
     if scenario() == "research-down":
         say(agent, "scenario research-down: every source unreachable (simulated); failing")
         return 1
-    return (fetch if argv[0] == "fetch" else refresh)(agent, meter, argv[1:])
+    index_urls = argv[1:] or [demo_url("/pages/")]
+    return (fetch if argv[0] == "fetch" else refresh)(agent, meter, index_urls)
 
 
 if __name__ == "__main__":

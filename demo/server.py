@@ -1,6 +1,9 @@
 """The demo's local web: the pages research reads, and a Discord-compatible webhook receiver.
 
-    python demo/server.py --port 8765 [--publish-every-s 15] [--linger-s 3]
+    python demo/server.py [--port N] [--publish-every-s 15] [--linger-s 3]
+
+The port is --port, else WATCHKEEPER_DEMO_PORT, else 8765: the one setting the daemon's
+alert URL (config/watchkeeper.yaml) and the demo agents (agents/common.py) read too.
 
 GET  /pages/                 the index of published pages: two, then one more every
                              --publish-every-s
@@ -160,9 +163,21 @@ def breaker_open() -> bool:
         client.close()
 
 
+DEMO_PORT_ENV, DEFAULT_DEMO_PORT = "WATCHKEEPER_DEMO_PORT", 8765
+
+
+def port_number(text: str) -> int:
+    """A TCP port from --port or WATCHKEEPER_DEMO_PORT, or an error naming the valid range."""
+    if text.isdigit() and 1 <= int(text) <= 65535:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not a port (a whole number 1-65535)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--port", type=port_number,
+                        default=os.environ.get(DEMO_PORT_ENV) or str(DEFAULT_DEMO_PORT),
+                        help=f"default: ${DEMO_PORT_ENV}, else {DEFAULT_DEMO_PORT}")
     parser.add_argument("--publish-every-s", type=float, default=15.0)
     parser.add_argument("--linger-s", type=float, default=3.0)
     args = parser.parse_args()
@@ -172,8 +187,8 @@ def main() -> int:
         server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(site))
     except OSError as exc:
         print(f"demo server: cannot listen on 127.0.0.1:{args.port}: {exc.strerror}; is another "
-              "demo running? The port is set in config/agents.d/demo.yaml and the URLs that "
-              "use it", file=sys.stderr)
+              f"demo running? Start this one on another port: {DEMO_PORT_ENV}=PORT (in the "
+              "daemon's environment)", file=sys.stderr)
         return 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

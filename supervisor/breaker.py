@@ -313,6 +313,15 @@ class Breaker:
         if self.state is BreakerState.HALF_OPEN:
             windows.count_probe(event.agent)
 
+    def output_window_fill(self, agent: str, now: float | None = None) -> dict[str, Any]:
+        """{"outputs": 9, "max_outputs": 10, "window_s": 60}: how close `agent` is to its
+        outputs limit. Reads only: counting a copy leaves the window untouched."""
+        limit, window_s = counting_limit(self.settings, Rule.OUTPUTS, agent, "")
+        window = self._windows.counts.get((Rule.OUTPUTS.value, agent, ""))
+        cutoff = self._now(now) - window_s
+        count = sum(1 for t in window.stamps if t > cutoff) if window is not None else 0
+        return {"outputs": count, "max_outputs": limit, "window_s": window_s}
+
     def memory_footprint(self) -> dict[str, int]:
         """Counts of tracked keys and stored timestamps, for metrics and the bounded-memory test."""
         return self._windows.footprint()

@@ -382,11 +382,13 @@ def run_agent_verb(argv: list[str]) -> int | None:
         return None
     handler, args = parsed
     verb = f"{args.command} {args.op}".strip()
-    from .sdk import NotInRun
+    from .sdk import Agent, NotInRun
 
     try:
         if verb not in _READS:
-            _sdk(args).require_run(verb)
+            # Before discovery: outside a run the answer is exit 1 whether a daemon is found
+            # or not (it was exit 3 "no configuration found" in an empty directory).
+            Agent().require_run(verb)
         return handler(args)
     except NotInRun as exc:
         print(f"watchkeeper {exc}", file=sys.stderr)

@@ -33,6 +33,10 @@ working_dir: {STATE_DIR}
 agents_dir: agents.d
 stop_grace_s: 10
 log_level: info
+# Members of this group are the host's operators: without --config they may run every
+# verb, admin verbs included (pause, resume, breaker reset): `usermod -aG {USER} NAME`.
+# An agent's uid never is, even in the group. docs/security.md.
+socket_group: {USER}
 """
 
 

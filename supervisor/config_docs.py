@@ -121,8 +121,13 @@ def render() -> str:
              "`supervisor/config.py` (and the sections it imports); a test keeps this file "
              "equal to its output. Durations are in seconds (`_s`), sizes in MB (`_mb`). "
              "Unknown keys are errors.", ""]
-    lines += _table("Main file: watchkeeper.yaml", "Relative paths are relative to this file.",
-                    Settings)
+    lines += _table("Main file: watchkeeper.yaml", "Relative paths are relative to this file. "
+                    "String values may name environment variables (`supervisor/config_env.py`): "
+                    "`${NAME}`, `${NAME:-default}` (the default when NAME is unset or empty), "
+                    "`$${` for a literal `${`; an unset NAME without default is an error. The "
+                    "environment is the daemon's (its unit's `Environment=`), or the shell's "
+                    "for `check-config`. Agent files are never expanded: their commands keep "
+                    "`${...}` for the agent's own shell.", Settings)
     lines += _table("Agent file: agents.d/NAME.yaml", "One agent, the identity that heartbeats, "
                     "locks, memory permissions and output limits attach to.", AgentSpec)
     lines += _table("Job: an item of `jobs:`", "Exactly one of `schedule.cron`, "

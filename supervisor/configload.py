@@ -18,6 +18,7 @@ import msgspec
 import yaml
 
 from .config import AgentSpec, Job, Settings
+from .config_env import expand_values
 from .errors import ConfigError
 from .identity import name_problems, uid_range_problems, user_problems
 from .safefile import read_capped
@@ -489,6 +490,9 @@ def load_config(path: Path | str | None = None) -> Config:
     data = doc.data if doc.data is not None else {}
     if not isinstance(data, dict):
         raise ConfigError([doc.issue(DOCUMENT, "the file must be a mapping of settings")])
+    data = expand_values(data, os.environ, lambda field, why: issues.append(doc.issue(field, why)))
+    if issues:  # checked as written, a bad reference would add a second, misleading error
+        raise ConfigError(issues)
     settings = _convert(doc, data, Settings, "", issues)
     if settings is None:
         # Keep going with the defaults, so the agent files' errors are reported too.

@@ -62,6 +62,8 @@ def socket_of_config(path: Path) -> Path:
     file's directory as the daemon takes them."""
     import yaml  # only here: agents inside a run never get this far
 
+    from .config_env import EnvReferenceError, expand_string
+
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -69,6 +71,11 @@ def socket_of_config(path: Path) -> Path:
         raise DaemonNotFound(f"cannot read the configuration {path}: {reason}; pass "
                              "--config PATH or --socket PATH") from None
     data = data if isinstance(data, dict) else {}
+    try:  # the daemon expands ${VAR} references in the main file (config_env); so must we
+        data = {k: expand_string(v, os.environ) if isinstance(v, str) else v
+                for k, v in data.items() if k in ("control_socket", "state_dir")}
+    except EnvReferenceError as exc:
+        raise DaemonNotFound(f"{path}: {exc}") from None
     base = path.resolve().parent
     if isinstance(data.get("control_socket"), str):
         return _relative_to(base, data["control_socket"])

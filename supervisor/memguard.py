@@ -258,6 +258,10 @@ class MemoryGuard:
     def kills_in_flight(self) -> int:
         return len(self._kills)
 
+    def system_reading(self) -> SystemMemory:
+        """System memory now, from the guard's own source (so `scope_cgroup` is honoured)."""
+        return self._source.system()
+
     def tick(self, now: float) -> list[Action]:
         self._advance_kills(now)
         reading = self._source.system()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-from .breaker_rules import Rule, counting_limit
 from .heartbeat import heartbeat_path, load_heartbeat
 
 
@@ -49,13 +48,7 @@ class StatusDetails:
         breaker = getattr(gate, "breaker", None)
         if breaker is None:
             return None
-        limit, window_s = counting_limit(breaker.settings, Rule.OUTPUTS, agent, "")
-        # Read, never add: the window is the breaker's; pruning a copy leaves it untouched.
-        window = breaker._windows.counts.get((Rule.OUTPUTS.value, agent, ""))
-        stamps = window.stamps if window is not None else ()
-        now = breaker._clock()  # the clock the breaker stamped its events with
-        count = sum(1 for t in stamps if t > now - window_s)
-        return {"outputs": count, "max_outputs": limit, "window_s": window_s}
+        return breaker.output_window_fill(agent)
 
     def degraded_reason(self, upstreams: list[str]) -> str | None:
         """'upstream research: its last run failed; upstream content degraded by research'."""
@@ -88,8 +81,7 @@ class StatusDetails:
         guard = getattr(health, "guard", None)
         if guard is None:
             return None
-        # The guard's own source, so a scope_cgroup setting is honoured here too.
-        reading = guard._source.system()
+        reading = guard.system_reading()
         s = guard.settings
         return {"level": guard.level.value, "percent_used": round(reading.percent_used, 1),
                 "warn_percent": s.warn_percent, "act_percent": s.act_percent}

@@ -98,6 +98,16 @@ def test_agent_verb_outside_a_run_fails_clearly(tmp_path, argv):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_heartbeat_outside_a_run_exits_1_even_where_no_daemon_is_found(tmp_path):
+    """heartbeat outside a run, with no socket or configuration to find, exits 1 saying so."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WATCHKEEPER_")}
+    result = subprocess.run([os.path.join(BIN, "watchkeeper"), "heartbeat"], capture_output=True,
+                            text=True, env=env, cwd=tmp_path, timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "not inside a watchkeeper run" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("argv", [["heartbeat"], ["lock", "t1"]])
 def test_cli_agent_verb_without_daemon_exits_3_and_writes_nothing(tmp_path, argv):
     """Inside a run with the daemon gone, heartbeat and lock exit 3 and write no file."""

@@ -65,6 +65,19 @@ def test_exactly_n_outputs_are_allowed():
     assert breaker.state is BreakerState.CLOSED
 
 
+def test_output_window_fill_counts_outputs_inside_the_window_only():
+    """output_window_fill reports the outputs still inside the window and the limit, read-only."""
+    breaker, clock, _ = make(outputs(10, window_s=60.0))
+    assert breaker.output_window_fill("content") == {
+        "outputs": 0, "max_outputs": 10, "window_s": 60.0}
+    emit(breaker, "content", 3, clock, step_s=20.0)  # at t=0, 20, 40; the clock is now 60
+    clock.advance(1.0)  # the first output has left the 60 s window
+    fill = breaker.output_window_fill("content")
+    assert fill == {"outputs": 2, "max_outputs": 10, "window_s": 60.0}
+    assert breaker.output_window_fill("content") == fill  # reading changed nothing
+    assert breaker.output_window_fill("seo")["outputs"] == 0
+
+
 def test_output_n_plus_one_is_denied_and_trips_once():
     """The (N+1)th output in the window is denied and carries the one Trip record."""
     breaker, clock, wall = make(outputs(5))

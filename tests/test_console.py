@@ -104,6 +104,29 @@ def test_console_in_a_terminal_is_one_short_line_per_thing(console_daemon):
 
 
 
+def test_a_real_trip_and_reset_are_each_logged_once(tmp_path):
+    """In the JSON log of a real trip and `breaker reset`, each is exactly one record."""
+    runaway = ("from supervisor.sdk import Agent; a = Agent()\n"
+               "for i in range(5): a.emit('post', f'post {i}')")
+    agents = {"runaway": {"jobs": [{"id": "j", "command": py(runaway),
+                                    "schedule": {"every_s": 3600}}]},
+              "idle": {"jobs": [{"id": "j", "command": py("pass"),
+                                 "schedule": {"every_s": 3600}}]}}
+    d = DaemonProc(tmp_path, agents, breaker={"outputs": {"max_outputs": 2, "window_s": 60}})
+    with d.start():
+        d.call("start-now", agent="runaway")
+        d.wait_event("breaker_tripped", timeout_s=20)
+        d.wait_event("run_finished", agent="runaway", timeout_s=20)
+        reset = wk("--config", str(d.config_path), "breaker", "reset", "--reason", "fixed")
+        assert reset.returncode == 0, reset.stderr
+        d.wait_event("breaker_reset")
+        # A run after the reset: anything the trip or the reset logs comes before its end.
+        d.call("start-now", agent="idle")
+        d.wait_event("run_finished", agent="idle", timeout_s=20)
+    assert [e["level"] for e in d.find("breaker_tripped")] == ["critical"]
+    assert [(e["level"], e["reason"]) for e in d.find("breaker_reset")] == [("warning", "fixed")]
+
+
 def test_restart_with_a_closed_breaker_warns_of_nothing(tmp_path):
     """A second start restores a closed breaker at info level: no warning at all."""
     agents = {"idle": {"jobs": [{"id": "j", "command": py("pass"),

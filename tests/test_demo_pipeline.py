@@ -1,6 +1,7 @@
 """The bundled demo pipeline end to end: the five agents in agents/, run by a real daemon from
-the repository's own config/ (state and port moved into tmp_path), with the demo's page
-server and webhook receiver; and the text-generation interface the agents share."""
+the repository's own config/ (state in tmp_path, and on a free port through the one setting
+WATCHKEEPER_DEMO_PORT), with the demo's page server and webhook receiver; and the
+text-generation interface the agents share."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from supervisor.runner import with_own_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"
-DEMO_PORT = "8765"
+DEMO_PORT_ENV = "WATCHKEEPER_DEMO_PORT"
 PIPELINE = ("research", "content", "seo", "community", "analytics")
 
 sys.path.insert(0, str(ROOT / "agents"))
@@ -39,18 +40,18 @@ def free_port() -> int:
 
 
 def demo(tmp_path: Path, scenario: str = "", fetcher: str = "http") -> DaemonProc:
-    """The repository's demo config with its state in tmp_path and its port a free one."""
-    port = str(free_port())
+    """The repository's demo config, unchanged but for its state in tmp_path, on a free port
+    set as an operator would: WATCHKEEPER_DEMO_PORT in the daemon's environment."""
 
     def load(path: Path) -> dict:
-        return yaml.safe_load(path.read_text().replace(DEMO_PORT, port))
+        return yaml.safe_load(path.read_text())
 
     settings = load(CONFIG / "watchkeeper.yaml")
     settings.update(state_dir=str(tmp_path / "state"), working_dir=str(ROOT))
     agents = {p.stem: load(p) for p in sorted((CONFIG / "agents.d").glob("*.yaml"))}
     d = DaemonProc(tmp_path, agents, **settings)
     d.demo_env = {"PYTHONPATH": str(ROOT), "WATCHKEEPER_SCENARIO": scenario,
-                  "RESEARCH_FETCHER": fetcher}
+                  "RESEARCH_FETCHER": fetcher, DEMO_PORT_ENV: str(free_port())}
     return d
 
 
@@ -175,6 +176,8 @@ def test_seo_downstream_of_degraded_content_carries_the_chain(tmp_path):
 
 def test_3am_retry_loop_halts_the_pipeline_with_one_alert(tmp_path):
     """The 3am switch's runaway retries trip the breaker: one alert, no agent left running."""
+    # On a free port (WATCHKEEPER_DEMO_PORT): the alert reaching the demo's receiver shows
+    # the daemon's webhook URL follows the setting.
     with start(demo(tmp_path, scenario="3am")) as d:
         trip = d.wait_event("breaker_tripped", agent="content", timeout_s=120)
         d.wait_event("alert_delivered", kind="breaker_trip", timeout_s=30)

@@ -170,6 +170,15 @@ def test_settings_reject_unknown_keys_and_disordered_percents():
         is MemoryPriority.LOW
 
 
+def test_system_reading_comes_from_the_guards_own_source():
+    """system_reading returns the reading of the source the guard was built with."""
+    source = ScriptedSource(percent=83.0)
+    guard, _ = make_guard(source)
+    assert round(guard.system_reading().percent_used, 1) == 83.0
+    source.percent = 41.0
+    assert round(guard.system_reading().percent_used, 1) == 41.0
+
+
 def test_levels_hold_until_below_clear():
     """Once critical, the level stays critical down to clear_percent and then drops to normal."""
     s = settings()
