@@ -15,6 +15,7 @@ import typing
 import msgspec
 
 from .config import AgentSpec, Job, Settings
+from .config_ranges import describe, meta_of
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -62,6 +63,10 @@ def _struct_of(hint) -> type | None:
 
 
 def _type_name(hint) -> str:
+    if typing.get_origin(hint) is typing.Annotated:
+        meta = meta_of(hint)
+        base = _type_name(hint.__origin__)
+        return f"{base} ({describe(meta)})" if meta is not None else base
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return " \\| ".join(str(m.value) for m in hint)
     if isinstance(hint, type):
@@ -91,7 +96,7 @@ def rows(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(key path, type, default, doc) of every field of `cls`, sections flattened."""
     out = []
     docs = _field_docs(cls)
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # with the ranges
     for field in msgspec.structs.fields(cls):
         key = f"{prefix}{field.name}"
         hint = hints[field.name]
