@@ -234,7 +234,7 @@ class Settings(_Section, kw_only=True):
     """Run, output and spend records older than this are pruned."""
     log_line_max_bytes: Count = 8192
     """Longer lines of agent output are cut and marked …[truncated]."""
-    log_lines_per_s: Count = 200
+    log_lines_per_s: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 200
     """Lines per second logged from one agent's output; the rest is counted and summarised."""
     cgroups: Literal["auto", "on", "off"] = "auto"
     """Per-run cgroups: auto (when the daemon owns a delegated cgroup v2), on, off."""

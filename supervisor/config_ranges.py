@@ -63,18 +63,15 @@ def number(value: float) -> str:
 _OUT_OF_RANGE = re.compile(r"Expected `(?:int|float)` (?:>|>=|<|<=) ")
 
 
-def range_message(message: str, struct: type, sub: str, data) -> str:
-    """msgspec's 'Expected `float` > 0.0' for the field at path `sub`, rewritten to say the
-    value and the whole valid range: 'tick_s: -5 is out of range (valid: > 0, <= 315360000)'.
+def range_message(message: str, struct: type, sub: str, value) -> str:
+    """msgspec's 'Expected `float` > 0.0' for `value`, the field at msgspec path `sub`, rewritten
+    to say the value and the whole valid range: '-5 is out of range (valid: > 0, <= 3600)'.
     Other messages are returned unchanged."""
     if not _OUT_OF_RANGE.match(message):
         return message
     meta = _field_meta(struct, sub)
     if meta is None:
         return message
-    from .config_hints import value_at
-
-    value = value_at(data, sub)  # None under a mapping's key: msgspec's path says `[...]`
     shown = f"{number(value)} is " if isinstance(value, int | float) and not isinstance(value, bool) \
         else ""
     return f"{shown}out of range (valid: {describe(meta)})"

@@ -18,6 +18,7 @@ import msgspec
 import yaml
 
 from .config import AgentSpec, Job, Settings
+from .config_hints import value_at
 from .errors import ConfigError
 from .identity import name_problems, uid_range_problems, user_problems
 from .safefile import read_capped
@@ -147,7 +148,8 @@ class _Document:
         while field:
             if field in self.lines:
                 return self.lines[field]
-            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
+            # `[...]` is msgspec's name for a mapping's key (breaker.agents[...].outputs)
+            parent = re.sub(r"(\.[^.\[]*|\[\d+\]|\[\.\.\.\])$", "", field)
             if parent == field:
                 break  # a top-level field the file does not have, e.g. a missing `jobs`
             field = parent
@@ -170,7 +172,8 @@ def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[Confi
         return msgspec.convert(data, struct)
     except msgspec.ValidationError as exc:
         match = _KEY_PATH.match(str(exc)) or _MSGSPEC_PATH.match(str(exc))
-        message, sub = match["msg"], (match["path"] or "").lstrip(".")
+        message, schema_sub = match["msg"], (match["path"] or "").lstrip(".")
+        sub = _name_mapping_keys(struct, data, schema_sub)
         if match.re is _KEY_PATH:
             message = f"a key of this mapping is not a string ({message})"
         field = ".".join(p for p in (prefix, sub) if p).replace(".[", "[")
@@ -185,13 +188,39 @@ def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[Confi
         elif message.startswith("Expected `int` ") or message.startswith("Expected `float` "):
             from .config_ranges import range_message
 
-            message = range_message(message, struct, sub, data)
+            message = range_message(message, struct, schema_sub, value_at(data, sub))
         elif message.startswith("Expected `object`"):
-            from .config_hints import object_hint, value_at
+            from .config_hints import object_hint
 
             message += object_hint(_struct_at(struct, sub), value_at(data, sub))
         issues.append(doc.issue(field or DOCUMENT, message))
         return None
+
+
+def _name_mapping_keys(struct: type, data, sub: str) -> str:
+    """msgspec names a mapping's key `[...]` in its path (`breaker.agents[...].outputs`): put
+    back the key whose value fails, so the issue names the agent and its line."""
+    named, schema_path, rest = "", "", sub
+    while "[...]" in rest:
+        head, _, rest = rest.partition("[...]")
+        named, schema_path = named + head, schema_path + head + "[...]"
+        mapping, value_type = value_at(data, named), _struct_at(struct, schema_path)
+        bad = next((key for key, value in mapping.items()
+                    if isinstance(key, str) and re.fullmatch(r"[^.\[\]]+", key)
+                    and _invalid(value, value_type)), None) \
+            if isinstance(mapping, dict) and value_type is not None else None
+        if bad is None:
+            return f"{named}[...]{rest}"
+        named += f".{bad}"
+    return named + rest
+
+
+def _invalid(value, struct: type) -> bool:
+    try:
+        msgspec.convert(value, struct)
+    except msgspec.ValidationError:
+        return True
+    return False
 
 
 def _enum_hint(struct: type, sub: str) -> str:

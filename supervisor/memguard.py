@@ -71,7 +71,7 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     """Longest interval between two memory readings (below warn_percent)."""
     fast_interval_s: PositiveDuration = 0.25
     """Sampling interval near the threshold."""
-    fill_rate_mb_s: Annotated[float, msgspec.Meta(gt=0)] = 1000.0
+    fill_rate_mb_s: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] = 1000.0  # 1 TB/s
     """The fastest climb of memory use the guard plans for: below warn_percent it reads
     again before a climb this fast could reach warn_percent, then samples at
     fast_interval_s. A faster jump is seen within slow_interval_s."""
