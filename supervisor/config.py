@@ -232,7 +232,8 @@ class Settings(_Section, kw_only=True):
     # 0 or less made pruning delete all history.
     run_history_days: Annotated[float, msgspec.Meta(gt=0, le=MAX_DAYS)] = 30.0
     """Run, output and spend records older than this are pruned."""
-    log_line_max_bytes: Count = 8192
+    # The daemon holds up to this much of each output line until its newline comes.
+    log_line_max_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 8192
     """Longer lines of agent output are cut and marked …[truncated]."""
     log_lines_per_s: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 200
     """Lines per second logged from one agent's output; the rest is counted and summarised."""
