@@ -63,27 +63,14 @@ def number(value: float) -> str:
 _OUT_OF_RANGE = re.compile(r"Expected `(?:int|float)` (?:>|>=|<|<=) ")
 
 
-def range_message(message: str, struct: type, sub: str, value) -> str:
-    """msgspec's 'Expected `float` > 0.0' for `value`, the field at msgspec path `sub`, rewritten
-    to say the value and the whole valid range: '-5 is out of range (valid: > 0, <= 3600)'.
+def range_message(message: str, hint, value) -> str:
+    """msgspec's 'Expected `float` > 0.0' for `value`, of a field typed `hint`, rewritten to
+    say the value and the whole valid range: '-5 is out of range (valid: > 0, <= 3600)'.
     Other messages are returned unchanged."""
-    if not _OUT_OF_RANGE.match(message):
-        return message
-    meta = _field_meta(struct, sub)
+    meta = meta_of(hint) if _OUT_OF_RANGE.match(message) else None
     if meta is None:
         return message
     shown = f"{number(value)} is " if isinstance(value, int | float) and not isinstance(value, bool) \
         else ""
     return f"{shown}out of range (valid: {describe(meta)})"
 
-
-def _field_meta(struct: type, sub: str) -> msgspec.Meta | None:
-    from .configload import _struct_at
-
-    path = re.sub(r"\[\d+\]$", "", sub)  # a list element's range is the list field's
-    parent, _, name = path.rpartition(".")
-    owner = _struct_at(struct, parent) if parent else struct
-    if owner is None:
-        return None
-    hints = typing.get_type_hints(owner, include_extras=True)
-    return meta_of(hints[name]) if name in hints else None

@@ -180,19 +180,19 @@ def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[Confi
         unknown = _UNKNOWN.match(message)
         if unknown:
             field = f"{field}.{unknown['key']}" if field else unknown["key"]
-            target = _struct_at(struct, sub)
+            target = _struct_at(struct, schema_sub)
             valid = ", ".join(target.__struct_fields__) if target else "see docs/configuration.md"
             message = f"unknown key (valid keys here: {valid})"
         elif message.startswith("Invalid enum value"):
-            message += _enum_hint(struct, sub)
+            message += _enum_hint(struct, schema_sub)
         elif message.startswith("Expected `int` ") or message.startswith("Expected `float` "):
             from .config_ranges import range_message
 
-            message = range_message(message, struct, schema_sub, value_at(data, sub))
+            message = range_message(message, _hint_at(struct, schema_sub), value_at(data, sub))
         elif message.startswith("Expected `object`"):
             from .config_hints import object_hint
 
-            message += object_hint(_struct_at(struct, sub), value_at(data, sub))
+            message += object_hint(_struct_at(struct, schema_sub), value_at(data, sub))
         issues.append(doc.issue(field or DOCUMENT, message))
         return None
 
@@ -213,6 +213,17 @@ def _name_mapping_keys(struct: type, data, sub: str) -> str:
             return f"{named}[...]{rest}"
         named += f".{bad}"
     return named + rest
+
+
+def _hint_at(struct: type, sub: str):
+    """The type hint, ranges included, of the field at msgspec path `sub` (a list element's
+    is its list's), or None."""
+    import typing
+
+    path = re.sub(r"\[\d+\]$", "", sub)
+    parent, _, name = path.rpartition(".")
+    owner = _struct_at(struct, parent) if parent else struct
+    return typing.get_type_hints(owner, include_extras=True).get(name) if owner else None
 
 
 def _invalid(value, struct: type) -> bool:

@@ -118,3 +118,15 @@ def test_check_config_refuses_the_values_the_issue_named(tmp_path, file, text, e
     assert f"{tmp_path / file}:2: {expected}" in result.stdout + result.stderr, \
         result.stdout + result.stderr
 
+
+
+def test_an_issue_under_a_mapping_names_its_key_and_keeps_its_hint(tmp_path):
+    """A problem inside breaker.agents.<agent> names that agent and its line (msgspec says
+    only `[...]`), and an unknown key there still lists the valid keys."""
+    (tmp_path / "agents.d").mkdir()
+    (tmp_path / MAIN).write_text("state_dir: state\nbreaker:\n  agents:\n    a:\n"
+                                 "      outputs: {colour: 1}\n")
+    (tmp_path / AGENT).write_text(yaml.safe_dump({"jobs": [JOB]}))
+    [issue] = _issues(tmp_path)
+    assert (issue.line, issue.field) == (5, "breaker.agents.a.outputs.colour"), str(issue)
+    assert "valid keys here: max_outputs, window_s" in issue.message, str(issue)
