@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 import msgspec
 
 from supervisor.breaker import Trip
+from supervisor.config_ranges import PositiveDuration
 
 if TYPE_CHECKING:
     import urllib.error
 
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Seconds = PositiveDuration
 _CONTENT_CHARS = 2000  # Discord rejects longer `content`; Slack accepts it
 _ERROR_CHARS = 500
 _USER_AGENT = "watchkeeper-alerts/0.1"  # Discord's edge answers 403 to the urllib default agent

@@ -10,8 +10,10 @@ from typing import Annotated
 
 import msgspec
 
+from .config_ranges import PositiveDuration
+
 Count = Annotated[int, msgspec.Meta(ge=1)]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Seconds = PositiveDuration
 
 
 class _Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):

@@ -8,13 +8,23 @@ every field all read them.
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from .alerts import AlertSettings
 from .authz import Permission
 from .breaker import AgentLimits, BreakerSettings
+from .config_ranges import (
+    MAX_DAYS,
+    Count,
+    CountOrZero,
+    Duration,
+    Fraction,
+    Port,
+    PositiveDuration,
+    Uid,
+)
 from .heartbeat import HeartbeatSettings
 from .memguard import MemoryGuardSettings, MemoryPriority
 from .memory_store import StewardSettings
@@ -44,7 +54,7 @@ class Schedule(_Section, kw_only=True):
     or six with seconds first."""
     timezone: str = "UTC"
     """IANA time zone of the cron expression."""
-    every_s: float | None = None
+    every_s: PositiveDuration | None = None
     """Fixed interval in seconds."""
     after: list[str] | None = None
     """Run when a run of any of these agents succeeds."""
@@ -64,13 +74,13 @@ class Schedule(_Section, kw_only=True):
 class Retries(_Section, kw_only=True):
     """Retries of a failed run, with exponential backoff and jitter."""
 
-    max_attempts: int = 0
+    max_attempts: CountOrZero = 0
     """Retries after a failed run (always agents retry without limit)."""
-    backoff_s: float = 5.0
+    backoff_s: Duration = 5.0
     """Delay before the first retry; doubled for each further one."""
-    backoff_max_s: float = 300.0
+    backoff_max_s: Duration = 300.0
     """Cap of the retry delay."""
-    jitter: float = 0.2
+    jitter: Fraction = 0.2
     """Fraction of the delay added or removed at random, so that retries do not align."""
 
 
@@ -88,17 +98,17 @@ class Job(_Section, kw_only=True):
     """Extra environment variables for the run; names are non-empty without '=', and no
     name or value holds a NUL byte."""
     schedule: Schedule
-    jitter_s: float = 0.0
+    jitter_s: Duration = 0.0
     """Random delay added to each scheduled firing, spreading load."""
-    timeout_s: float | None = 3600.0
+    timeout_s: Duration | None = 3600.0
     """A run still alive after this is stopped (SIGTERM, grace, SIGKILL). null: no timeout."""
-    stop_grace_s: float | None = None
+    stop_grace_s: Duration | None = None
     """Time between SIGTERM and SIGKILL; null takes the daemon's stop_grace_s."""
     retries: Retries = Retries()
     """Retries of a failed run."""
     overlap: Overlap = Overlap.SKIP
     """A firing while the agent runs: skip it, queue one, or replace the run."""
-    misfire_grace_s: float = 300.0
+    misfire_grace_s: Duration = 300.0
     """A firing late by more than this (daemon busy, machine suspended) is dropped."""
     catch_up: bool = False
     """Run once at start if a firing was missed while the daemon was down (like Persistent=)."""
@@ -124,13 +134,15 @@ class AgentSpec(_Section, kw_only=True):
     """Upstream agents: stale or failed upstreams make a run start degraded."""
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     """interval_s (300), stale_multiple (3) and on_stale: log | restart | kill."""
-    healthy_after_s: float = 10.0
+    # 0 would count a crash of an `always` run as healthy and restart it at once, for ever.
+    healthy_after_s: PositiveDuration = 10.0
     """An `always` run that lived this long counts as healthy: its exit restarts at once."""
-    memory_max_mb: float | None = None
+    # 0 would stop every run at once, and the guard then raised before relieving memory.
+    memory_max_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
     """A run whose process tree uses more than this is stopped (reason: memory)."""
     memory_priority: MemoryPriority = MemoryPriority.NORMAL
     """`low`: the first run stopped under memory pressure, after orphaned Chrome."""
-    max_processes: int = 256
+    max_processes: Count = 256
     """A run with more processes than this (itself and every descendant) is killed at once
     (reason: process_cap): a fork bomb must not exhaust the machine's pids."""
     memory_write: list[str] | None = None
@@ -158,24 +170,25 @@ class AgentSpec(_Section, kw_only=True):
 
 
 class LockSettings(_Section, kw_only=True):
-    stale_after_s: float = 1800.0
+    stale_after_s: PositiveDuration = 1800.0
     """A lock, or a temporary file an interrupted acquire left, older than this is removed
     even when its owner cannot be proved dead."""
-    check_interval_s: float = 30.0
+    check_interval_s: PositiveDuration = 30.0
     """How often the watchdog looks for stale locks."""
 
 
 class CrashLoopSettings(_Section, kw_only=True):
-    failures: int = 5
+    failures: Count = 5
     """Consecutive failed runs that put an agent in the `failed` state."""
-    cooldown_s: float = 30.0
+    # 0 would restart a crash-looping agent at once, for ever.
+    cooldown_s: PositiveDuration = 30.0
     """First cool-down in `failed`; each further crash loop doubles it."""
-    cooldown_max_s: float = 3600.0
+    cooldown_max_s: PositiveDuration = 3600.0
     """Cap of the cool-down: the agent always retries eventually."""
 
 
 class MetricsSettings(_Section, kw_only=True):
-    port: int | None = None
+    port: Port | None = None
     """Serve Prometheus metrics on 127.0.0.1:port; null disables."""
     address: str = "127.0.0.1"
     """Listen address; keep it on loopback."""
@@ -200,30 +213,33 @@ class Settings(_Section, kw_only=True):
     """System user of every agent without a `user:` of its own; null: `agent_uid_range`,
     else agents run as the daemon's user and the daemon says at start that they are not
     isolated."""
-    agent_uid_range: list[int] | None = None
+    agent_uid_range: Annotated[list[Uid], msgspec.Meta(min_length=2, max_length=2)] | None = None
     """[first, last]: each agent without `user:` (when agent_user is null) runs under a uid
     of its own from this range, with the same gid and no passwd entry (like systemd's
     DynamicUser=); uids that have a passwd entry are skipped. Choose unused uids outside
     systemd's dynamic range (61184-65519). null: [70000, 70999] when the daemon holds
     CAP_SETUID and CAP_SETGID without being root (the shipped unit), else none."""
-    control_idle_timeout_s: float = 60.0
+    control_idle_timeout_s: PositiveDuration = 60.0
     """A control connection that sends nothing this long is closed (an agent run's own
     connection excepted); idle clients must not hold the connection slots."""
     log_format: Literal["auto", "console", "json", "journal"] = "auto"
     """auto: journal under systemd, console on a terminal, JSON lines otherwise."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged."""
-    stop_grace_s: float = 10.0
+    stop_grace_s: Duration = 10.0
     """SIGTERM to SIGKILL, for runs and for the daemon's own shutdown."""
-    tick_s: float = 10.0
+    # 0 busy-looped. Past an hour stale heartbeats and locks would go unnoticed for hours.
+    tick_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600)] = 10.0
     """Period of the daemon's housekeeping tick: stale heartbeats, process caps, stale
     locks and the breaker's timed transitions are checked this often (timeouts, retries
     and schedules are exact, not tick-bound)."""
-    run_history_days: float = 30.0
+    # 0 or less made pruning delete all history.
+    run_history_days: Annotated[float, msgspec.Meta(gt=0, le=MAX_DAYS)] = 30.0
     """Run, output and spend records older than this are pruned."""
-    log_line_max_bytes: int = 8192
+    # The daemon holds up to this much of each output line until its newline comes.
+    log_line_max_bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)] = 8192
     """Longer lines of agent output are cut and marked …[truncated]."""
-    log_lines_per_s: int = 200
+    log_lines_per_s: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 200
     """Lines per second logged from one agent's output; the rest is counted and summarised."""
     cgroups: Literal["auto", "on", "off"] = "auto"
     """Per-run cgroups: auto (when the daemon owns a delegated cgroup v2), on, off."""

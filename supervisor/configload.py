@@ -19,6 +19,7 @@ import yaml
 
 from .config import AgentSpec, Job, Settings
 from .config_env import expand_values
+from .config_hints import value_at
 from .errors import ConfigError
 from .identity import name_problems, uid_range_problems, user_problems
 from .safefile import read_capped
@@ -148,7 +149,8 @@ class _Document:
         while field:
             if field in self.lines:
                 return self.lines[field]
-            parent = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", field)
+            # `[...]` is msgspec's name for a mapping's key (breaker.agents[...].outputs)
+            parent = re.sub(r"(\.[^.\[]*|\[\d+\]|\[\.\.\.\])$", "", field)
             if parent == field:
                 break  # a top-level field the file does not have, e.g. a missing `jobs`
             field = parent
@@ -171,24 +173,66 @@ def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[Confi
         return msgspec.convert(data, struct)
     except msgspec.ValidationError as exc:
         match = _KEY_PATH.match(str(exc)) or _MSGSPEC_PATH.match(str(exc))
-        message, sub = match["msg"], (match["path"] or "").lstrip(".")
+        message, schema_sub = match["msg"], (match["path"] or "").lstrip(".")
+        sub = _name_mapping_keys(struct, data, schema_sub)
         if match.re is _KEY_PATH:
             message = f"a key of this mapping is not a string ({message})"
         field = ".".join(p for p in (prefix, sub) if p).replace(".[", "[")
         unknown = _UNKNOWN.match(message)
         if unknown:
             field = f"{field}.{unknown['key']}" if field else unknown["key"]
-            target = _struct_at(struct, sub)
+            target = _struct_at(struct, schema_sub)
             valid = ", ".join(target.__struct_fields__) if target else "see docs/configuration.md"
             message = f"unknown key (valid keys here: {valid})"
         elif message.startswith("Invalid enum value"):
-            message += _enum_hint(struct, sub)
-        elif message.startswith("Expected `object`"):
-            from .config_hints import object_hint, value_at
+            message += _enum_hint(struct, schema_sub)
+        elif message.startswith("Expected `int` ") or message.startswith("Expected `float` "):
+            from .config_ranges import range_message
 
-            message += object_hint(_struct_at(struct, sub), value_at(data, sub))
+            message = range_message(message, _hint_at(struct, schema_sub), value_at(data, sub))
+        elif message.startswith("Expected `object`"):
+            from .config_hints import object_hint
+
+            message += object_hint(_struct_at(struct, schema_sub), value_at(data, sub))
         issues.append(doc.issue(field or DOCUMENT, message))
         return None
+
+
+def _name_mapping_keys(struct: type, data, sub: str) -> str:
+    """msgspec names a mapping's key `[...]` in its path (`breaker.agents[...].outputs`): put
+    back the key whose value fails, so the issue names the agent and its line."""
+    named, schema_path, rest = "", "", sub
+    while "[...]" in rest:
+        head, _, rest = rest.partition("[...]")
+        named, schema_path = named + head, schema_path + head + "[...]"
+        mapping, value_type = value_at(data, named), _struct_at(struct, schema_path)
+        bad = next((key for key, value in mapping.items()
+                    if isinstance(key, str) and re.fullmatch(r"[^.\[\]]+", key)
+                    and _invalid(value, value_type)), None) \
+            if isinstance(mapping, dict) and value_type is not None else None
+        if bad is None:
+            return f"{named}[...]{rest}"
+        named += f".{bad}"
+    return named + rest
+
+
+def _hint_at(struct: type, sub: str):
+    """The type hint, ranges included, of the field at msgspec path `sub` (a list element's
+    is its list's), or None."""
+    import typing
+
+    path = re.sub(r"\[\d+\]$", "", sub)
+    parent, _, name = path.rpartition(".")
+    owner = _struct_at(struct, parent) if parent else struct
+    return typing.get_type_hints(owner, include_extras=True).get(name) if owner else None
+
+
+def _invalid(value, struct: type) -> bool:
+    try:
+        msgspec.convert(value, struct)
+    except msgspec.ValidationError:
+        return True
+    return False
 
 
 def _enum_hint(struct: type, sub: str) -> str:
@@ -227,13 +271,9 @@ def _struct_at(struct: type, sub: str) -> type | None:
     return current
 
 
-MAX_DURATION_S = 10 * 365 * 86400.0
-
-
 def _check_numbers(doc: _Document, struct, at: str, issues: list[ConfigIssue]) -> None:
-    """Every float is finite and every duration (a field ending in `_s`) at most ten years:
-    `.inf` or `1e300` would pass the schema and then overflow the scheduler's date arithmetic,
-    and `.nan` compares false with everything, so a NaN tick or timeout would never fire."""
+    """Every float is finite: a range without an upper bound in the schema (config_ranges.py)
+    lets `.inf` through, and `.nan` compares false with everything."""
     stack = [(struct, at)]
     while stack:
         node, path = stack.pop()
@@ -246,10 +286,6 @@ def _check_numbers(doc: _Document, struct, at: str, issues: list[ConfigIssue]) -
             stack.extend((v, f"{path}.{k}") for k, v in node.items() if isinstance(k, str))
         elif isinstance(node, float) and not math.isfinite(node):
             issues.append(doc.issue(path, f"{node} is not a finite number"))
-        elif (isinstance(node, int | float) and not isinstance(node, bool)
-              and path.endswith("_s") and node > MAX_DURATION_S):
-            issues.append(doc.issue(path, f"{node:g} s is longer than ten years "
-                                    f"(at most {MAX_DURATION_S:g} s)"))
 
 
 def _check_job(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
@@ -263,14 +299,6 @@ def _check_job(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> 
         issues.append(doc.issue(f"{at}.command", "the argv list is empty"))
     _check_schedule(doc, job, f"{at}.schedule", issues)
     _check_spawn_inputs(doc, job, at, issues)
-    for name, value in (("jitter_s", job.jitter_s), ("misfire_grace_s", job.misfire_grace_s),
-                        ("timeout_s", job.timeout_s), ("stop_grace_s", job.stop_grace_s)):
-        if value is not None and value < 0:
-            issues.append(doc.issue(f"{at}.{name}", f"{value} is negative (must be >= 0)"))
-    if job.retries.max_attempts < 0:
-        issues.append(doc.issue(f"{at}.retries.max_attempts", "must be >= 0"))
-    if not 0 <= job.retries.jitter <= 1:
-        issues.append(doc.issue(f"{at}.retries.jitter", "must be between 0 and 1"))
 
 
 def _check_spawn_inputs(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
@@ -323,8 +351,6 @@ def _check_schedule(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]
             issues.append(doc.issue(f"{at}.cron", f"{sched.cron!r} is not a valid cron "
                                     f"expression ({exc}; five fields: minute hour day month "
                                     "weekday, or six with seconds first)"))
-    if sched.every_s is not None and sched.every_s <= 0:
-        issues.append(doc.issue(f"{at}.every_s", f"{sched.every_s} must be > 0"))
     if sched.after is not None and not sched.after:
         issues.append(doc.issue(f"{at}.after", "names no agent"))
 
@@ -374,8 +400,6 @@ def _load_agent(path: Path, issues: list[ConfigIssue]) -> AgentSpec | None:
     if spec is None:
         return None
     _check_numbers(doc, spec, "", issues)
-    if spec.max_processes < 1:
-        issues.append(doc.issue("max_processes", f"{spec.max_processes} must be >= 1"))
     for index, job in enumerate(jobs):
         _check_numbers(doc, job, f"jobs[{index}]", issues)
     name = spec.agent or path.stem

@@ -18,10 +18,12 @@ import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 import structlog
 
+from .config_ranges import Duration, PositiveDuration
 from .safefile import UnsafeFile, open_regular
 
 log = structlog.get_logger("watchkeeper.heartbeat")
@@ -49,24 +51,15 @@ class Verdict(enum.StrEnum):
 class HeartbeatSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """Config section `heartbeat` (per agent): how often it beats and what staleness means."""
 
-    interval_s: float = 300.0
+    interval_s: PositiveDuration = 300.0
     """How often the agent is expected to heartbeat."""
     # Stale after interval_s * stale_multiple: one late beat is jitter, three missed beats are not.
-    stale_multiple: float = 3.0
+    stale_multiple: Annotated[float, msgspec.Meta(ge=1)] = 3.0
     on_stale: OnStale = OnStale.LOG
     """A running agent's stale heartbeat: log, restart the run, or kill it."""
-    first_beat_grace_s: float = 30.0
+    first_beat_grace_s: Duration = 30.0
     """Extra time a run has for its first beat, on top of the stale window: 50 agents started
     at once on 2 busy cores were still importing when a 3 s window ran out."""
-
-    def __post_init__(self) -> None:
-        if not self.interval_s > 0:
-            raise ValueError(f"heartbeat.interval_s must be > 0 seconds, got {self.interval_s}")
-        if not self.stale_multiple >= 1:
-            raise ValueError(f"heartbeat.stale_multiple must be >= 1, got {self.stale_multiple}")
-        if not self.first_beat_grace_s >= 0:
-            raise ValueError("heartbeat.first_beat_grace_s must be >= 0 seconds, got "
-                             f"{self.first_beat_grace_s}")
 
     @property
     def stale_after_s(self) -> float:

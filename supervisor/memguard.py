@@ -19,12 +19,13 @@ import enum
 import os
 import signal
 from collections.abc import Callable, Iterable, Mapping
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import msgspec
 import psutil
 import structlog
 
+from supervisor.config_ranges import Duration, Percent, PositiveDuration
 from supervisor.procscan import (
     HostMemorySource,
     LiveRun,
@@ -50,47 +51,44 @@ class AgentMemorySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     """Per-agent memory keys: `memory_priority` and `memory_max_mb`."""
 
     memory_priority: MemoryPriority = MemoryPriority.NORMAL
-    memory_max_mb: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.memory_max_mb is not None and not self.memory_max_mb > 0:
-            raise ValueError(f"memory_max_mb must be > 0 MB or absent, got {self.memory_max_mb}")
+    memory_max_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     """Config section `memory`; defaults suit a 4 GB VPS."""
 
-    warn_percent: float = 80.0
+    warn_percent: Percent = 80.0
     """Memory used (of total, counting reclaimable cache as free) that logs a warning and
     speeds sampling up."""
-    act_percent: float = 87.0
+    act_percent: Percent = 87.0
     """Memory used that makes the guard act: orphaned Chrome first, then low-priority runs,
     then an alert."""
     # Leave pressure only below this, so usage hovering at the threshold does not flap.
-    clear_percent: float = 75.0
+    clear_percent: Percent = 75.0
     # Far from the threshold the guard samples as rarely as a climb at fill_rate_mb_s allows:
     # each wakeup of an idle daemon costs ~0.3 ms of CPU, ten times the reading itself.
-    slow_interval_s: float = 10.0
+    slow_interval_s: PositiveDuration = 10.0
     """Longest interval between two memory readings (below warn_percent)."""
-    fast_interval_s: float = 0.25
+    fast_interval_s: PositiveDuration = 0.25
     """Sampling interval near the threshold."""
-    fill_rate_mb_s: float = 1000.0
+    fill_rate_mb_s: Annotated[float, msgspec.Meta(gt=0, le=1_000_000)] = 1000.0  # 1 TB/s
     """The fastest climb of memory use the guard plans for: below warn_percent it reads
     again before a climb this fast could reach warn_percent, then samples at
     fast_interval_s. A faster jump is seen within slow_interval_s."""
-    pressure_stall_ms: float = 100.0
+    # At most the kernel's 2 s PSI window.
+    pressure_stall_ms: Annotated[float, msgspec.Meta(ge=0, le=2000)] = 100.0
     """Where the kernel has PSI (/proc/pressure/memory), it wakes the guard when tasks
     stalled on memory this long within 2 s; below warn_percent the guard then reads memory
     only every slow_interval_s. A cgroup v1 scope_cgroup also wakes it when its usage
     crosses warn_percent or act_percent. 0 turns kernel notifications off (adaptive
     sampling only)."""
     # Per-run memory_max_mb checks walk the daemon's process tree; they need not run each tick.
-    run_check_interval_s: float = 5.0
-    kill_grace_s: float = 2.0
+    run_check_interval_s: PositiveDuration = 5.0
+    kill_grace_s: Duration = 2.0
     """SIGTERM to SIGKILL for orphaned processes."""
     # A requested run stop gets this long to free memory before the guard escalates past it.
-    stop_wait_s: float = 30.0
-    realert_interval_s: float = 900.0
+    stop_wait_s: Duration = 30.0
+    realert_interval_s: PositiveDuration = 900.0
     """Alert again about lasting pressure at most this often."""
     chrome_names: tuple[str, ...] = ("chrome", "chromium", "headless_shell")
     """Process names taken for Chrome."""
@@ -109,11 +107,6 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
                 "memory percents must satisfy 0 <= clear_percent <= warn_percent <= act_percent"
                 f" <= 100, got clear={self.clear_percent} warn={self.warn_percent}"
                 f" act={self.act_percent}")
-        if not self.fill_rate_mb_s > 0:
-            raise ValueError(f"fill_rate_mb_s must be > 0, got {self.fill_rate_mb_s}")
-        if not 0 <= self.pressure_stall_ms <= 2000:
-            raise ValueError("pressure_stall_ms must be from 0 (off) to 2000 ms (the kernel's "
-                             f"2 s window), got {self.pressure_stall_ms}")
         if not 0 < self.fast_interval_s <= self.slow_interval_s:
             raise ValueError("memory intervals must satisfy 0 < fast_interval_s <= slow_interval_s"
                              f", got fast={self.fast_interval_s} slow={self.slow_interval_s}")

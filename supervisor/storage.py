@@ -13,6 +13,8 @@ from typing import Literal
 
 import msgspec
 
+from .config_ranges import PositiveDuration
+
 SCHEMA_NAME_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
 
 
@@ -29,18 +31,18 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     """This daemon's name among the hosts; empty: the machine's host name. Unique per daemon."""
     schema: str = "watchkeeper"
     """PostgreSQL schema holding the tables; one schema is one pipeline."""
-    leader_lease_s: float = 10.0
+    leader_lease_s: PositiveDuration = 10.0
     """A leader that stops renewing is replaced after at most this long (plus poll_s)."""
-    lease_s: float = 30.0
+    lease_s: PositiveDuration = 30.0
     """Task locks and host liveness expire this long after their daemon's last renewal."""
-    poll_s: float = 2.0
+    poll_s: PositiveDuration = 2.0
     """Safety-net poll of shared state (breaker, leader); NOTIFY wakes peers sooner."""
     transaction_pooling: bool = False
     """True when the dsn goes through a pooler in transaction mode (PgBouncer): LISTEN and
     server-side prepared statements are then off, and peers rely on the poll_s poll."""
-    connect_timeout_s: float = 5.0
+    connect_timeout_s: PositiveDuration = 5.0
     """Connecting to PostgreSQL gives up after this long."""
-    statement_timeout_s: float = 10.0
+    statement_timeout_s: PositiveDuration = 10.0
     """A statement running longer is cancelled, so a stuck server cannot freeze the loop."""
 
     def __post_init__(self) -> None:
@@ -50,10 +52,6 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
         if not SCHEMA_NAME_RE.fullmatch(self.schema):
             raise ValueError(f"storage.schema {self.schema!r} is not a plain identifier "
                              "(lowercase letters, digits and '_', at most 63)")
-        for name in ("leader_lease_s", "lease_s", "poll_s", "connect_timeout_s",
-                     "statement_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"storage.{name} must be > 0 seconds, got {getattr(self, name)}")
 
     @property
     def host(self) -> str:

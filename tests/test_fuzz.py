@@ -2,11 +2,13 @@
 and the heartbeat and lock files agents write.
 
 Example counts come from the environment so CI and a long local run use the same tests:
-WATCHKEEPER_FUZZ_CONFIGS (10,000), WATCHKEEPER_FUZZ_FRAMES (2,000), WATCHKEEPER_FUZZ_FILES (2,000).
+WATCHKEEPER_FUZZ_CONFIGS (10,000), WATCHKEEPER_FUZZ_FRAMES (2,000), WATCHKEEPER_FUZZ_FILES (2,000),
+WATCHKEEPER_FUZZ_RUNS (12: configs that load are run by a real daemon).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -17,10 +19,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from config_walk import MAIN as CONFIG_MAIN
+from config_walk import SETTINGS as NUMERIC_SETTINGS
+from config_walk import in_range, place
 from harness import DaemonProc
 from hostile import AGENT_ENV, rss_mb
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support import wait_until
 
 from supervisor import __version__
 from supervisor.configload import load_config
@@ -191,6 +197,88 @@ def test_config_loader_accepts_or_explains(tmp_path_factory, main, agent_files):
             trigger = make_trigger(job)  # an accepted job must be schedulable
             if trigger is not None:
                 trigger.get_next_fire_time(None, now)
+
+
+def _harmless(agent: dict) -> dict:
+    """The generated agent with each well-formed command replaced by a sleep: the settings
+    are under test here, and a random string must not run as a program."""
+    jobs = agent.get("jobs")
+    if not isinstance(jobs, list):
+        return agent
+    safe = []
+    for job in jobs:
+        if isinstance(job, dict) and isinstance(job.get("command"), list) and \
+                all(isinstance(arg, str) for arg in job["command"]):
+            job = {**job, "command": ["sleep", "30"]}
+        elif isinstance(job, dict) and isinstance(job.get("command"), str):
+            job = {**job, "command": "sleep 30"}
+        safe.append(job)
+    return {**agent, "jobs": safe}
+
+
+# Numeric settings the run fuzz sets: any value in the schema's range must run. Not a port or
+# a database, which other tests on this machine use.
+RUNNABLE = [s for s in NUMERIC_SETTINGS if s.meta is not None and not s.in_list
+            and s.keys[0] not in ("metrics", "storage")]
+
+
+def _in_range(setting) -> st.SearchStrategy:
+    low, high = in_range(setting)
+    inside = st.integers(low, high) if setting.is_int else st.floats(low, high)
+    return st.sampled_from([low, high]) | inside
+
+
+ranged = st.lists(st.sampled_from(RUNNABLE), min_size=1, max_size=4, unique_by=lambda s: s.name).flatmap(
+    lambda chosen: st.tuples(*[st.tuples(st.just(s), _in_range(s)) for s in chosen]))
+BASE_AGENT = {"jobs": [{"id": "main", "command": ["true"], "schedule": {"every_s": 60}}]}
+
+
+def _set_ranged(main: dict, agent: dict, values) -> None:
+    """Set each drawn numeric value where the generated documents leave room for it (a
+    section the mutation made a scalar cannot hold it)."""
+    for setting, value in values:
+        try:
+            place(main if setting.file == CONFIG_MAIN else agent, setting, value)
+        except (TypeError, KeyError, IndexError):
+            continue
+
+
+@settings(max_examples=_examples("WATCHKEEPER_FUZZ_RUNS", 12), **FUZZ)
+@given(main=st.just({}) | mains, agent_docs=st.lists(st.just(BASE_AGENT) | agents, min_size=1,
+                                                      max_size=2), values=ranged)
+@example(main={"tick_s": 0.01, "stop_grace_s": 0}, values=(),
+         agent_docs=[{"jobs": [{"id": "main", "command": ["true"],
+                                "schedule": {"always": True}}]}])
+@example(main={"locks": {"check_interval_s": 315360000}, "crash_loop": {"failures": 1}},
+         values=(), agent_docs=[{"jobs": [{"id": "main", "command": ["true"], "timeout_s": 0,
+                                           "schedule": {"every_s": 0.01}}]}])
+def test_config_that_loads_runs_or_explains(tmp_path_factory, main, agent_docs, values):
+    """A generated config that loads starts a daemon that answers `status` and exits 0 on
+    SIGTERM, or one the daemon refuses at start with a message and no traceback; a config
+    that does not load names file, line and field in every issue."""
+    root = tmp_path_factory.mktemp("fuzzrun")
+    main, agent_docs = copy.deepcopy(main), copy.deepcopy(agent_docs)
+    _set_ranged(main, agent_docs[0], values)
+    settings = {**main, "state_dir": str(root / "state")}  # never a path outside the test
+    # Agent `a` is the one breaker.agents.a (config_walk) names.
+    d = DaemonProc(root, {"ab"[i]: _harmless(doc) for i, doc in enumerate(agent_docs)},
+                   **settings)
+    try:
+        load_config(d.config_path)
+    except ConfigError as exc:
+        files = {str(p): p.read_text() for p in [d.config_path, *d.agents_dir.glob("*.yaml")]}
+        for issue in exc.issues:
+            _check_issue(issue, files)
+        return
+    with d.start(wait_ready=False, extra_env={"HOME": str(root)}):
+        wait_until(lambda: d.find("daemon_state", new="running") or d.proc.poll() is not None,
+                   timeout_s=30, message=f"the daemon neither ran nor exited: {d.tail()}")
+        if d.find("daemon_state", new="running"):
+            assert d.call("status") is not None
+            assert d.stop() == 0, d.tail()
+        else:
+            assert d.proc.wait() != 0 and d.tail(), "refused without a word"
+        assert not any("Traceback" in line for line in d.tail(200)), d.tail(200)
 
 
 _ROOT: list[Path] = []
