@@ -138,6 +138,9 @@ class AgentSpec(_Section, kw_only=True):
     """Circuit-breaker limits for this agent (outputs, kinds, launches, duplicates, spend)."""
     host: str | None = None
     """Run this agent's jobs only on this host (postgresql backend); a job's `host` wins."""
+    per_host: bool = False
+    """postgresql backend: run one instance per host instead of one in the cluster (an
+    `always` job on every host, overlap judged per host)."""
 
     @property
     def name(self) -> str:

@@ -58,6 +58,9 @@ class Pipeline:
         self.launch_gate: Callable[[str], str | None] = lambda agent: None
         # Shared storage decides which host runs a firing: a non-empty answer says why not here.
         self.claim_firing: Callable[[Fire, AgentSpec, Job], str] = lambda fire, spec, job: ""
+        # Shared storage may hold the agent's run elsewhere: a non-empty answer says where.
+        self.claim_run: Callable[[AgentRuntime, Job], str] = lambda rt, job: ""
+        self.on_paused: list[Callable[[list[str], bool], None]] = []
         self.base_env = dict(os.environ)
 
     # -- configuration --------------------------------------------------------------------
@@ -160,7 +163,7 @@ class Pipeline:
 
     # -- runs -------------------------------------------------------------------------------
     def start_run(self, rt: AgentRuntime, job: Job, *, trigger: str, attempt: int) -> Run | None:
-        refusal = self.launch_gate(rt.name)
+        refusal = self.launch_gate(rt.name) or self.claim_run(rt, job)
         if refusal:
             log.warning("run_refused", agent=rt.name, job=job.id, reason=refusal)
             return None
@@ -434,6 +437,8 @@ class Pipeline:
                 log.info("agent_paused" if paused else "agent_resumed", agent=name)
             if not paused:
                 self._ensure_always(rt)
+        for hook in self.on_paused:
+            hook(names, paused)
         return changed
 
     def stop_all(self, reason: StopReason) -> None:

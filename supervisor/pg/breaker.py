@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import psycopg
 import structlog
 
 from ..breaker import Breaker, BreakerState, Decision, Trip
@@ -54,7 +55,11 @@ class SharedBreaker:
             summary=summary)
 
     def check_launch(self, agent: str, now: float | None = None) -> Decision:
-        return self._decide("launch", agent, lambda mono: self.inner.check_launch(agent, mono))
+        try:
+            return self._decide("launch", agent, lambda mono: self.inner.check_launch(agent, mono))
+        except (psycopg.Error, ConnectionError) as exc:
+            # Limits are global: a launch the other hosts cannot count is not made.
+            return Decision(False, f"shared storage unreachable, launch not counted: {exc}")
 
     def report_usage(self, agent: str, tokens: int = 0, cost: float = 0.0,
                      now: float | None = None) -> Decision:

@@ -8,7 +8,12 @@ Started after the output gate and before the steward (features.py). It
 - serves `lock`, `unlock`, `locks` and `runs` from shared tables, and renews this host's
   leases; a run whose task lock lease was lost (host frozen, database unreachable) is stopped;
 - mirrors run records and heartbeats, so every host sees every host's;
-- keeps or takes the leader lease; the leader closes the runs of dead hosts and prunes.
+- keeps or takes the leader lease; the leader closes the runs of dead hosts and prunes;
+- makes agent state cluster-wide (pg/agents.py): a run lease per running agent (overlap and
+  `always` singletons across hosts, fencing), pause flags, crash-loop cool-downs, and
+  `after:` firings handed to the host their downstream is pinned to;
+- rides out a database outage: what needs the database is refused (retryably), running
+  agents go on until their leases would expire, and everything resumes when it returns.
 All of it runs on the loop's thread; peers' NOTIFYs arrive on a watched socket.
 """
 
@@ -22,14 +27,18 @@ import psycopg
 import structlog
 
 from .. import __version__
+from ..agents import cooldown_s
 from ..breaker import Breaker, BreakerState
+from ..config import Overlap
 from ..control.protocol import error, ok
 from ..heartbeat import heartbeat_path, read_heartbeat, write_heartbeat
 from ..locks import validate_task_id
 from ..output_gate import merged_breaker_settings
-from ..states import StopReason
+from ..scheduler import Fire
+from ..states import AgentState, StopReason
+from . import agents as shared_agents
 from .breaker import SharedBreaker
-from .claims import CLAIMED_TRIGGERS, claim, pinned_host, slot_of
+from .claims import CLAIMED_TRIGGERS, claim_firing, pinned_host
 from .db import Database, Listener
 from .leases import (
     Leadership,
@@ -51,6 +60,12 @@ log = structlog.get_logger("watchkeeper.pg.cluster")
 LEADER_DUTY_INTERVAL_S = 30.0
 CLAIMS_KEPT_S = 7 * 86400.0
 BREAKER_EVENTS_KEPT_S = 2 * 86400.0
+# Fencing: a host that has not renewed its leases for this share of lease_s stops its
+# cluster-exclusive runs (SIGTERM), and kills what is left at the second share, so they are
+# gone before the lease can expire and another host may start the agent.
+FENCE_STOP_SHARE = 0.5
+FENCE_KILL_SHARE = 0.75
+STORAGE_ERRORS = (psycopg.Error, ConnectionError)
 RUN_COLUMNS = ("run_id, agent, job, attempt, trigger, pid, started, ended, exit_code, signal, "
                "outcome, stop_reason, stop_signal, degraded, host")
 
@@ -70,6 +85,12 @@ class Cluster:
         self._last_renewal = time.monotonic()
         self._next = {"renew": 0.0, "poll": 0.0, "leader": 0.0, "duties": 0.0, "beats": 0.0}
         self._pushed_beats: dict[str, float] = {}
+        self.run_leases: set[str] = set()        # agents whose run lease this host holds
+        self.waiting: dict[str, Fire] = {}       # queue/replace behind another host's run
+        self._flags_seq = 0
+        self._applying_flags = False
+        self._unshared_pauses: dict[str, bool] = {}
+        self.down_since: float | None = None     # monotonic start of a database outage
         self._pulled_beat_ts = 0.0
         self._timer = None
 
@@ -92,12 +113,15 @@ class Cluster:
         # Agents using the SDK take task locks through the daemon, not as local files.
         daemon.pipeline.base_env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
         daemon.pipeline.claim_firing = self.claim_firing
+        daemon.pipeline.claim_run = self.claim_run
+        daemon.pipeline.on_paused.append(self._paused)
+        daemon.pipeline.on_crash_loop.append(self._crash_loop)
+        self._guard_gated_commands(daemon)
         daemon.pipeline.on_run_started.append(self._run_started)
         daemon.pipeline.on_run_finished.append(self._run_finished)
         self._timer = daemon.timers.call_later(0, self._on_timer)
         self._listen()
         self._elect()
-        self._warn_unpinned_always(daemon)
         log.info("cluster_joined", host=self.host, schema=s.schema, migrations=applied,
                  leader=self.leadership.leading, listen=self.listener is not None)
 
@@ -112,6 +136,8 @@ class Cluster:
             self.leadership.resign()
             for run_id in list(self.held):
                 release_locks(self.db, self.host, run_id=run_id)
+            for agent in list(self.run_leases):
+                shared_agents.release_run_lease(self.db, self.host, agent)
             host_stopped(self.db, self.host)
         except (psycopg.Error, ConnectionError) as exc:
             log.warning("cluster_leave_failed", error=str(exc),
@@ -144,12 +170,41 @@ class Cluster:
             log.warning("pipeline_resumed_by_peer")
             pipeline.unhalt()
 
-    def _warn_unpinned_always(self, daemon) -> None:
-        for name, spec in daemon.config.agents.items():
-            for job in spec.jobs:
-                if job.schedule.always and pinned_host(spec, job) is None:
-                    log.warning("always_job_unpinned", agent=name, job=job.id,
-                                hint="it runs on every host; set `host:` to run one instance")
+    def _guard_gated_commands(self, daemon) -> None:
+        """`emit` and `usage` are decided in the shared breaker: with the database away the
+        agent gets a retryable refusal, never an acknowledgement or an internal error."""
+        from ..control.handlers import AGENT
+
+        overrides = daemon.command_overrides
+        for cmd in ("emit", "usage"):
+            impl = overrides.get(cmd) or AGENT.get(cmd)
+            if impl is not None:
+                overrides[cmd] = self._storage_guarded(cmd, impl)
+
+    def _storage_guarded(self, cmd: str, impl):
+        def serve(h, conn, req, run):
+            try:
+                return impl(h, conn, req, run)
+            except STORAGE_ERRORS as exc:
+                self._storage_failed(exc)
+                log.warning("gated_command_refused", cmd=cmd, agent=run.agent,
+                            reason="shared storage unreachable")
+                return error(req.id, f"not applied: shared storage unreachable ({exc}); "
+                                     "retry later", retry=True)
+        return serve
+
+    def _storage_failed(self, exc: Exception) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.error("storage_unreachable", host=self.host, error=str(exc).strip(),
+                      hint="running agents go on until their leases run out; firings, memory "
+                           "writes and outputs are refused (retryable) until it returns")
+
+    def _storage_ok(self) -> None:
+        if self.down_since is not None:
+            log.warning("storage_back", host=self.host,
+                        down_s=round(time.monotonic() - self.down_since, 1))
+            self.down_since = None
 
     # -- the loop's duties -------------------------------------------------------------------------
     def _on_timer(self) -> None:
@@ -174,8 +229,9 @@ class Cluster:
             self._elect()
         if now >= due["poll"]:
             due["poll"] = now + s.poll_s
-            self.breaker.sync()
-            if self.listener is None and not s.transaction_pooling:
+            self._guarded(self.breaker.sync)
+            self._guarded(self._sync_agents)
+            if self.listener is None and not s.transaction_pooling and self.down_since is None:
                 self._listen()
         if now >= due["beats"]:
             due["beats"] = now + 1.0
@@ -184,11 +240,21 @@ class Cluster:
             due["duties"] = now + min(LEADER_DUTY_INTERVAL_S, s.lease_s)
             self._leader_duties()
 
+    def _guarded(self, duty) -> None:
+        try:
+            duty()
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+
     def _elect(self) -> None:
         try:
             change = self.leadership.renew_or_acquire()
-        except (psycopg.Error, ConnectionError) as exc:
-            log.warning("leader_lease_unreachable", error=str(exc))
+        except STORAGE_ERRORS as exc:
+            if self.down_since is None:
+                log.warning("leader_lease_unreachable", error=str(exc))
+            if self.leadership.leading:
+                self.leadership.token = None  # it expires on the server's clock: act as lost
+                log.warning("leader_lost", host=self.host, hint="database unreachable")
             return
         if change == "elected":
             log.warning("leader_elected", host=self.host, token=self.leadership.token)
@@ -198,14 +264,20 @@ class Cluster:
                         hint="the lease expired before it was renewed (frozen or cut off)")
 
     def _renew(self, now: float) -> None:
+        # Spawn failures and refused starts leave a lease without a run: give it back.
+        for agent in [a for a in self.run_leases if self._local_run(a) is None]:
+            self.run_leases.discard(agent)
+            self._guarded(lambda a=agent: shared_agents.release_run_lease(self.db, self.host, a))
+        started = time.monotonic()  # the lease runs from before the request reached the server
         try:
-            still = renew(self.db, self.host, self.settings.lease_s)
-        except (psycopg.Error, ConnectionError) as exc:
-            log.warning("lease_renewal_failed", error=str(exc))
-            if now - self._last_renewal > self.settings.lease_s:
-                self._leases_lost({run_id: set(tasks) for run_id, tasks in self.held.items()})
+            still, agents = renew(self.db, self.host, self.settings.lease_s,
+                                  sorted(self.run_leases))
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            self._fence(now)
             return
-        self._last_renewal = now
+        self._storage_ok()
+        self._last_renewal = started
         lost = {}
         for run_id, tasks in self.held.items():
             gone = tasks - {t for r, t in still if r == run_id}
@@ -213,12 +285,53 @@ class Cluster:
                 lost[run_id] = gone
         if lost:
             self._leases_lost(lost)
+        for agent in sorted(self.run_leases):
+            if agent not in agents:
+                self._run_lease_lost(agent, "the lease expired before it was renewed")
+            elif agents[agent] is not None:
+                run = self._local_run(agent)
+                log.warning("run_replaced_by_peer", agent=agent, by_host=agents[agent],
+                            run_id=run.run_id if run else None)
+                if run is not None:
+                    self.daemon.pipeline.stop_run(run, StopReason.REPLACED)
+
+    def _local_run(self, agent: str):
+        rt = self.daemon.pipeline.agents.get(agent)
+        return rt.run if rt is not None else None
+
+    def _fence(self, now: float) -> None:
+        """Renewals fail: stop the runs this host may no longer hold before the leases can
+        expire for the others (SIGTERM at half the lease, SIGKILL at three quarters)."""
+        silent_s = now - self._last_renewal
+        lease_s = self.settings.lease_s
+        if silent_s >= lease_s * FENCE_STOP_SHARE:
+            for agent in sorted(self.run_leases):
+                self._run_lease_lost(agent, f"no renewal for {silent_s:.1f}s of a {lease_s:g}s "
+                                            "lease")
+            if self.held:
+                self._leases_lost({run_id: set(tasks) for run_id, tasks in self.held.items()})
+        if silent_s >= lease_s * FENCE_KILL_SHARE:
+            for run in list(self.daemon.pipeline.runs.values()):
+                if run.stop_reason is StopReason.LEASE_LOST:
+                    self.daemon.pipeline.kill_run(run)
+
+    def _run_lease_lost(self, agent: str, why: str) -> None:
+        """Another host may run this agent now (or soon): the local run must not go on."""
+        self.run_leases.discard(agent)
+        run = self._local_run(agent)
+        log.error("run_lease_lost", agent=agent, host=self.host, reason=why,
+                  run_id=run.run_id if run else None,
+                  action="stopping the run (fencing)" if run else None)
+        if run is not None:
+            self.daemon.pipeline.stop_run(run, StopReason.LEASE_LOST)
 
     def _leases_lost(self, lost: dict[str, set[str]]) -> None:
         """Another host may hold these locks now: the runs that held them must not go on."""
         for run_id, tasks in lost.items():
             self.held[run_id] -= tasks
             run = self.daemon.pipeline.runs.get(run_id)
+            if run is not None and run.stop_reason is StopReason.LEASE_LOST:
+                continue  # already being stopped
             log.error("lock_lease_lost", run_id=run_id, tasks=sorted(tasks),
                       agent=run.agent if run else None, action="stopping the run" if run else None)
             if run is not None:
@@ -238,6 +351,9 @@ class Cluster:
                              "make_interval(secs => %s)", (CLAIMS_KEPT_S,))
                 conn.execute("delete from breaker_events where at < extract(epoch from now()) - %s",
                              (BREAKER_EVENTS_KEPT_S,))
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            return
         except LeaseLost as exc:
             log.warning("leader_lost", host=self.host, error=str(exc))
             return
@@ -249,18 +365,126 @@ class Cluster:
         """Empty when this host runs the firing, else why another host does (or none)."""
         pin = pinned_host(spec, job)
         if pin is not None and pin != self.host and fire.trigger != "manual":
+            if fire.trigger.startswith("after:"):
+                return self._hand_off(pin, fire)
             return f"pinned to host {pin}"
-        slot = slot_of(job, fire.at) if fire.trigger in CLAIMED_TRIGGERS else None
-        if slot is None:
+        try:
+            seen = shared_agents.view(self.db, fire.agent)
+            if fire.trigger != "manual" and seen.paused_by is not None:
+                return f"paused (on host {seen.paused_by})"
+            if fire.trigger != "manual" and seen.cooldown_host is not None:
+                return f"crash loop cool-down (after a crash loop on host {seen.cooldown_host})"
+            winner = None
+            if fire.trigger in CLAIMED_TRIGGERS:
+                winner, _slot = claim_firing(self.db, self.host, fire.agent, job, fire.at)
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            return f"shared storage unreachable, not claimed: {exc}"
+        if winner:
+            return f"claimed by host {winner}"
+        if seen.holder not in (None, self.host) and not spec.per_host:
+            return self._overlap_elsewhere(fire, job, seen.holder)
+        return ""
+
+    def _overlap_elsewhere(self, fire, job, holder: str) -> str:
+        """The job's overlap policy, when its agent runs on another host."""
+        if job.overlap == Overlap.SKIP:
+            return f"already running on host {holder}"
+        self.waiting[fire.agent] = fire
+        if job.overlap == Overlap.REPLACE:
+            self._guarded(lambda: shared_agents.request_stop(self.db, self.host, fire.agent))
+            log.info("firing_replacing_peer_run", agent=fire.agent, job=job.id, host=holder)
+            return f"replacing the run on host {holder} (starts here when it ends)"
+        log.info("firing_queued", agent=fire.agent, job=job.id, host=holder)
+        return f"queued behind the run on host {holder}"
+
+    def _hand_off(self, pin: str, fire) -> str:
+        try:
+            shared_agents.hand_off(self.db, pin, fire.agent, fire.job, fire.trigger)
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            return f"pinned to host {pin}; shared storage unreachable, not handed off: {exc}"
+        return f"handed to host {pin}"
+
+    def claim_run(self, rt, job) -> str:
+        """Take the agent's run lease before a start: empty when taken, else where it runs."""
+        if rt.spec.per_host:
             return ""
         try:
-            winner = claim(self.db, self.host, fire.agent, job.id, slot)
-        except (psycopg.Error, ConnectionError) as exc:
-            return f"shared storage unreachable, not claimed: {exc}"
-        return f"claimed by host {winner}" if winner else ""
+            holder = shared_agents.take_run_lease(self.db, self.host, rt.name,
+                                                  self.settings.lease_s)
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            return f"shared storage unreachable, cannot take the run lease: {exc}"
+        if holder is not None:
+            return f"running on host {holder}"
+        self.run_leases.add(rt.name)
+        return ""
+
+    def _sync_agents(self) -> None:
+        """Adopt peers' pause changes, take hand-offs, and start what waited for a free lease:
+        queued firings, and `always` jobs whose instance is gone (its host died or froze)."""
+        pipeline = self.daemon.pipeline
+        self._push_unshared_pauses()
+        with self.db.tx() as conn:
+            changes, self._flags_seq = shared_agents.paused_changes(conn, self._flags_seq)
+            handed = shared_agents.take_handoffs(conn, self.host)
+            seen = shared_agents._views(conn, tuple(pipeline.agents))
+        self._storage_ok()
+        for agent, paused in changes.items():
+            rt = pipeline.agents.get(agent)
+            if rt is not None and rt.paused != paused:
+                self._applying_flags = True
+                try:
+                    pipeline.set_paused([agent], paused)
+                finally:
+                    self._applying_flags = False
+        for agent, job, trigger in handed:
+            log.info("firing_handed_over", agent=agent, job=job, trigger=trigger)
+            pipeline.fire(Fire(agent, job, trigger, time.time()))
+        if not pipeline.accepting or pipeline.halted:
+            return
+        for agent, fire in list(self.waiting.items()):
+            if seen.get(agent) is not None and seen[agent].holder is None:
+                del self.waiting[agent]
+                pipeline.fire(fire)
+        for name, rt in list(pipeline.agents.items()):
+            view = seen.get(name)
+            if view is None or rt.spec.per_host or rt.run is not None or rt.paused:
+                continue
+            jobs = [j for j in rt.always_jobs() if pinned_host(rt.spec, j) in (None, self.host)]
+            if (jobs and rt.state == AgentState.IDLE and view.holder is None
+                    and view.paused_by is None and view.cooldown_host is None):
+                pipeline.fire(Fire(name, jobs[0].id, "always", time.time()))
+
+    def _paused(self, names: list[str], paused: bool) -> None:
+        """`pause`/`resume` on this host act on the cluster."""
+        if self._applying_flags:
+            return
+        for name in names:
+            self._unshared_pauses[name] = paused
+        self._guarded(self._push_unshared_pauses)
+
+    def _push_unshared_pauses(self) -> None:
+        for paused in (True, False):
+            names = [n for n, p in self._unshared_pauses.items() if p is paused]
+            if names:
+                shared_agents.set_paused(self.db, self.host, names, paused)
+                for name in names:
+                    self._unshared_pauses.pop(name, None)
+
+    def _crash_loop(self, rt) -> None:
+        """A crash loop's cool-down holds on every host (on the server's clock)."""
+        if rt.spec.per_host:
+            return
+        delay = cooldown_s(self.daemon.config.settings.crash_loop, rt.cooldowns)
+        self._guarded(lambda: shared_agents.start_cooldown(self.db, self.host, rt.name, delay))
 
     # -- run records ---------------------------------------------------------------------------------
     def _run_started(self, run) -> None:
+        if run.agent in self.run_leases:
+            self._guarded(lambda: shared_agents.record_run(self.db, self.host, run.agent,
+                                                           run.run_id))
         self._write("insert into runs (run_id, agent, job, attempt, trigger, pid, started, "
                     "degraded, host) values (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
                     "on conflict (run_id) do nothing",
@@ -275,13 +499,17 @@ class Cluster:
         if self.held.pop(run.run_id, None):
             self._write("delete from task_locks where host = %s and run_id = %s",
                         (self.host, run.run_id))
+        if run.agent in self.run_leases:
+            self.run_leases.discard(run.agent)
+            self._guarded(lambda: shared_agents.release_run_lease(self.db, self.host, run.agent))
 
     def _write(self, sql: str, params: tuple) -> None:
         """A record the pipeline's hooks must not fail on: logged if the database is away."""
         try:
             with self.db.tx() as conn:
                 conn.execute(sql, params)
-        except (psycopg.Error, ConnectionError) as exc:
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
             log.warning("pg_write_failed", error=str(exc), statement=sql.split(" (")[0])
 
     def _close_own_dangling_runs(self) -> None:
@@ -313,8 +541,8 @@ class Cluster:
                 down = conn.execute("select agent, ts, pid, run_id from heartbeats where host "
                                     "<> %s and ts > %s", (self.host, self._pulled_beat_ts)
                                     ).fetchall()
-        except (psycopg.Error, ConnectionError) as exc:
-            log.warning("heartbeat_sync_failed", error=str(exc))
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
             return
         for agent, _host, ts, _pid, _run in up:
             self._pushed_beats[agent] = ts
@@ -352,7 +580,9 @@ class Cluster:
             self._drop_listener()
             return
         if "breaker" in payloads:
-            self.breaker.sync()
+            self._guarded(self.breaker.sync)
+        if "agents" in payloads:
+            self._guarded(self._sync_agents)
         if "leader" in payloads and not self.leadership.leading:
             self._elect()
 

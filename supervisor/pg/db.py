@@ -8,6 +8,7 @@ depends on session state and the same code runs behind PgBouncer in transaction 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -28,14 +29,21 @@ class StorageUnavailable(WatchkeeperError, ConnectionError):
     """PostgreSQL could not be reached with storage.dsn."""
 
 
+RECONNECT_FIRST_S = 0.2
+RECONNECT_MAX_S = 2.0  # the cap bounds how late a daemon notices the database is back
+
+
 class Database:
-    """One connection, used by one thread (the daemon's loop); reconnects after a failure."""
+    """One connection, used by one thread (the daemon's loop); reconnects after a failure,
+    with a doubling back-off so an outage does not turn every loop turn into a connect."""
 
     def __init__(self, settings: StorageSettings, role: str = "daemon") -> None:
         self.settings = settings
         self.schema = settings.schema
         self.role = role
         self._conn: psycopg.Connection | None = None
+        self._retry_at = 0.0
+        self._backoff_s = RECONNECT_FIRST_S
 
     def connect(self, *, autocommit: bool = True) -> psycopg.Connection:
         s = self.settings
@@ -55,9 +63,20 @@ class Database:
     @property
     def conn(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise StorageUnavailable(f"PostgreSQL unreachable; next attempt in "
+                                         f"{self._retry_at - now:.1f}s")
             if self._conn is not None:
                 log.warning("pg_reconnecting", role=self.role)
-            self._conn = self.connect()
+                self._conn = None
+            try:
+                self._conn = self.connect()
+            except StorageUnavailable:
+                self._retry_at = now + self._backoff_s
+                self._backoff_s = min(self._backoff_s * 2, RECONNECT_MAX_S)
+                raise
+            self._retry_at, self._backoff_s = 0.0, RECONNECT_FIRST_S
         return self._conn
 
     @contextlib.contextmanager

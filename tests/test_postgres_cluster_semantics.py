@@ -1,0 +1,203 @@
+"""Three daemons, one PostgreSQL schema: the semantics of one host, cluster-wide."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import psutil
+from harness import py
+from pg_harness import hosts, query, start
+from support import wait_until
+
+MANY_LAUNCHES = {"launches": {"max_runs": 10000}}
+FOREVER = "import time; print('up', flush=True); time.sleep(300)"
+
+
+def every(seconds: float, code: str, **job) -> dict:
+    return {"jobs": [{"id": "main", "command": py(code), "schedule": {"every_s": seconds},
+                      **job}]}
+
+
+def always(code: str = FOREVER, **agent) -> dict:
+    return {"jobs": [{"id": "main", "command": py(code), "schedule": {"always": True}}],
+            **agent}
+
+
+def stop_all(daemons) -> None:
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            d.stop()
+
+
+def signal_tree(pid: int, sig: int) -> list[int]:
+    """Send `sig` to a daemon and every process under it (a host that dies or freezes
+    takes its agents with it)."""
+    tree = [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    for member in tree:
+        try:
+            psutil.Process(member).send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    return tree
+
+
+def after_first(daemon, first: str, then: str, **match) -> list[dict]:
+    """The `then` events a daemon logged after its first `first` event matching `match`."""
+    events = list(daemon.events)
+    start_at = next(i for i, e in enumerate(events) if e.get("event") == first
+                    and all(str(e.get(k, "")).startswith(v) for k, v in match.items()))
+    return [e for e in events[start_at:] if e.get("event") == then]
+
+
+def paused_skips(daemon) -> list[dict]:
+    return [e for e in daemon.find("firing_skipped", agent="tick")
+            if e["reason"].startswith("paused")]
+
+
+def test_pause_on_one_host_stops_the_agent_on_every_host(tmp_path, schema):
+    """`pause` sent to h1 keeps the agent from running on h2 and h3, and `resume` sent to h3
+    lets it run again."""
+    daemons = hosts(tmp_path, schema, {"tick": every(0.3, "pass")}, count=3,
+                    breaker=MANY_LAUNCHES)
+    try:
+        start(daemons)
+        wait_until(lambda: query(schema, "select count(*) from runs where agent = 'tick'")[0][0]
+                   >= 2, 15, message="two runs before the pause")
+        daemons[0].call("pause", agent="tick")
+        for d in daemons:
+            wait_until(lambda d=d: len(paused_skips(d)) >= 2, 15,
+                       message=f"{d.root.name} refuses firings as paused")
+        for d in daemons:
+            assert after_first(d, "firing_skipped", "run_started", reason="paused") == []
+        runs_paused = query(schema, "select count(*) from runs where agent = 'tick'")[0][0]
+        daemons[2].call("resume", agent="tick")
+        wait_until(lambda: query(schema, "select count(*) from runs where agent = 'tick'")[0][0]
+                   > runs_paused, 15, message="runs after the resume")
+    finally:
+        stop_all(daemons)
+
+
+def test_overlap_skip_holds_across_hosts(tmp_path, schema):
+    """With `overlap: skip`, a long run on one host makes the other hosts skip the agent's
+    firings, naming the host that runs it."""
+    daemons = hosts(tmp_path, schema, {"long": every(0.3, FOREVER, overlap="skip")}, count=3,
+                    breaker=MANY_LAUNCHES)
+    try:
+        start(daemons)
+        wait_until(lambda: query(schema, "select host from agent_leases where agent = 'long'"),
+                   15, message="one host runs it")
+        (holder,), = query(schema, "select host from agent_leases where agent = 'long'")
+        others = [d for d in daemons if d.root.name != holder]
+        wait_until(lambda: all(len(d.find("firing_skipped", agent="long")) >= 3
+                               for d in others), 15, message="the others fire and stand back")
+        # The slot's claimant applies the overlap policy; the others lost the slot itself.
+        wait_until(lambda: any(d.find("firing_skipped", agent="long",
+                                      reason=f"already running on host {holder}")
+                               for d in others), 15, message="skipped as running elsewhere")
+        started = sum(len(d.find("run_started", agent="long")) for d in daemons)
+        running = query(schema, "select host from runs where agent = 'long' and ended is null")
+    finally:
+        stop_all(daemons)
+    assert started == 1
+    assert running == [(holder,)]
+
+
+def test_always_job_runs_once_in_the_cluster_and_moves_when_its_host_dies(tmp_path, schema):
+    """An unpinned `always` agent runs on exactly one of three hosts, and runs on another
+    host within the lease time after its host is SIGKILLed with its agents."""
+    daemons = hosts(tmp_path, schema, {"single": always()}, count=3, breaker=MANY_LAUNCHES)
+    try:
+        start(daemons)
+        wait_until(lambda: sum(len(d.find("agent_output", agent="single")) for d in daemons)
+                   >= 1, 15, message="the always agent is up")
+        for d in daemons:  # every host tried and stood back, or runs it
+            wait_until(lambda d=d: d.find("run_started", agent="single")
+                       or d.find("firing_skipped", agent="single")
+                       or d.find("run_refused", agent="single"), 10)
+        up = [d for d in daemons if d.find("run_started", agent="single")]
+        assert len(up) == 1
+        victim = up[0]
+        killed_at = time.monotonic()
+        signal_tree(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait()
+        survivors = [d for d in daemons if d is not victim]
+        wait_until(lambda: any(d.find("agent_output", agent="single") for d in survivors),
+                   15, message="the always agent moved")
+        moved_after_s = time.monotonic() - killed_at
+        wait_until(lambda: query(schema, "select count(*) from runs where agent = 'single' "
+                                 "and ended is null and host <> %s", (victim.root.name,)
+                                 )[0][0] >= 1, 10)
+        live = [d for d in survivors if d.find("run_started", agent="single")]
+    finally:
+        stop_all(daemons)
+    assert len(live) == 1
+    print(f"always job moved {moved_after_s:.2f}s after SIGKILL (lease_s 3)")
+
+
+def test_frozen_host_stops_its_always_run_after_the_job_moved(tmp_path, schema):
+    """A host frozen with SIGSTOP loses the `always` agent to another host, and once thawed
+    stops its stale run with stop_reason lease_lost (fencing) instead of running it twice."""
+    daemons = hosts(tmp_path, schema, {"single": always()}, count=2, breaker=MANY_LAUNCHES)
+    try:
+        start(daemons)
+        wait_until(lambda: query(schema, "select host, run_id from agent_leases where agent = "
+                                 "'single' and run_id <> ''"), 15, message="a holder")
+        (holder_name, stale_run), = query(schema, "select host, run_id from agent_leases")
+        holder = next(d for d in daemons if d.root.name == holder_name)
+        other = next(d for d in daemons if d is not holder)
+        tree = signal_tree(holder.proc.pid, signal.SIGSTOP)
+        try:
+            other.wait_event("agent_output", agent="single", line="up", timeout_s=15)
+        finally:
+            for pid in tree:
+                psutil.Process(pid).send_signal(signal.SIGCONT)
+        holder.wait_event("run_lease_lost", agent="single", timeout_s=10)
+        ended = holder.wait_event("run_finished", run_id=stale_run, timeout_s=10)
+        wait_until(lambda: query(schema, "select count(*) from runs where agent = 'single' "
+                                 "and ended is null")[0][0] == 1, 10, message="one live run")
+        open_runs = query(schema, "select host from runs where agent = 'single' and ended "
+                          "is null")
+    finally:
+        stop_all(daemons)
+    assert ended["stop_reason"] == "lease_lost"
+    assert open_runs == [(other.root.name,)]
+
+
+def test_after_chain_runs_downstream_on_its_pinned_host(tmp_path, schema):
+    """An `after:` job pinned to h2 runs on h2 when its upstream succeeds on h1."""
+    agents = {"up": every(3600, "pass", host="h1"),
+              "down": {"jobs": [{"id": "d", "command": py("pass"), "host": "h2",
+                                 "schedule": {"after": ["up"]}}]}}
+    daemons = hosts(tmp_path, schema, agents, count=2)
+    try:
+        start(daemons)
+        daemons[0].call("start-now", agent="up")
+        daemons[0].wait_event("run_finished", agent="up", outcome="succeeded")
+        daemons[0].wait_event("firing_skipped", agent="down", reason="handed to host h2")
+        ran = daemons[1].wait_event("run_finished", agent="down", timeout_s=15)
+    finally:
+        stop_all(daemons)
+    assert ran["outcome"] == "succeeded"
+    assert not daemons[0].find("run_started", agent="down")
+
+
+def test_crash_loop_cooldown_holds_on_every_host(tmp_path, schema):
+    """After a crash loop on one host, the other hosts refuse the agent's firings for the
+    cool-down instead of starting their own crash loop."""
+    daemons = hosts(tmp_path, schema, {"crash": every(1.0, "raise SystemExit(1)")}, count=2,
+                    breaker=MANY_LAUNCHES, crash_loop={"failures": 2, "cooldown_s": 600})
+    try:
+        start(daemons)
+        wait_until(lambda: any(d.find("agent_crash_loop", agent="crash") for d in daemons),
+                   20, message="a crash loop")
+        looped = next(d for d in daemons if d.find("agent_crash_loop", agent="crash"))
+        other = next(d for d in daemons if d is not looped)
+        other.wait_event("firing_skipped", agent="crash", count=2, timeout_s=15,
+                         reason=f"crash loop cool-down (after a crash loop on host "
+                                f"{looped.root.name})")
+        cooling = query(schema, "select cooldown_host from agent_flags where agent = 'crash'")
+    finally:
+        stop_all(daemons)
+    assert cooling == [(looped.root.name,)]
+    assert not other.find("agent_crash_loop", agent="crash")
