@@ -77,9 +77,13 @@ def record_run(db: Database, host: str, agent: str, run_id: str) -> None:
                      (run_id, agent, host))
 
 
-def release_run_lease(db: Database, host: str, agent: str) -> None:
+RELEASE_SQL = "delete from agent_leases where agent = %s and host = %s and run_id = %s"
+
+
+def release_run_lease(db: Database, host: str, agent: str, run_id: str = "") -> None:
+    """Give the lease of one run back (a later lease of the same agent is not touched)."""
     with db.tx() as conn:
-        conn.execute("delete from agent_leases where agent = %s and host = %s", (agent, host))
+        conn.execute(RELEASE_SQL, (agent, host, run_id))
         db.notify(conn, "agents")
 
 

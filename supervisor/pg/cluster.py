@@ -39,7 +39,7 @@ from ..states import AgentState, StopReason
 from . import agents as shared_agents
 from .breaker import SharedBreaker
 from .claims import CLAIMED_TRIGGERS, claim_firing, pinned_host
-from .db import Database, Listener
+from .db import Database, Listener, one_line
 from .leases import (
     Leadership,
     LeaseLost,
@@ -91,6 +91,7 @@ class Cluster:
         self._applying_flags = False
         self._unshared_pauses: dict[str, bool] = {}
         self.down_since: float | None = None     # monotonic start of a database outage
+        self._unsent: list[tuple[str, tuple]] = []  # records to write when it is back
         self._pulled_beat_ts = 0.0
         self._timer = None
 
@@ -137,7 +138,9 @@ class Cluster:
             for run_id in list(self.held):
                 release_locks(self.db, self.host, run_id=run_id)
             for agent in list(self.run_leases):
-                shared_agents.release_run_lease(self.db, self.host, agent)
+                run = self._local_run(agent)
+                shared_agents.release_run_lease(self.db, self.host, agent,
+                                                run.run_id if run else "")
             host_stopped(self.db, self.host)
         except (psycopg.Error, ConnectionError) as exc:
             log.warning("cluster_leave_failed", error=str(exc),
@@ -189,22 +192,36 @@ class Cluster:
                 self._storage_failed(exc)
                 log.warning("gated_command_refused", cmd=cmd, agent=run.agent,
                             reason="shared storage unreachable")
-                return error(req.id, f"not applied: shared storage unreachable ({exc}); "
+                return error(req.id, f"not applied: shared storage unreachable ({one_line(exc)}); "
                                      "retry later", retry=True)
         return serve
 
     def _storage_failed(self, exc: Exception) -> None:
         if self.down_since is None:
             self.down_since = time.monotonic()
-            log.error("storage_unreachable", host=self.host, error=str(exc).strip(),
+            log.error("storage_unreachable", host=self.host, error=one_line(exc),
                       hint="running agents go on until their leases run out; firings, memory "
                            "writes and outputs are refused (retryable) until it returns")
 
     def _storage_ok(self) -> None:
         if self.down_since is not None:
             log.warning("storage_back", host=self.host,
-                        down_s=round(time.monotonic() - self.down_since, 1))
+                        down_s=round(time.monotonic() - self.down_since, 1),
+                        records_to_write=len(self._unsent))
             self.down_since = None
+        self._write_unsent()
+
+    def _write_unsent(self) -> None:
+        """Run records and lease releases that failed during the outage, in their order."""
+        while self._unsent:
+            sql, params = self._unsent[0]
+            try:
+                with self.db.tx() as conn:
+                    conn.execute(sql, params)
+            except STORAGE_ERRORS as exc:
+                self._storage_failed(exc)
+                return
+            self._unsent.pop(0)
 
     # -- the loop's duties -------------------------------------------------------------------------
     def _on_timer(self) -> None:
@@ -267,7 +284,7 @@ class Cluster:
         # Spawn failures and refused starts leave a lease without a run: give it back.
         for agent in [a for a in self.run_leases if self._local_run(a) is None]:
             self.run_leases.discard(agent)
-            self._guarded(lambda a=agent: shared_agents.release_run_lease(self.db, self.host, a))
+            self._write(shared_agents.RELEASE_SQL, (agent, self.host, ""))
         started = time.monotonic()  # the lease runs from before the request reached the server
         try:
             still, agents = renew(self.db, self.host, self.settings.lease_s,
@@ -379,7 +396,7 @@ class Cluster:
                 winner, _slot = claim_firing(self.db, self.host, fire.agent, job, fire.at)
         except STORAGE_ERRORS as exc:
             self._storage_failed(exc)
-            return f"shared storage unreachable, not claimed: {exc}"
+            return f"shared storage unreachable, not claimed: {one_line(exc)}"
         if winner:
             return f"claimed by host {winner}"
         if seen.holder not in (None, self.host) and not spec.per_host:
@@ -415,7 +432,7 @@ class Cluster:
                                                   self.settings.lease_s)
         except STORAGE_ERRORS as exc:
             self._storage_failed(exc)
-            return f"shared storage unreachable, cannot take the run lease: {exc}"
+            return f"shared storage unreachable, cannot take the run lease: {one_line(exc)}"
         if holder is not None:
             return f"running on host {holder}"
         self.run_leases.add(rt.name)
@@ -501,16 +518,22 @@ class Cluster:
                         (self.host, run.run_id))
         if run.agent in self.run_leases:
             self.run_leases.discard(run.agent)
-            self._guarded(lambda: shared_agents.release_run_lease(self.db, self.host, run.agent))
+            self._write(shared_agents.RELEASE_SQL, (run.agent, self.host, run.run_id))
 
     def _write(self, sql: str, params: tuple) -> None:
-        """A record the pipeline's hooks must not fail on: logged if the database is away."""
+        """A record the pipeline's hooks must not fail on: kept, in order, and written when
+        the database is back (every such statement is idempotent)."""
+        if self._unsent:
+            self._unsent.append((sql, params))
+            return
         try:
             with self.db.tx() as conn:
                 conn.execute(sql, params)
         except STORAGE_ERRORS as exc:
             self._storage_failed(exc)
-            log.warning("pg_write_failed", error=str(exc), statement=sql.split(" (")[0])
+            self._unsent.append((sql, params))
+            log.warning("pg_write_deferred", error=str(exc).strip(),
+                        statement=sql.split(" (")[0])
 
     def _close_own_dangling_runs(self) -> None:
         with self.db.tx() as conn:

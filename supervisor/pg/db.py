@@ -116,9 +116,12 @@ class Listener:
         self.db = db
         self.conn = db.connect()
         self.conn.execute(f'listen "{db.channel}"')
+        # Kept: once the server drops the connection, psycopg no longer tells the number,
+        # and the loop must still unregister it before the number is reused by a socket.
+        self.fd = self.conn.fileno()
 
     def fileno(self) -> int:
-        return self.conn.fileno()
+        return self.fd
 
     def drain(self) -> set[str]:
         """The payloads received since the last call (duplicates folded)."""
@@ -126,6 +129,11 @@ class Listener:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's text on one line (psycopg's span several), for replies and logs."""
+    return " ".join(str(exc).split())
 
 
 def _redacted(dsn: str) -> str:

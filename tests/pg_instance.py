@@ -1,0 +1,70 @@
+"""A PostgreSQL server of the test's own (initdb + pg_ctl), to stop and start at will.
+
+The shared server at 127.0.0.1:5432 serves every engineer's tests and must never be stopped;
+outage tests stop this one instead. Run as root, the server runs as `postgres` (initdb refuses
+root), in a directory that user can reach; it is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+_BIN_DIRS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+PG_BIN = Path(_BIN_DIRS[-1]) if _BIN_DIRS else None
+available = PG_BIN is not None and (PG_BIN / "initdb").exists()
+MISSING = "initdb/pg_ctl not found under /usr/lib/postgresql/*/bin (apt-get install postgresql)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OwnPostgres:
+    def __init__(self) -> None:
+        # Not tmp_path: pytest's base directory is private to root, out of the server's reach.
+        self.root = Path(tempfile.mkdtemp(prefix="wk-own-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self.dsn = f"host=127.0.0.1 port={self.port} dbname=postgres user=postgres"
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            pw = pwd.getpwnam("postgres")
+            os.chown(self.root, pw.pw_uid, pw.pw_gid)
+
+    def _run(self, *argv: str, timeout_s: float = 60) -> None:
+        cmd = [str(PG_BIN / argv[0]), *argv[1:]]
+        if self._as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=timeout_s)
+
+    def init(self) -> OwnPostgres:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust",
+                  "--no-sync")
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                       f"unix_socket_directories = '{self.root}'\nfsync = off\n"
+                       "max_connections = 60\n")
+        return self.start()
+
+    def start(self) -> OwnPostgres:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "log"), "-w", "start")
+        return self
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass  # already stopped
+        shutil.rmtree(self.root, ignore_errors=True)
