@@ -68,3 +68,48 @@ class OwnPostgres:
         except subprocess.CalledProcessError:
             pass  # already stopped
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+pgbouncer_available = os.path.exists(PGBOUNCER)
+PGBOUNCER_MISSING = "pgbouncer not installed (apt-get install pgbouncer)"
+
+
+class OwnPgBouncer:
+    """A pgbouncer in transaction pooling mode in front of `target` (host, port, dbname)."""
+
+    def __init__(self, host: str, port: int, dbname: str, pool_size: int = 2) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="wk-own-pgbouncer-"))
+        self.port = free_port()
+        self.dsn = f"host=127.0.0.1 port={self.port} dbname={dbname} user=postgres"
+        (self.root / "users.txt").write_text('"postgres" ""\n')
+        (self.root / "pgbouncer.ini").write_text(
+            f"[databases]\n{dbname} = host={host} port={port} dbname={dbname}\n"
+            f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {self.port}\n"
+            f"unix_socket_dir =\nauth_type = trust\nauth_file = {self.root}/users.txt\n"
+            f"pool_mode = transaction\ndefault_pool_size = {pool_size}\n"
+            "max_client_conn = 200\nignore_startup_parameters = extra_float_digits,options\n"
+            f"logfile = {self.root}/pgbouncer.log\n")
+        self._as_postgres = os.geteuid() == 0  # pgbouncer refuses to run as root
+        if self._as_postgres:
+            pw = pwd.getpwnam("postgres")
+            for path in (self.root, *self.root.iterdir()):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> OwnPgBouncer:
+        cmd = [PGBOUNCER, str(self.root / "pgbouncer.ini")]
+        if self._as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return self
+
+    def destroy(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)

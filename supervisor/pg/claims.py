@@ -68,8 +68,9 @@ def db_slot(job: Job, fired_at: float, db_offset_s: float) -> float | None:
 
 def claim_firing(db: Database, host: str, agent: str, job: Job,
                  fired_at: float) -> tuple[str | None, float | None]:
-    """Claim the firing's slot, computed on the server's clock; returns (who runs it or
-    None for this host, the slot)."""
+    """Claim the firing's slot, computed on the server's clock; returns (who holds the slot,
+    the slot): None when this host inserted the claim just now, else the holder's name,
+    this host's own included (a second firing into a slot this host already ran)."""
     with db.tx() as conn:
         before = time.time()
         db_now = float(conn.execute("select extract(epoch from clock_timestamp())").fetchone()[0])
@@ -77,11 +78,13 @@ def claim_firing(db: Database, host: str, agent: str, job: Job,
     slot = db_slot(job, fired_at, offset_s)
     if slot is None:
         return None, None
-    return claim(db, host, agent, job.id, slot), slot
+    return claim(db, host, agent, job.id, slot, own_counts=False), slot
 
 
-def claim(db: Database, host: str, agent: str, job: str, slot: float) -> str | None:
-    """Claim the slot for `host`; returns None when this host runs it, else who does."""
+def claim(db: Database, host: str, agent: str, job: str, slot: float, *,
+          own_counts: bool = True) -> str | None:
+    """Claim the slot for `host`; returns None when this host runs it, else who does.
+    With own_counts=False, a slot this host claimed before is reported as held by it."""
     with db.tx() as conn:
         inserted = conn.execute(
             "insert into firing_claims (agent, job, slot, host) values (%s, %s, %s, %s) "
@@ -90,6 +93,6 @@ def claim(db: Database, host: str, agent: str, job: str, slot: float) -> str | N
             return None
         row = conn.execute("select host from firing_claims where agent = %s and job = %s "
                            "and slot = %s", (agent, job, slot)).fetchone()
-    if row is not None and row[0] == host:
+    if row is not None and row[0] == host and own_counts:
         return None  # a queued firing coming back to the host that claimed it
     return row[0] if row else "another host"

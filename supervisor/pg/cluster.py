@@ -66,6 +66,7 @@ BREAKER_EVENTS_KEPT_S = 2 * 86400.0
 FENCE_STOP_SHARE = 0.5
 FENCE_KILL_SHARE = 0.75
 STORAGE_ERRORS = (psycopg.Error, ConnectionError)
+CLAIMS_REMEMBERED = 1000
 RUN_COLUMNS = ("run_id, agent, job, attempt, trigger, pid, started, ended, exit_code, signal, "
                "outcome, stop_reason, stop_signal, degraded, host")
 
@@ -92,6 +93,7 @@ class Cluster:
         self._unshared_pauses: dict[str, bool] = {}
         self.down_since: float | None = None     # monotonic start of a database outage
         self._unsent: list[tuple[str, tuple]] = []  # records to write when it is back
+        self._claimed: dict[tuple, Fire] = {}    # slot -> the Fire that claimed it here
         self._pulled_beat_ts = 0.0
         self._timer = None
 
@@ -393,15 +395,27 @@ class Cluster:
                 return f"crash loop cool-down (after a crash loop on host {seen.cooldown_host})"
             winner = None
             if fire.trigger in CLAIMED_TRIGGERS:
-                winner, _slot = claim_firing(self.db, self.host, fire.agent, job, fire.at)
+                winner, slot = claim_firing(self.db, self.host, fire.agent, job, fire.at)
         except STORAGE_ERRORS as exc:
             self._storage_failed(exc)
             return f"shared storage unreachable, not claimed: {one_line(exc)}"
-        if winner:
+        if winner == self.host:
+            # The same Fire coming back from a queue may run; a second firing into a slot
+            # this host already ran (a late scheduler catching up) may not.
+            if self._claimed.get((fire.agent, job.id, slot)) is not fire:
+                return "slot already run on this host"
+        elif winner:
             return f"claimed by host {winner}"
+        elif fire.trigger in CLAIMED_TRIGGERS:
+            self._remember_claim((fire.agent, job.id, slot), fire)
         if seen.holder not in (None, self.host) and not spec.per_host:
             return self._overlap_elsewhere(fire, job, seen.holder)
         return ""
+
+    def _remember_claim(self, key: tuple, fire) -> None:
+        self._claimed[key] = fire
+        while len(self._claimed) > CLAIMS_REMEMBERED:
+            del self._claimed[next(iter(self._claimed))]
 
     def _overlap_elsewhere(self, fire, job, holder: str) -> str:
         """The job's overlap policy, when its agent runs on another host."""
