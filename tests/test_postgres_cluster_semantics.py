@@ -201,3 +201,39 @@ def test_crash_loop_cooldown_holds_on_every_host(tmp_path, schema):
         stop_all(daemons)
     assert cooling == [(looped.root.name,)]
     assert not other.find("agent_crash_loop", agent="crash")
+
+
+def test_host_cut_off_from_the_database_stops_its_run_before_another_starts_it(tmp_path,
+                                                                                schema):
+    """A host that loses the database (its own link cut) stops its `always` run, saying the
+    lease is lost, before the host that still reaches the database starts it."""
+    import psycopg
+    from pg_harness import PG_DSN
+    from pg_instance import CuttableProxy
+
+    params = psycopg.conninfo.conninfo_to_dict(PG_DSN)
+    proxy = CuttableProxy(params.get("host", "127.0.0.1"), int(params.get("port", 5432)))
+    cut_host, direct = hosts(tmp_path, schema, {"single": always()}, count=2,
+                             breaker=MANY_LAUNCHES)
+    cut_host.settings["storage"]["dsn"] = proxy.dsn(params["dbname"], params.get("user"))
+    cut_host.write_config()
+    try:
+        start([cut_host])
+        cut_host.wait_event("agent_output", agent="single", line="up", timeout_s=15)
+        start([direct])
+        direct.wait_event("firing_skipped", agent="single", reason="already running on host h1")
+        proxy.cut()
+        lost = cut_host.wait_event("run_lease_lost", agent="single", timeout_s=15)
+        stopped = cut_host.wait_event("run_finished", agent="single", timeout_s=15)
+        moved = direct.wait_event("run_started", agent="single", timeout_s=15)
+        proxy.restore()
+        cut_host.wait_event("storage_back", timeout_s=15)
+        live = query(schema, "select host from agent_leases where agent = 'single'")
+    finally:
+        stop_all([cut_host, direct])
+        proxy.close()
+    assert lost["action"] == "stopping the run (fencing)"
+    assert stopped["stop_reason"] == "lease_lost"
+    assert stopped["timestamp"] < moved["timestamp"]  # one machine, one clock: stop, then start
+    assert live == [("h2",)]
+    assert len(cut_host.find("run_started", agent="single")) == 1

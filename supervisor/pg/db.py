@@ -54,7 +54,10 @@ class Database:
                 # connection, where a prepared statement does not exist.
                 prepare_threshold=None if s.transaction_pooling else 5,
                 application_name=f"watchkeeper {s.host} {self.role}"[:63],
-                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                # A link that silently drops packets must fail a statement within a quarter
+                # lease: the loop blocked in it could not fence its runs (cluster.py).
+                tcp_user_timeout=int(min(s.statement_timeout_s, s.lease_s / 4) * 1000))
         except psycopg.OperationalError as exc:
             raise StorageUnavailable(f"cannot connect to PostgreSQL ({_redacted(s.dsn)}): "
                                   f"{str(exc).strip()}; check storage.dsn and that the server "
