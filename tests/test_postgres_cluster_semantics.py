@@ -237,3 +237,42 @@ def test_host_cut_off_from_the_database_stops_its_run_before_another_starts_it(t
     assert stopped["timestamp"] < moved["timestamp"]  # one machine, one clock: stop, then start
     assert live == [("h2",)]
     assert len(cut_host.find("run_started", agent="single")) == 1
+
+
+SLOW = "import time; print('begin', flush=True); time.sleep(3); print('end', flush=True)"
+
+
+def test_overlap_queue_waits_for_the_run_on_another_host(tmp_path, schema):
+    """With `overlap: queue`, a firing on h2 while the agent runs on h1 is queued and starts
+    on h2 once the run on h1 has ended."""
+    daemons = hosts(tmp_path, schema, {"q": every(3600, SLOW, overlap="queue")})
+    try:
+        start(daemons)
+        daemons[0].call("start-now", agent="q")
+        daemons[0].wait_event("agent_output", agent="q", line="begin")
+        reply = daemons[1].call("start-now", agent="q")
+        finished = daemons[0].wait_event("run_finished", agent="q", timeout_s=15)
+        queued_start = daemons[1].wait_event("run_started", agent="q", timeout_s=15)
+    finally:
+        stop_all(daemons)
+    assert reply["result"] == "queued behind the run on host h1"
+    assert finished["outcome"] == "succeeded"
+    assert finished["timestamp"] < queued_start["timestamp"]
+
+
+def test_overlap_replace_stops_the_run_on_another_host(tmp_path, schema):
+    """With `overlap: replace`, a firing on h2 stops the agent's run on h1 (reason replaced)
+    and starts on h2 after it ended."""
+    daemons = hosts(tmp_path, schema, {"r": every(3600, FOREVER, overlap="replace")})
+    try:
+        start(daemons)
+        daemons[0].call("start-now", agent="r")
+        daemons[0].wait_event("agent_output", agent="r", line="up")
+        reply = daemons[1].call("start-now", agent="r")
+        replaced = daemons[0].wait_event("run_finished", agent="r", timeout_s=15)
+        started = daemons[1].wait_event("run_started", agent="r", timeout_s=15)
+    finally:
+        stop_all(daemons)
+    assert reply["result"].startswith("replacing the run on host h1")
+    assert replaced["stop_reason"] == "replaced"
+    assert replaced["timestamp"] < started["timestamp"]
