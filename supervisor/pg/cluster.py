@@ -127,6 +127,9 @@ class Cluster:
         self._elect()
         log.info("cluster_joined", host=self.host, schema=s.schema, migrations=applied,
                  leader=self.leadership.leading, listen=self.listener is not None)
+        if s.transaction_pooling:
+            log.info("transaction_pooling", hint="behind a transaction-mode pooler: no LISTEN "
+                     "and no prepared statements; peers see changes within poll_s")
 
     def stop(self, daemon) -> None:
         if self._timer is not None:
@@ -676,6 +679,9 @@ class Cluster:
                     "order by agent, started desc")}
                 running = {a: h for a, h in conn.execute(
                     "select agent, host from runs where ended is null")}
+                # A live run lease is the truth for cluster-wide agents: an open run record
+                # of a dead host stays open until the leader closes it.
+                running.update(shared_agents.running_hosts(conn))
         except (psycopg.Error, ConnectionError) as exc:
             snapshot["cluster"] = {"host": self.host, "error": str(exc)}
             return
