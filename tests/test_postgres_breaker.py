@@ -107,3 +107,29 @@ def test_trip_reaches_peer_by_poll_when_listen_is_off(tmp_path, schema):
         h2.stop()
     assert tripped and all(e["listen"] is False for d in (h1, h2)
                            for e in d.find("cluster_joined"))
+
+
+def test_half_open_after_auto_reset_is_taken_by_every_host_together(tmp_path, schema):
+    """The auto reset to half-open is taken once for the cluster: a host that joined after
+    the trip resumes when the tripping host half-opens (pipeline_resumed_by_peer), not later
+    on its own timer."""
+    agents = {"poster": {"host": "h1", "jobs": [{"id": "p", "command": py(EMIT_TWICE),
+                                                 "schedule": {"every_s": 3600}}]}}
+    h1, h2 = hosts(tmp_path, schema, agents,
+                   breaker={"outputs": {"max_outputs": 1}, "auto_reset_after_s": 3})
+    try:
+        start([h1])
+        h1.call("start-now", agent="poster")
+        h1.wait_event("breaker_tripped", agent="poster")
+        start([h2])
+        h2.wait_event("pipeline_halted_at_start")
+        h1.wait_event("breaker_half_open", timeout_s=10)
+        h2.wait_event("pipeline_resumed_by_peer", timeout_s=5)
+        shared = query(schema, "select state, changed_by from breaker_state")
+        h2_status = h2.call("status")
+    finally:
+        h1.stop()
+        h2.stop()
+    assert not h2.find("breaker_half_open")  # it did not wait for its own timer
+    assert shared == [("half_open", "h1")]
+    assert h2_status["daemon"]["halted"] is False

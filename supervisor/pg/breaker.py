@@ -76,6 +76,32 @@ class SharedBreaker:
         self.peer_trip = None
         return self.inner.reset(by, reason, now)
 
+    def tick(self, now: float | None = None) -> BreakerState | None:
+        """Timed transitions (auto reset to half-open, probe passed to closed) are taken by
+        the first host whose timer runs out and written to breaker_state, so every host
+        half-opens and closes together (they adopt it in _catch_up), not each on its own
+        clock from when it happened to see the trip."""
+        changed = self.inner.tick(now)
+        if changed is None:
+            return None
+        try:
+            with self.db.tx(lock=BREAKER_LOCK) as conn:
+                state, epoch = conn.execute("select state, epoch from breaker_state "
+                                            "where id = 1").fetchone()
+                if state != changed.value:
+                    self.epoch = conn.execute(
+                        "update breaker_state set state = %s, epoch = epoch + 1, changed_at = "
+                        "now(), changed_by = %s, since_event = (select coalesce(max(id), 0) "
+                        "from breaker_events) where id = 1 returning epoch",
+                        (changed.value, self.host)).fetchone()[0]
+                    self.db.notify(conn, "breaker")
+                elif epoch != self.epoch:
+                    self.epoch = epoch  # a peer got there first: same state, nothing to adopt
+        except (psycopg.Error, ConnectionError) as exc:
+            log.warning("breaker_state_not_shared", state=changed.value, error=str(exc).strip(),
+                        hint="peers take the same timed transition on their own clocks")
+        return changed
+
     # -- shared state ---------------------------------------------------------------------------
     def sync(self) -> None:
         """Catch up with the other hosts (poll or NOTIFY): their events, trips and resets."""
@@ -124,6 +150,11 @@ class SharedBreaker:
                                   "and host <> %s order by id", (self.last_event_id, self.host)))
         self.last_event_id = max(self.last_event_id, conn.execute(
             "select coalesce(max(id), 0) from breaker_events").fetchone()[0])
+        if (epoch != self.epoch and state == "half_open"
+                and self.inner.state is BreakerState.OPEN):
+            # Probing starts on empty windows, as on one host (Breaker.tick).
+            self.inner._clear_windows()
+            self.inner.transition(BreakerState.HALF_OPEN, reason=f"auto reset on host {by}")
         if epoch != self.epoch and state == "open":
             self.peer_trip = msgspec.convert(trip, Trip) if trip else None
             if self.inner.state is not BreakerState.OPEN:
