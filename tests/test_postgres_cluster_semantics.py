@@ -276,3 +276,24 @@ def test_overlap_replace_stops_the_run_on_another_host(tmp_path, schema):
     assert reply["result"].startswith("replacing the run on host h1")
     assert replaced["stop_reason"] == "replaced"
     assert replaced["timestamp"] < started["timestamp"]
+
+
+EMIT_ONE = ("from supervisor.sdk import Agent; a = Agent(); "
+            "a.emit('post', f'from {a.run_id}')")
+
+
+def test_outputs_on_any_host_lists_every_hosts_outputs(tmp_path, schema):
+    """`outputs` sent to h1 lists the outputs emitted on h1 and on h2, each with its host."""
+    agents = {"p1": every(3600, EMIT_ONE, host="h1"), "p2": every(3600, EMIT_ONE, host="h2")}
+    daemons = hosts(tmp_path, schema, agents)
+    try:
+        start(daemons)
+        daemons[0].call("start-now", agent="p1")
+        daemons[1].call("start-now", agent="p2")
+        daemons[0].wait_event("run_finished", agent="p1", outcome="succeeded")
+        daemons[1].wait_event("run_finished", agent="p2", outcome="succeeded")
+        listed = daemons[0].call("outputs")
+    finally:
+        stop_all(daemons)
+    assert sorted((o["agent"], o["host"], o["allowed"]) for o in listed) == [
+        ("p1", "h1", 1), ("p2", "h2", 1)]

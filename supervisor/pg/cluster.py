@@ -188,11 +188,40 @@ class Cluster:
             impl = overrides.get(cmd) or AGENT.get(cmd)
             if impl is not None:
                 overrides[cmd] = self._storage_guarded(cmd, impl)
+        overrides["outputs"] = self._outputs
+
+    def _share_output(self, daemon, run) -> None:
+        """Copy the output the gate just recorded here (same loop turn) for `outputs` on
+        any host."""
+        rows = daemon.store.recent_outputs(run.agent, 1)
+        if rows and rows[0]["run_id"] == run.run_id:
+            o = rows[0]
+            self._write("insert into outputs (host, agent, run_id, kind, time, hash, summary, "
+                        "allowed) values (%s, %s, %s, %s, %s, %s, %s, %s)",
+                        (self.host, o["agent"], o["run_id"], o["kind"], o["time"], o["hash"],
+                         o["summary"], bool(o["allowed"])))
+
+    def _outputs(self, h, conn, req):
+        agent, limit = req.args.get("agent"), req.args.get("limit", 50)
+        if (agent is not None and not isinstance(agent, str)) or not isinstance(limit, int) \
+                or not 0 < limit <= 1000:
+            return error(req.id, "outputs takes optional `agent` (string) and `limit` (1-1000)")
+        where, params = ("where agent = %s", (agent, limit)) if agent else ("", (limit,))
+        with self.db.tx() as c:
+            cur = c.execute("select id, agent, run_id, kind, time, hash, summary, "
+                            f"allowed::int as allowed, host from outputs {where} "
+                            "order by time desc, id desc limit %s", params)
+            names = [col.name for col in cur.description]
+            rows = cur.fetchall()
+        return ok(req.id, [dict(zip(names, r, strict=True)) for r in rows])
 
     def _storage_guarded(self, cmd: str, impl):
         def serve(h, conn, req, run):
             try:
-                return impl(h, conn, req, run)
+                reply = impl(h, conn, req, run)
+                if cmd == "emit":
+                    self._share_output(h.daemon, run)
+                return reply
             except STORAGE_ERRORS as exc:
                 self._storage_failed(exc)
                 log.warning("gated_command_refused", cmd=cmd, agent=run.agent,

@@ -133,7 +133,7 @@ create table idempotency (
 );
 create index idempotency_by_age on idempotency (created_at);
 """),
-    (2, "agent run leases, cluster-wide agent flags, firing hand-offs", """
+    (2, "agent run leases, cluster-wide agent flags, firing hand-offs, outputs", """
 create table agent_leases (
     agent        text primary key,
     host         text not null,
@@ -154,6 +154,18 @@ create table agent_flags (
     seq            bigint not null         -- from agent_flag_seq: peers pull changes past theirs
 );
 create sequence agent_flag_seq;
+create table outputs (
+    id          bigserial primary key,
+    host        text not null,
+    agent       text not null,
+    run_id      text not null,
+    kind        text not null,
+    time        double precision not null,
+    hash        text not null,
+    summary     text not null,
+    allowed     boolean not null
+);
+create index outputs_by_agent on outputs (agent, time);
 create table handoffs (
     id          bigserial primary key,
     host        text not null,             -- the host that must fire it
