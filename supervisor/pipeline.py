@@ -163,7 +163,8 @@ class Pipeline:
 
     # -- runs -------------------------------------------------------------------------------
     def start_run(self, rt: AgentRuntime, job: Job, *, trigger: str, attempt: int) -> Run | None:
-        refusal = self.launch_gate(rt.name) or self.claim_run(rt, job)
+        # The claim first: a host that loses the race must not count a launch in the breaker.
+        refusal = self.claim_run(rt, job) or self.launch_gate(rt.name)
         if refusal:
             log.warning("run_refused", agent=rt.name, job=job.id, reason=refusal)
             return None

@@ -43,6 +43,7 @@ class SharedBreaker:
         self.last_event_id = 0
         self.epoch = 0
         self.peer_trip: Trip | None = None
+        self._unshared_ticks = 0  # ticks in a row that could not reach the database
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -77,29 +78,35 @@ class SharedBreaker:
         return self.inner.reset(by, reason, now)
 
     def tick(self, now: float | None = None) -> BreakerState | None:
-        """Timed transitions (auto reset to half-open, probe passed to closed) are taken by
-        the first host whose timer runs out and written to breaker_state, so every host
-        half-opens and closes together (they adopt it in _catch_up), not each on its own
-        clock from when it happened to see the trip."""
-        changed = self.inner.tick(now)
-        if changed is None:
-            return None
+        """Timed transitions (auto reset to half-open, probe passed to closed) are taken once
+        for the cluster: under the breaker lock, a host first adopts what a peer already
+        wrote, and only then runs its own timer, writing any transition it takes. Every host
+        thus half-opens and closes together, not each on its own clock."""
+        if self.inner.state is BreakerState.CLOSED:
+            return self.inner.tick(now)  # nothing timed to share: no round trip per tick
+        peer_change = changed = None
         try:
             with self.db.tx(lock=BREAKER_LOCK) as conn:
-                state, epoch = conn.execute("select state, epoch from breaker_state "
-                                            "where id = 1").fetchone()
-                if state != changed.value:
+                peer_change = self._catch_up(conn)
+                changed = self.inner.tick(now)
+                if changed is not None:
                     self.epoch = conn.execute(
                         "update breaker_state set state = %s, epoch = epoch + 1, changed_at = "
                         "now(), changed_by = %s, since_event = (select coalesce(max(id), 0) "
                         "from breaker_events) where id = 1 returning epoch",
                         (changed.value, self.host)).fetchone()[0]
                     self.db.notify(conn, "breaker")
-                elif epoch != self.epoch:
-                    self.epoch = epoch  # a peer got there first: same state, nothing to adopt
         except (psycopg.Error, ConnectionError) as exc:
-            log.warning("breaker_state_not_shared", state=changed.value, error=str(exc).strip(),
-                        hint="peers take the same timed transition on their own clocks")
+            if not self._unshared_ticks:
+                log.warning("breaker_state_not_shared", error=" ".join(str(exc).split()),
+                            hint="timed transitions run on this host's clock until it is back")
+            self._unshared_ticks += 1
+            if changed is None:  # taken before the failure: already done here, not shared
+                changed = self.inner.tick(now)
+            return changed
+        self._unshared_ticks = 0
+        if peer_change is not None:
+            self.on_peer_change(peer_change)
         return changed
 
     # -- shared state ---------------------------------------------------------------------------

@@ -359,8 +359,9 @@ class Cluster:
             for agent in sorted(self.run_leases):
                 self._run_lease_lost(agent, f"no renewal for {silent_s:.1f}s of a {lease_s:g}s "
                                             "lease")
-            if self.held:
-                self._leases_lost({run_id: set(tasks) for run_id, tasks in self.held.items()})
+            held = {run_id: set(tasks) for run_id, tasks in self.held.items() if tasks}
+            if held:
+                self._leases_lost(held)
         if silent_s >= lease_s * FENCE_KILL_SHARE:
             for run in list(self.daemon.pipeline.runs.values()):
                 if run.stop_reason is StopReason.LEASE_LOST:
