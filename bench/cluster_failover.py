@@ -174,10 +174,17 @@ def failover(dsn: str, trials: int) -> list[float]:
 
 def _running_host(hosts: list[Host]) -> Host | None:
     for h in hosts:
-        if h.proc.poll() is None and any("time.sleep(3600)" in " ".join(p.cmdline())
+        if h.proc.poll() is None and any("time.sleep(3600)" in _cmdline(p)
                                          for p in psutil.Process(h.proc.pid).children()):
             return h
     return None
+
+
+def _cmdline(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # gone between the listing and the read
+        return ""
 
 
 # -- 2. chaos ------------------------------------------------------------------------------------

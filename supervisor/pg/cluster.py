@@ -9,9 +9,10 @@ Started after the output gate and before the steward (features.py). It
   leases; a run whose task lock lease was lost (host frozen, database unreachable) is stopped;
 - mirrors run records and heartbeats, so every host sees every host's;
 - keeps or takes the leader lease; the leader closes the runs of dead hosts and prunes;
-- makes agent state cluster-wide (pg/agents.py): a run lease per running agent (overlap and
-  `always` singletons across hosts, fencing), pause flags, crash-loop cool-downs, and
-  `after:` firings handed to the host their downstream is pinned to;
+- makes agent state cluster-wide (pg/agent_sync.py over pg/agents.py): a run lease per
+  running agent (overlap and `always` singletons across hosts, fencing), pause flags,
+  crash-loop cool-downs, and `after:` firings handed to the host their downstream is
+  pinned to;
 - rides out a database outage: what needs the database is refused (retryably), running
   agents go on until their leases would expire, and everything resumes when it returns.
 All of it runs on the loop's thread; peers' NOTIFYs arrive on a watched socket.
@@ -27,18 +28,15 @@ import psycopg
 import structlog
 
 from .. import __version__
-from ..agents import cooldown_s
 from ..breaker import Breaker, BreakerState
-from ..config import Overlap
 from ..control.protocol import error, ok
 from ..heartbeat import heartbeat_path, read_heartbeat, write_heartbeat
 from ..locks import validate_task_id
 from ..output_gate import merged_breaker_settings
-from ..scheduler import Fire
-from ..states import AgentState, StopReason
+from ..states import StopReason
 from . import agents as shared_agents
+from .agent_sync import AgentSync
 from .breaker import SharedBreaker
-from .claims import CLAIMED_TRIGGERS, claim_firing, pinned_host
 from .db import Database, Listener, one_line
 from .leases import (
     Leadership,
@@ -66,7 +64,6 @@ BREAKER_EVENTS_KEPT_S = 2 * 86400.0
 FENCE_STOP_SHARE = 0.5
 FENCE_KILL_SHARE = 0.75
 STORAGE_ERRORS = (psycopg.Error, ConnectionError)
-CLAIMS_REMEMBERED = 1000
 RUN_COLUMNS = ("run_id, agent, job, attempt, trigger, pid, started, ended, exit_code, signal, "
                "outcome, stop_reason, stop_signal, degraded, host")
 
@@ -87,13 +84,9 @@ class Cluster:
         self._next = {"renew": 0.0, "poll": 0.0, "leader": 0.0, "duties": 0.0, "beats": 0.0}
         self._pushed_beats: dict[str, float] = {}
         self.run_leases: set[str] = set()        # agents whose run lease this host holds
-        self.waiting: dict[str, Fire] = {}       # queue/replace behind another host's run
-        self._flags_seq = 0
-        self._applying_flags = False
-        self._unshared_pauses: dict[str, bool] = {}
+        self.agents = AgentSync(self)
         self.down_since: float | None = None     # monotonic start of a database outage
         self._unsent: list[tuple[str, tuple]] = []  # records to write when it is back
-        self._claimed: dict[tuple, Fire] = {}    # slot -> the Fire that claimed it here
         self._pulled_beat_ts = 0.0
         self._timer = None
 
@@ -115,10 +108,10 @@ class Cluster:
         daemon.status_extenders = [self._extend_status]
         # Agents using the SDK take task locks through the daemon, not as local files.
         daemon.pipeline.base_env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
-        daemon.pipeline.claim_firing = self.claim_firing
-        daemon.pipeline.claim_run = self.claim_run
-        daemon.pipeline.on_paused.append(self._paused)
-        daemon.pipeline.on_crash_loop.append(self._crash_loop)
+        daemon.pipeline.claim_firing = self.agents.claim_firing
+        daemon.pipeline.claim_run = self.agents.claim_run
+        daemon.pipeline.on_paused.append(self.agents.paused)
+        daemon.pipeline.on_crash_loop.append(self.agents.crash_loop)
         self._guard_gated_commands(daemon)
         daemon.pipeline.on_run_started.append(self._run_started)
         daemon.pipeline.on_run_finished.append(self._run_finished)
@@ -281,7 +274,7 @@ class Cluster:
         if now >= due["poll"]:
             due["poll"] = now + s.poll_s
             self._guarded(self.breaker.sync)
-            self._guarded(self._sync_agents)
+            self._guarded(self.agents.sync)
             if self.listener is None and not s.transaction_pooling and self.down_since is None:
                 self._listen()
         if now >= due["beats"]:
@@ -412,138 +405,6 @@ class Cluster:
         for run_id, agent, host in lost:
             log.warning("run_lost_with_host", run_id=run_id, agent=agent, host=host)
 
-    # -- firings -----------------------------------------------------------------------------------
-    def claim_firing(self, fire, spec, job) -> str:
-        """Empty when this host runs the firing, else why another host does (or none)."""
-        pin = pinned_host(spec, job)
-        if pin is not None and pin != self.host and fire.trigger != "manual":
-            if fire.trigger.startswith("after:"):
-                return self._hand_off(pin, fire)
-            return f"pinned to host {pin}"
-        try:
-            seen = shared_agents.view(self.db, fire.agent)
-            if fire.trigger != "manual" and seen.paused_by is not None:
-                return f"paused (on host {seen.paused_by})"
-            if fire.trigger != "manual" and seen.cooldown_host is not None:
-                return f"crash loop cool-down (after a crash loop on host {seen.cooldown_host})"
-            winner = None
-            if fire.trigger in CLAIMED_TRIGGERS:
-                winner, slot = claim_firing(self.db, self.host, fire.agent, job, fire.at)
-        except STORAGE_ERRORS as exc:
-            self._storage_failed(exc)
-            return f"shared storage unreachable, not claimed: {one_line(exc)}"
-        if winner == self.host:
-            # The same Fire coming back from a queue may run; a second firing into a slot
-            # this host already ran (a late scheduler catching up) may not.
-            if self._claimed.get((fire.agent, job.id, slot)) is not fire:
-                return "slot already run on this host"
-        elif winner:
-            return f"claimed by host {winner}"
-        elif fire.trigger in CLAIMED_TRIGGERS:
-            self._remember_claim((fire.agent, job.id, slot), fire)
-        if seen.holder not in (None, self.host) and not spec.per_host:
-            return self._overlap_elsewhere(fire, job, seen.holder)
-        return ""
-
-    def _remember_claim(self, key: tuple, fire) -> None:
-        self._claimed[key] = fire
-        while len(self._claimed) > CLAIMS_REMEMBERED:
-            del self._claimed[next(iter(self._claimed))]
-
-    def _overlap_elsewhere(self, fire, job, holder: str) -> str:
-        """The job's overlap policy, when its agent runs on another host."""
-        if job.overlap == Overlap.SKIP:
-            return f"already running on host {holder}"
-        self.waiting[fire.agent] = fire
-        if job.overlap == Overlap.REPLACE:
-            self._guarded(lambda: shared_agents.request_stop(self.db, self.host, fire.agent))
-            log.info("firing_replacing_peer_run", agent=fire.agent, job=job.id, host=holder)
-            return f"replacing the run on host {holder} (starts here when it ends)"
-        log.info("firing_queued", agent=fire.agent, job=job.id, host=holder)
-        return f"queued behind the run on host {holder}"
-
-    def _hand_off(self, pin: str, fire) -> str:
-        try:
-            shared_agents.hand_off(self.db, pin, fire.agent, fire.job, fire.trigger)
-        except STORAGE_ERRORS as exc:
-            self._storage_failed(exc)
-            return f"pinned to host {pin}; shared storage unreachable, not handed off: {exc}"
-        return f"handed to host {pin}"
-
-    def claim_run(self, rt, job) -> str:
-        """Take the agent's run lease before a start: empty when taken, else where it runs."""
-        if rt.spec.per_host:
-            return ""
-        try:
-            holder = shared_agents.take_run_lease(self.db, self.host, rt.name,
-                                                  self.settings.lease_s)
-        except STORAGE_ERRORS as exc:
-            self._storage_failed(exc)
-            return f"shared storage unreachable, cannot take the run lease: {one_line(exc)}"
-        if holder is not None:
-            return f"running on host {holder}"
-        self.run_leases.add(rt.name)
-        return ""
-
-    def _sync_agents(self) -> None:
-        """Adopt peers' pause changes, take hand-offs, and start what waited for a free lease:
-        queued firings, and `always` jobs whose instance is gone (its host died or froze)."""
-        pipeline = self.daemon.pipeline
-        self._push_unshared_pauses()
-        with self.db.tx() as conn:
-            changes, self._flags_seq = shared_agents.paused_changes(conn, self._flags_seq)
-            handed = shared_agents.take_handoffs(conn, self.host)
-            seen = shared_agents._views(conn, tuple(pipeline.agents))
-        self._storage_ok()
-        for agent, paused in changes.items():
-            rt = pipeline.agents.get(agent)
-            if rt is not None and rt.paused != paused:
-                self._applying_flags = True
-                try:
-                    pipeline.set_paused([agent], paused)
-                finally:
-                    self._applying_flags = False
-        for agent, job, trigger in handed:
-            log.info("firing_handed_over", agent=agent, job=job, trigger=trigger)
-            pipeline.fire(Fire(agent, job, trigger, time.time()))
-        if not pipeline.accepting or pipeline.halted:
-            return
-        for agent, fire in list(self.waiting.items()):
-            if seen.get(agent) is not None and seen[agent].holder is None:
-                del self.waiting[agent]
-                pipeline.fire(fire)
-        for name, rt in list(pipeline.agents.items()):
-            view = seen.get(name)
-            if view is None or rt.spec.per_host or rt.run is not None or rt.paused:
-                continue
-            jobs = [j for j in rt.always_jobs() if pinned_host(rt.spec, j) in (None, self.host)]
-            if (jobs and rt.state == AgentState.IDLE and view.holder is None
-                    and view.paused_by is None and view.cooldown_host is None):
-                pipeline.fire(Fire(name, jobs[0].id, "always", time.time()))
-
-    def _paused(self, names: list[str], paused: bool) -> None:
-        """`pause`/`resume` on this host act on the cluster."""
-        if self._applying_flags:
-            return
-        for name in names:
-            self._unshared_pauses[name] = paused
-        self._guarded(self._push_unshared_pauses)
-
-    def _push_unshared_pauses(self) -> None:
-        for paused in (True, False):
-            names = [n for n, p in self._unshared_pauses.items() if p is paused]
-            if names:
-                shared_agents.set_paused(self.db, self.host, names, paused)
-                for name in names:
-                    self._unshared_pauses.pop(name, None)
-
-    def _crash_loop(self, rt) -> None:
-        """A crash loop's cool-down holds on every host (on the server's clock)."""
-        if rt.spec.per_host:
-            return
-        delay = cooldown_s(self.daemon.config.settings.crash_loop, rt.cooldowns)
-        self._guarded(lambda: shared_agents.start_cooldown(self.db, self.host, rt.name, delay))
-
     # -- run records ---------------------------------------------------------------------------------
     def _run_started(self, run) -> None:
         if run.agent in self.run_leases:
@@ -652,7 +513,7 @@ class Cluster:
         if "breaker" in payloads:
             self._guarded(self.breaker.sync)
         if "agents" in payloads:
-            self._guarded(self._sync_agents)
+            self._guarded(self.agents.sync)
         if "leader" in payloads and not self.leadership.leading:
             self._elect()
 
