@@ -297,3 +297,16 @@ def test_outputs_on_any_host_lists_every_hosts_outputs(tmp_path, schema):
         stop_all(daemons)
     assert sorted((o["agent"], o["host"], o["allowed"]) for o in listed) == [
         ("p1", "h1", 1), ("p2", "h2", 1)]
+
+
+def test_per_host_always_agent_runs_on_every_host(tmp_path, schema):
+    """An `always` agent with `per_host: true` runs on each host, taking no run lease."""
+    daemons = hosts(tmp_path, schema, {"local": always(per_host=True)}, count=2)
+    try:
+        start(daemons)
+        for d in daemons:
+            d.wait_event("agent_output", agent="local", line="up", timeout_s=15)
+        leases = query(schema, "select count(*) from agent_leases")
+    finally:
+        stop_all(daemons)
+    assert leases == [(0,)]
