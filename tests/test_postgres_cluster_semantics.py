@@ -80,7 +80,7 @@ def test_pause_on_one_host_stops_the_agent_on_every_host(tmp_path, schema):
 
 def test_overlap_skip_holds_across_hosts(tmp_path, schema):
     """With `overlap: skip`, a long run on one host makes the other hosts skip the agent's
-    firings, naming the host that runs it."""
+    firings, naming the host that runs it, and their `status` shows where it runs."""
     daemons = hosts(tmp_path, schema, {"long": every(0.3, FOREVER, overlap="skip")}, count=3,
                     breaker=MANY_LAUNCHES)
     try:
@@ -97,10 +97,12 @@ def test_overlap_skip_holds_across_hosts(tmp_path, schema):
                                for d in others), 15, message="skipped as running elsewhere")
         started = sum(len(d.find("run_started", agent="long")) for d in daemons)
         running = query(schema, "select host from runs where agent = 'long' and ended is null")
+        seen_elsewhere = [a["running_on"] for d in others for a in d.call("status")["agents"]]
     finally:
         stop_all(daemons)
     assert started == 1
     assert running == [(holder,)]
+    assert seen_elsewhere == [holder, holder]  # `status` on any host says where it runs
 
 
 def test_always_job_runs_once_in_the_cluster_and_moves_when_its_host_dies(tmp_path, schema):
