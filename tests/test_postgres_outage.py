@@ -51,9 +51,10 @@ def lines(daemons, prefix: str) -> list[str]:
 
 def test_thirty_second_outage_loses_no_acknowledged_update_and_runs_nothing_twice(tmp_path,
                                                                                 own_pg):
-    """With the database stopped for 30 s mid-run, the running agent goes on, its writes and
-    outputs are refused retryably, scheduled slots still run once, every acknowledged update
-    is kept, and every daemon is back within 10 s of the database's return."""
+    """With the database stopped for 30 s mid-run, the running agent goes on, its writes,
+    outputs and reads are refused retryably, scheduled slots still run once, every
+    acknowledged update is kept, and every daemon is back within 10 s of the database's
+    return."""
     agents = {"writer": {"jobs": [{"id": "w", "command": py(WRITER),
                                    "schedule": {"always": True}}]},
               "tick": {"jobs": [{"id": "t", "command": py("pass"),
@@ -72,6 +73,11 @@ def test_thirty_second_outage_loses_no_acknowledged_update_and_runs_nothing_twic
             d.wait_event("storage_unreachable", timeout_s=10)
         wait_until(lambda: lines(daemons, "memory refused") and lines(daemons, "emit refused"),
                    10, message="refusals during the outage")
+        client = daemons[0].client()
+        try:
+            read_refusal = client.call_raw("memory-get", {"namespace": "writer", "key": "k0"})
+        finally:
+            client.close()
         wait_until(lambda: time.monotonic() - down_at >= OUTAGE_S, OUTAGE_S + 5, interval_s=0.5)
         finished_during_outage = [e for d in daemons for e in d.find("run_finished",
                                                                        agent="writer")]
@@ -96,6 +102,9 @@ def test_thirty_second_outage_loses_no_acknowledged_update_and_runs_nothing_twic
     refusal = lines(daemons, "memory refused")[0]
     assert "not applied" in refusal and "retry" in refusal
     assert "retry" in lines(daemons, "emit refused")[0]
+    assert read_refusal["ok"] is False and read_refusal["retry"] is True
+    assert read_refusal["error"].startswith("not applied: shared storage unreachable")
+    assert not [e for d in daemons for e in d.find("control_handler_crashed")]
     acked = {int(line.split()[1]) for line in lines(daemons, "acked")}
     with psycopg.connect(own_pg.dsn) as conn:
         conn.execute("set search_path = wk_outage")

@@ -64,6 +64,9 @@ BREAKER_EVENTS_KEPT_S = 2 * 86400.0
 FENCE_STOP_SHARE = 0.5
 FENCE_KILL_SHARE = 0.75
 STORAGE_ERRORS = (psycopg.Error, ConnectionError)
+GUARDED_COMMANDS = ("emit", "usage", "outputs", "runs", "locks", "lock", "unlock", "memory-get",
+                    "memory-list", "memory-history", "search", "memory-revert",
+                    "memory-export", "memory-import")
 RUN_COLUMNS = ("run_id, agent, job, attempt, trigger, pid, started, ended, exit_code, signal, "
                "outcome, stop_reason, stop_signal, degraded, host")
 
@@ -172,16 +175,19 @@ class Cluster:
             pipeline.unhalt()
 
     def _guard_gated_commands(self, daemon) -> None:
-        """`emit` and `usage` are decided in the shared breaker: with the database away the
-        agent gets a retryable refusal, never an acknowledgement or an internal error."""
-        from ..control.handlers import AGENT
+        """Every command that reads or writes the shared tables answers a database outage
+        with a retryable refusal: `emit` and `usage` (decided in the shared breaker) are
+        never acknowledged, reads never end in an internal error and a traceback."""
+        from .. import steward  # noqa: F401 - registers the memory commands
+        from ..control.handlers import ADMIN, AGENT, READ_ONLY
 
         overrides = daemon.command_overrides
-        for cmd in ("emit", "usage"):
-            impl = overrides.get(cmd) or AGENT.get(cmd)
+        overrides["outputs"] = self._outputs
+        for cmd in GUARDED_COMMANDS:
+            impl = (overrides.get(cmd) or AGENT.get(cmd) or READ_ONLY.get(cmd)
+                    or ADMIN.get(cmd))
             if impl is not None:
                 overrides[cmd] = self._storage_guarded(cmd, impl)
-        overrides["outputs"] = self._outputs
 
     def _share_output(self, daemon, run) -> None:
         """Copy the output the gate just recorded here (same loop turn) for `outputs` on
@@ -209,16 +215,16 @@ class Cluster:
         return ok(req.id, [dict(zip(names, r, strict=True)) for r in rows])
 
     def _storage_guarded(self, cmd: str, impl):
-        def serve(h, conn, req, run):
+        def serve(h, conn, req, *run):  # agent commands get the caller's run too
             try:
-                reply = impl(h, conn, req, run)
+                reply = impl(h, conn, req, *run)
                 if cmd == "emit":
-                    self._share_output(h.daemon, run)
+                    self._share_output(h.daemon, run[0])
                 return reply
             except STORAGE_ERRORS as exc:
                 self._storage_failed(exc)
-                log.warning("gated_command_refused", cmd=cmd, agent=run.agent,
-                            reason="shared storage unreachable")
+                log.warning("command_refused_storage_unreachable", cmd=cmd,
+                            agent=run[0].agent if run else None)
                 return error(req.id, f"not applied: shared storage unreachable ({one_line(exc)}); "
                                      "retry later", retry=True)
         return serve
