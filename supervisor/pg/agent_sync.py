@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import psycopg
 import structlog
 
 from ..agents import cooldown_s
@@ -17,11 +16,10 @@ from ..scheduler import Fire
 from ..states import AgentState
 from . import agents as shared_agents
 from .claims import CLAIMED_TRIGGERS, claim_firing, pinned_host
-from .db import one_line
+from .db import STORAGE_ERRORS, one_line
 
 log = structlog.get_logger("watchkeeper.pg.cluster")
 
-STORAGE_ERRORS = (psycopg.Error, ConnectionError)
 CLAIMS_REMEMBERED = 1000
 
 

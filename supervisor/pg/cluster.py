@@ -37,7 +37,7 @@ from ..states import StopReason
 from . import agents as shared_agents
 from .agent_sync import AgentSync
 from .breaker import SharedBreaker
-from .db import Database, Listener, one_line
+from .db import STORAGE_ERRORS, Database, Listener, one_line
 from .leases import (
     Leadership,
     LeaseLost,
@@ -63,7 +63,6 @@ BREAKER_EVENTS_KEPT_S = 2 * 86400.0
 # gone before the lease can expire and another host may start the agent.
 FENCE_STOP_SHARE = 0.5
 FENCE_KILL_SHARE = 0.75
-STORAGE_ERRORS = (psycopg.Error, ConnectionError)
 GUARDED_COMMANDS = ("emit", "usage", "outputs", "runs", "locks", "lock", "unlock", "memory-get",
                     "memory-list", "memory-history", "search", "memory-revert",
                     "memory-export", "memory-import")
@@ -402,6 +401,10 @@ class Cluster:
                              "make_interval(secs => %s)", (CLAIMS_KEPT_S,))
                 conn.execute("delete from breaker_events where at < extract(epoch from now()) - %s",
                              (BREAKER_EVENTS_KEPT_S,))
+                conn.execute("delete from outputs where time < extract(epoch from now()) - %s",
+                             (CLAIMS_KEPT_S,))
+                # A hand-off whose host never came back to take it is stale after a day.
+                conn.execute("delete from handoffs where created_at < now() - interval '1 day'")
         except STORAGE_ERRORS as exc:
             self._storage_failed(exc)
             return

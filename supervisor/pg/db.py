@@ -29,6 +29,10 @@ class StorageUnavailable(WatchkeeperError, ConnectionError):
     """PostgreSQL could not be reached with storage.dsn."""
 
 
+# Outages, not bugs: a programming error in a statement must surface, not read as "down".
+STORAGE_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, ConnectionError)
+
+
 RECONNECT_FIRST_S = 0.2
 RECONNECT_MAX_S = 2.0  # the cap bounds how late a daemon notices the database is back
 
