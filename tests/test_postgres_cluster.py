@@ -45,7 +45,7 @@ def test_each_scheduled_firing_runs_on_exactly_one_host(tmp_path, schema):
         claims = query(schema, "select count(*) from firing_claims where agent = %s", (agent,))
         # A claimed slot whose agent still runs on another host is skipped (overlap: skip,
         # cluster-wide), so a slot starts at most one run: runs <= claims.
-        assert 4 <= started <= claims[0][0]
+        assert (4 if agent == "cron" else 1) <= started <= claims[0][0]
         not_started = sum(len([e for e in d.find("firing_skipped", agent=agent)
                                if e["reason"].startswith("already running")])
                           + len(d.find("run_refused", agent=agent)) for d in daemons)
