@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import venvs  # noqa: E402  (standard library only: runs before any venv)
 
 OTHER_SCRIPTS = ["orphan_kill.py", "lazy_context.py", "steward_store.py", "steward_socket.py",
-                 "breaker_latency.py", "alert_latency.py", "postgres_vs_sqlite.py"]
+                 "breaker_latency.py", "alert_latency.py", "postgres_vs_sqlite.py",
+                 "cluster_failover.py"]
 OTHER_TIMEOUT_S = 600
 
 

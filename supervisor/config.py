@@ -162,6 +162,9 @@ class AgentSpec(_Section, kw_only=True):
     """false (or `off`): each run gets a network namespace of its own with loopback only
     (no internet, no host addresses; the daemon's socket still works); needs unprivileged
     user namespaces. true: the host's network, as the unit's IPAddressAllow= leaves it."""
+    per_host: bool = False
+    """postgresql backend: run one instance per host instead of one in the cluster (an
+    `always` job on every host, overlap judged per host)."""
 
     @property
     def name(self) -> str:

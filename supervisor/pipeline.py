@@ -77,6 +77,9 @@ class Pipeline:
         self.last_refusal = ""  # why the launch gate refused the last start_run
         # Shared storage decides which host runs a firing: a non-empty answer says why not here.
         self.claim_firing: Callable[[Fire, AgentSpec, Job], str] = lambda fire, spec, job: ""
+        # Shared storage may hold the agent's run elsewhere: a non-empty answer says where.
+        self.claim_run: Callable[[AgentRuntime, Job], str] = lambda rt, job: ""
+        self.on_paused: list[Callable[[list[str], bool], None]] = []
         self.base_env = dict(os.environ)
         # Who each agent's runs run as (identity.py); None: the daemon's own user.
         self.identity_of: Callable[[AgentSpec], AgentIdentity | None] = lambda spec: None
@@ -183,7 +186,8 @@ class Pipeline:
 
     # -- runs -------------------------------------------------------------------------------
     def start_run(self, rt: AgentRuntime, job: Job, *, trigger: str, attempt: int) -> Run | None:
-        refusal = self.launch_gate(rt.name, trigger)
+        # The claim first: a host that loses the race must not count a launch in the breaker.
+        refusal = self.claim_run(rt, job) or self.launch_gate(rt.name, trigger)
         if refusal:
             log.warning("run_refused", agent=rt.name, job=job.id, reason=refusal)
             self.last_refusal = refusal  # for `start-now`'s error reply
@@ -507,6 +511,8 @@ class Pipeline:
                 log.info("agent_paused" if paused else "agent_resumed", agent=name)
             if not paused:
                 self._ensure_always(rt)
+        for hook in self.on_paused:
+            hook(names, paused)
         return changed
 
     def stop_all(self, reason: StopReason) -> None:

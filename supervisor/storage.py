@@ -34,7 +34,8 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     leader_lease_s: PositiveDuration = 10.0
     """A leader that stops renewing is replaced after at most this long (plus poll_s)."""
     lease_s: PositiveDuration = 30.0
-    """Task locks and host liveness expire this long after their daemon's last renewal."""
+    """Task locks, run leases and host liveness expire this long after their daemon's last
+    renewal; a daemon that cannot renew stops the runs holding them at half of it."""
     poll_s: PositiveDuration = 2.0
     """Safety-net poll of shared state (breaker, leader); NOTIFY wakes peers sooner."""
     transaction_pooling: bool = False

@@ -107,3 +107,31 @@ def test_trip_reaches_peer_by_poll_when_listen_is_off(tmp_path, schema):
         h2.stop()
     assert tripped and all(e["listen"] is False for d in (h1, h2)
                            for e in d.find("cluster_joined"))
+
+
+def test_half_open_after_auto_reset_is_taken_once_for_every_host(tmp_path, schema):
+    """The auto reset to half-open is taken once for the cluster: one host's timer half-opens
+    the shared breaker and the other host resumes with it (pipeline_resumed_by_peer) instead
+    of half-opening on its own."""
+    agents = {"poster": {"host": "h1", "jobs": [{"id": "p", "command": py(EMIT_TWICE),
+                                                 "schedule": {"every_s": 3600}}]}}
+    daemons = hosts(tmp_path, schema, agents,
+                    breaker={"outputs": {"max_outputs": 1}, "auto_reset_after_s": 3})
+    try:
+        start(daemons)
+        daemons[0].call("start-now", agent="poster")
+        daemons[0].wait_event("breaker_tripped", agent="poster")
+        daemons[1].wait_event("pipeline_halted_by_peer")
+        wait_until(lambda: any(d.find("breaker_half_open") for d in daemons), 15,
+                   message="a host half-opens")
+        opener = next(d for d in daemons if d.find("breaker_half_open"))
+        other = next(d for d in daemons if d is not opener)
+        other.wait_event("pipeline_resumed_by_peer", timeout_s=5)
+        shared = query(schema, "select state, changed_by from breaker_state")
+        statuses = [d.call("status") for d in daemons]
+    finally:
+        for d in daemons:
+            d.stop()
+    assert not other.find("breaker_half_open")
+    assert shared == [("half_open", opener.root.name)]
+    assert [s["daemon"]["halted"] for s in statuses] == [False, False]

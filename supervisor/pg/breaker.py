@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import psycopg
 import structlog
 
 from ..breaker import Breaker, BreakerState, Decision, Trip
@@ -42,6 +43,7 @@ class SharedBreaker:
         self.last_event_id = 0
         self.epoch = 0
         self.peer_trip: Trip | None = None
+        self._unshared_ticks = 0  # ticks in a row that could not reach the database
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -54,7 +56,11 @@ class SharedBreaker:
             summary=summary)
 
     def check_launch(self, agent: str, now: float | None = None) -> Decision:
-        return self._decide("launch", agent, lambda mono: self.inner.check_launch(agent, mono))
+        try:
+            return self._decide("launch", agent, lambda mono: self.inner.check_launch(agent, mono))
+        except (psycopg.Error, ConnectionError) as exc:
+            # Limits are global: a launch the other hosts cannot count is not made.
+            return Decision(False, f"shared storage unreachable, launch not counted: {exc}")
 
     def report_usage(self, agent: str, tokens: int = 0, cost: float = 0.0,
                      now: float | None = None) -> Decision:
@@ -70,6 +76,38 @@ class SharedBreaker:
             self.db.notify(conn, "breaker")
         self.peer_trip = None
         return self.inner.reset(by, reason, now)
+
+    def tick(self, now: float | None = None) -> BreakerState | None:
+        """Timed transitions (auto reset to half-open, probe passed to closed) are taken once
+        for the cluster: under the breaker lock, a host first adopts what a peer already
+        wrote, and only then runs its own timer, writing any transition it takes. Every host
+        thus half-opens and closes together, not each on its own clock."""
+        if self.inner.state is BreakerState.CLOSED:
+            return self.inner.tick(now)  # nothing timed to share: no round trip per tick
+        peer_change = changed = None
+        try:
+            with self.db.tx(lock=BREAKER_LOCK) as conn:
+                peer_change = self._catch_up(conn)
+                changed = self.inner.tick(now)
+                if changed is not None:
+                    self.epoch = conn.execute(
+                        "update breaker_state set state = %s, epoch = epoch + 1, changed_at = "
+                        "now(), changed_by = %s, since_event = (select coalesce(max(id), 0) "
+                        "from breaker_events) where id = 1 returning epoch",
+                        (changed.value, self.host)).fetchone()[0]
+                    self.db.notify(conn, "breaker")
+        except (psycopg.Error, ConnectionError) as exc:
+            if not self._unshared_ticks:
+                log.warning("breaker_state_not_shared", error=" ".join(str(exc).split()),
+                            hint="timed transitions run on this host's clock until it is back")
+            self._unshared_ticks += 1
+            if changed is None:  # taken before the failure: already done here, not shared
+                changed = self.inner.tick(now)
+            return changed
+        self._unshared_ticks = 0
+        if peer_change is not None:
+            self.on_peer_change(peer_change)
+        return changed
 
     # -- shared state ---------------------------------------------------------------------------
     def sync(self) -> None:
@@ -119,6 +157,11 @@ class SharedBreaker:
                                   "and host <> %s order by id", (self.last_event_id, self.host)))
         self.last_event_id = max(self.last_event_id, conn.execute(
             "select coalesce(max(id), 0) from breaker_events").fetchone()[0])
+        if (epoch != self.epoch and state == "half_open"
+                and self.inner.state is BreakerState.OPEN):
+            # Probing starts on empty windows, as on one host (Breaker.tick).
+            self.inner._clear_windows()
+            self.inner.transition(BreakerState.HALF_OPEN, reason=f"auto reset on host {by}")
         if epoch != self.epoch and state == "open":
             self.peer_trip = msgspec.convert(trip, Trip) if trip else None
             if self.inner.state is not BreakerState.OPEN:

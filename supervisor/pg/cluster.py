@@ -8,7 +8,13 @@ Started after the output gate and before the steward (features.py). It
 - serves `lock`, `unlock`, `locks` and `runs` from shared tables, and renews this host's
   leases; a run whose task lock lease was lost (host frozen, database unreachable) is stopped;
 - mirrors run records and heartbeats, so every host sees every host's;
-- keeps or takes the leader lease; the leader closes the runs of dead hosts and prunes.
+- keeps or takes the leader lease; the leader closes the runs of dead hosts and prunes;
+- makes agent state cluster-wide (pg/agent_sync.py over pg/agents.py): a run lease per
+  running agent (overlap and `always` singletons across hosts, fencing), pause flags,
+  crash-loop cool-downs, and `after:` firings handed to the host their downstream is
+  pinned to;
+- rides out a database outage: what needs the database is refused (retryably), running
+  agents go on until their leases would expire, and everything resumes when it returns.
 All of it runs on the loop's thread; peers' NOTIFYs arrive on a watched socket.
 """
 
@@ -28,9 +34,10 @@ from ..heartbeat import heartbeat_path, read_heartbeat, write_heartbeat
 from ..locks import validate_task_id
 from ..output_gate import merged_breaker_settings
 from ..states import StopReason
+from . import agents as shared_agents
+from .agent_sync import AgentSync
 from .breaker import SharedBreaker
-from .claims import CLAIMED_TRIGGERS, claim, pinned_host, slot_of
-from .db import Database, Listener
+from .db import STORAGE_ERRORS, Database, Listener, one_line
 from .leases import (
     Leadership,
     LeaseLost,
@@ -51,6 +58,14 @@ log = structlog.get_logger("watchkeeper.pg.cluster")
 LEADER_DUTY_INTERVAL_S = 30.0
 CLAIMS_KEPT_S = 7 * 86400.0
 BREAKER_EVENTS_KEPT_S = 2 * 86400.0
+# Fencing: a host that has not renewed its leases for this share of lease_s stops its
+# cluster-exclusive runs (SIGTERM), and kills what is left at the second share, so they are
+# gone before the lease can expire and another host may start the agent.
+FENCE_STOP_SHARE = 0.5
+FENCE_KILL_SHARE = 0.75
+GUARDED_COMMANDS = ("emit", "usage", "outputs", "runs", "locks", "lock", "unlock", "memory-get",
+                    "memory-list", "memory-history", "search", "memory-revert",
+                    "memory-export", "memory-import")
 RUN_COLUMNS = ("run_id, agent, job, attempt, trigger, pid, started, ended, exit_code, signal, "
                "outcome, stop_reason, stop_signal, degraded, host")
 
@@ -70,6 +85,10 @@ class Cluster:
         self._last_renewal = time.monotonic()
         self._next = {"renew": 0.0, "poll": 0.0, "leader": 0.0, "duties": 0.0, "beats": 0.0}
         self._pushed_beats: dict[str, float] = {}
+        self.run_leases: set[str] = set()        # agents whose run lease this host holds
+        self.agents = AgentSync(self)
+        self.down_since: float | None = None     # monotonic start of a database outage
+        self._unsent: list[tuple[str, tuple]] = []  # records to write when it is back
         self._pulled_beat_ts = 0.0
         self._timer = None
 
@@ -91,15 +110,21 @@ class Cluster:
         daemon.status_extenders = [self._extend_status]
         # Agents using the SDK take task locks through the daemon, not as local files.
         daemon.pipeline.base_env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
-        daemon.pipeline.claim_firing = self.claim_firing
+        daemon.pipeline.claim_firing = self.agents.claim_firing
+        daemon.pipeline.claim_run = self.agents.claim_run
+        daemon.pipeline.on_paused.append(self.agents.paused)
+        daemon.pipeline.on_crash_loop.append(self.agents.crash_loop)
+        self._guard_gated_commands(daemon)
         daemon.pipeline.on_run_started.append(self._run_started)
         daemon.pipeline.on_run_finished.append(self._run_finished)
         self._timer = daemon.timers.call_later(0, self._on_timer)
         self._listen()
         self._elect()
-        self._warn_unpinned_always(daemon)
         log.info("cluster_joined", host=self.host, schema=s.schema, migrations=applied,
                  leader=self.leadership.leading, listen=self.listener is not None)
+        if s.transaction_pooling:
+            log.info("transaction_pooling", hint="behind a transaction-mode pooler: no LISTEN "
+                     "and no prepared statements; peers see changes within poll_s")
 
     def stop(self, daemon) -> None:
         if self._timer is not None:
@@ -112,6 +137,10 @@ class Cluster:
             self.leadership.resign()
             for run_id in list(self.held):
                 release_locks(self.db, self.host, run_id=run_id)
+            for agent in list(self.run_leases):
+                run = self._local_run(agent)
+                shared_agents.release_run_lease(self.db, self.host, agent,
+                                                run.run_id if run else "")
             host_stopped(self.db, self.host)
         except (psycopg.Error, ConnectionError) as exc:
             log.warning("cluster_leave_failed", error=str(exc),
@@ -144,12 +173,87 @@ class Cluster:
             log.warning("pipeline_resumed_by_peer")
             pipeline.unhalt()
 
-    def _warn_unpinned_always(self, daemon) -> None:
-        for name, spec in daemon.config.agents.items():
-            for job in spec.jobs:
-                if job.schedule.always and pinned_host(spec, job) is None:
-                    log.warning("always_job_unpinned", agent=name, job=job.id,
-                                hint="it runs on every host; set `host:` to run one instance")
+    def _guard_gated_commands(self, daemon) -> None:
+        """Every command that reads or writes the shared tables answers a database outage
+        with a retryable refusal: `emit` and `usage` (decided in the shared breaker) are
+        never acknowledged, reads never end in an internal error and a traceback."""
+        from .. import steward  # noqa: F401 - registers the memory commands
+        from ..control.handlers import ADMIN, AGENT, READ_ONLY
+
+        overrides = daemon.command_overrides
+        overrides["outputs"] = self._outputs
+        for cmd in GUARDED_COMMANDS:
+            impl = (overrides.get(cmd) or AGENT.get(cmd) or READ_ONLY.get(cmd)
+                    or ADMIN.get(cmd))
+            if impl is not None:
+                overrides[cmd] = self._storage_guarded(cmd, impl)
+
+    def _share_output(self, daemon, run) -> None:
+        """Copy the output the gate just recorded here (same loop turn) for `outputs` on
+        any host."""
+        rows = daemon.store.recent_outputs(run.agent, 1)
+        if rows and rows[0]["run_id"] == run.run_id:
+            o = rows[0]
+            self._write("insert into outputs (host, agent, run_id, kind, time, hash, summary, "
+                        "allowed) values (%s, %s, %s, %s, %s, %s, %s, %s)",
+                        (self.host, o["agent"], o["run_id"], o["kind"], o["time"], o["hash"],
+                         o["summary"], bool(o["allowed"])))
+
+    def _outputs(self, h, conn, req):
+        agent, limit = req.args.get("agent"), req.args.get("limit", 50)
+        if (agent is not None and not isinstance(agent, str)) or not isinstance(limit, int) \
+                or not 0 < limit <= 1000:
+            return error(req.id, "outputs takes optional `agent` (string) and `limit` (1-1000)")
+        where, params = ("where agent = %s", (agent, limit)) if agent else ("", (limit,))
+        with self.db.tx() as c:
+            cur = c.execute("select id, agent, run_id, kind, time, hash, summary, "
+                            f"allowed::int as allowed, host from outputs {where} "
+                            "order by time desc, id desc limit %s", params)
+            names = [col.name for col in cur.description]
+            rows = cur.fetchall()
+        return ok(req.id, [dict(zip(names, r, strict=True)) for r in rows])
+
+    def _storage_guarded(self, cmd: str, impl):
+        def serve(h, conn, req, *run):  # agent commands get the caller's run too
+            try:
+                reply = impl(h, conn, req, *run)
+                if cmd == "emit":
+                    self._share_output(h.daemon, run[0])
+                return reply
+            except STORAGE_ERRORS as exc:
+                self._storage_failed(exc)
+                log.warning("command_refused_storage_unreachable", cmd=cmd,
+                            agent=run[0].agent if run else None)
+                return error(req.id, f"not applied: shared storage unreachable ({one_line(exc)}); "
+                                     "retry later", retry=True)
+        return serve
+
+    def _storage_failed(self, exc: Exception) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.error("storage_unreachable", host=self.host, error=one_line(exc),
+                      hint="running agents go on until their leases run out; firings, memory "
+                           "writes and outputs are refused (retryable) until it returns")
+
+    def _storage_ok(self) -> None:
+        if self.down_since is not None:
+            log.warning("storage_back", host=self.host,
+                        down_s=round(time.monotonic() - self.down_since, 1),
+                        records_to_write=len(self._unsent))
+            self.down_since = None
+        self._write_unsent()
+
+    def _write_unsent(self) -> None:
+        """Run records and lease releases that failed during the outage, in their order."""
+        while self._unsent:
+            sql, params = self._unsent[0]
+            try:
+                with self.db.tx() as conn:
+                    conn.execute(sql, params)
+            except STORAGE_ERRORS as exc:
+                self._storage_failed(exc)
+                return
+            self._unsent.pop(0)
 
     # -- the loop's duties -------------------------------------------------------------------------
     def _on_timer(self) -> None:
@@ -174,8 +278,9 @@ class Cluster:
             self._elect()
         if now >= due["poll"]:
             due["poll"] = now + s.poll_s
-            self.breaker.sync()
-            if self.listener is None and not s.transaction_pooling:
+            self._guarded(self.breaker.sync)
+            self._guarded(self.agents.sync)
+            if self.listener is None and not s.transaction_pooling and self.down_since is None:
                 self._listen()
         if now >= due["beats"]:
             due["beats"] = now + 1.0
@@ -184,11 +289,21 @@ class Cluster:
             due["duties"] = now + min(LEADER_DUTY_INTERVAL_S, s.lease_s)
             self._leader_duties()
 
+    def _guarded(self, duty) -> None:
+        try:
+            duty()
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+
     def _elect(self) -> None:
         try:
             change = self.leadership.renew_or_acquire()
-        except (psycopg.Error, ConnectionError) as exc:
-            log.warning("leader_lease_unreachable", error=str(exc))
+        except STORAGE_ERRORS as exc:
+            if self.down_since is None:
+                log.warning("leader_lease_unreachable", error=str(exc))
+            if self.leadership.leading:
+                self.leadership.token = None  # it expires on the server's clock: act as lost
+                log.warning("leader_lost", host=self.host, hint="database unreachable")
             return
         if change == "elected":
             log.warning("leader_elected", host=self.host, token=self.leadership.token)
@@ -198,14 +313,20 @@ class Cluster:
                         hint="the lease expired before it was renewed (frozen or cut off)")
 
     def _renew(self, now: float) -> None:
+        # Spawn failures and refused starts leave a lease without a run: give it back.
+        for agent in [a for a in self.run_leases if self._local_run(a) is None]:
+            self.run_leases.discard(agent)
+            self._write(shared_agents.RELEASE_SQL, (agent, self.host, ""))
+        started = time.monotonic()  # the lease runs from before the request reached the server
         try:
-            still = renew(self.db, self.host, self.settings.lease_s)
-        except (psycopg.Error, ConnectionError) as exc:
-            log.warning("lease_renewal_failed", error=str(exc))
-            if now - self._last_renewal > self.settings.lease_s:
-                self._leases_lost({run_id: set(tasks) for run_id, tasks in self.held.items()})
+            still, agents = renew(self.db, self.host, self.settings.lease_s,
+                                  sorted(self.run_leases))
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            self._fence(now)
             return
-        self._last_renewal = now
+        self._storage_ok()
+        self._last_renewal = started
         lost = {}
         for run_id, tasks in self.held.items():
             gone = tasks - {t for r, t in still if r == run_id}
@@ -213,12 +334,54 @@ class Cluster:
                 lost[run_id] = gone
         if lost:
             self._leases_lost(lost)
+        for agent in sorted(self.run_leases):
+            if agent not in agents:
+                self._run_lease_lost(agent, "the lease expired before it was renewed")
+            elif agents[agent] is not None:
+                run = self._local_run(agent)
+                log.warning("run_replaced_by_peer", agent=agent, by_host=agents[agent],
+                            run_id=run.run_id if run else None)
+                if run is not None:
+                    self.daemon.pipeline.stop_run(run, StopReason.REPLACED)
+
+    def _local_run(self, agent: str):
+        rt = self.daemon.pipeline.agents.get(agent)
+        return rt.run if rt is not None else None
+
+    def _fence(self, now: float) -> None:
+        """Renewals fail: stop the runs this host may no longer hold before the leases can
+        expire for the others (SIGTERM at half the lease, SIGKILL at three quarters)."""
+        silent_s = now - self._last_renewal
+        lease_s = self.settings.lease_s
+        if silent_s >= lease_s * FENCE_STOP_SHARE:
+            for agent in sorted(self.run_leases):
+                self._run_lease_lost(agent, f"no renewal for {silent_s:.1f}s of a {lease_s:g}s "
+                                            "lease")
+            held = {run_id: set(tasks) for run_id, tasks in self.held.items() if tasks}
+            if held:
+                self._leases_lost(held)
+        if silent_s >= lease_s * FENCE_KILL_SHARE:
+            for run in list(self.daemon.pipeline.runs.values()):
+                if run.stop_reason is StopReason.LEASE_LOST:
+                    self.daemon.pipeline.kill_run(run)
+
+    def _run_lease_lost(self, agent: str, why: str) -> None:
+        """Another host may run this agent now (or soon): the local run must not go on."""
+        self.run_leases.discard(agent)
+        run = self._local_run(agent)
+        log.error("run_lease_lost", agent=agent, host=self.host, reason=why,
+                  run_id=run.run_id if run else None,
+                  action="stopping the run (fencing)" if run else None)
+        if run is not None:
+            self.daemon.pipeline.stop_run(run, StopReason.LEASE_LOST)
 
     def _leases_lost(self, lost: dict[str, set[str]]) -> None:
         """Another host may hold these locks now: the runs that held them must not go on."""
         for run_id, tasks in lost.items():
             self.held[run_id] -= tasks
             run = self.daemon.pipeline.runs.get(run_id)
+            if run is not None and run.stop_reason is StopReason.LEASE_LOST:
+                continue  # already being stopped
             log.error("lock_lease_lost", run_id=run_id, tasks=sorted(tasks),
                       agent=run.agent if run else None, action="stopping the run" if run else None)
             if run is not None:
@@ -238,29 +401,24 @@ class Cluster:
                              "make_interval(secs => %s)", (CLAIMS_KEPT_S,))
                 conn.execute("delete from breaker_events where at < extract(epoch from now()) - %s",
                              (BREAKER_EVENTS_KEPT_S,))
+                conn.execute("delete from outputs where time < extract(epoch from now()) - %s",
+                             (CLAIMS_KEPT_S,))
+                # A hand-off whose host never came back to take it is stale after a day.
+                conn.execute("delete from handoffs where created_at < now() - interval '1 day'")
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            return
         except LeaseLost as exc:
             log.warning("leader_lost", host=self.host, error=str(exc))
             return
         for run_id, agent, host in lost:
             log.warning("run_lost_with_host", run_id=run_id, agent=agent, host=host)
 
-    # -- firings -----------------------------------------------------------------------------------
-    def claim_firing(self, fire, spec, job) -> str:
-        """Empty when this host runs the firing, else why another host does (or none)."""
-        pin = pinned_host(spec, job)
-        if pin is not None and pin != self.host and fire.trigger != "manual":
-            return f"pinned to host {pin}"
-        slot = slot_of(job, fire.at) if fire.trigger in CLAIMED_TRIGGERS else None
-        if slot is None:
-            return ""
-        try:
-            winner = claim(self.db, self.host, fire.agent, job.id, slot)
-        except (psycopg.Error, ConnectionError) as exc:
-            return f"shared storage unreachable, not claimed: {exc}"
-        return f"claimed by host {winner}" if winner else ""
-
     # -- run records ---------------------------------------------------------------------------------
     def _run_started(self, run) -> None:
+        if run.agent in self.run_leases:
+            self._guarded(lambda: shared_agents.record_run(self.db, self.host, run.agent,
+                                                           run.run_id))
         self._write("insert into runs (run_id, agent, job, attempt, trigger, pid, started, "
                     "degraded, host) values (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
                     "on conflict (run_id) do nothing",
@@ -275,14 +433,24 @@ class Cluster:
         if self.held.pop(run.run_id, None):
             self._write("delete from task_locks where host = %s and run_id = %s",
                         (self.host, run.run_id))
+        if run.agent in self.run_leases:
+            self.run_leases.discard(run.agent)
+            self._write(shared_agents.RELEASE_SQL, (run.agent, self.host, run.run_id))
 
     def _write(self, sql: str, params: tuple) -> None:
-        """A record the pipeline's hooks must not fail on: logged if the database is away."""
+        """A record the pipeline's hooks must not fail on: kept, in order, and written when
+        the database is back (every such statement is idempotent)."""
+        if self._unsent:
+            self._unsent.append((sql, params))
+            return
         try:
             with self.db.tx() as conn:
                 conn.execute(sql, params)
-        except (psycopg.Error, ConnectionError) as exc:
-            log.warning("pg_write_failed", error=str(exc), statement=sql.split(" (")[0])
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            self._unsent.append((sql, params))
+            log.warning("pg_write_deferred", error=str(exc).strip(),
+                        statement=sql.split(" (")[0])
 
     def _close_own_dangling_runs(self) -> None:
         with self.db.tx() as conn:
@@ -313,8 +481,8 @@ class Cluster:
                 down = conn.execute("select agent, ts, pid, run_id from heartbeats where host "
                                     "<> %s and ts > %s", (self.host, self._pulled_beat_ts)
                                     ).fetchall()
-        except (psycopg.Error, ConnectionError) as exc:
-            log.warning("heartbeat_sync_failed", error=str(exc))
+        except STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
             return
         for agent, _host, ts, _pid, _run in up:
             self._pushed_beats[agent] = ts
@@ -352,7 +520,9 @@ class Cluster:
             self._drop_listener()
             return
         if "breaker" in payloads:
-            self.breaker.sync()
+            self._guarded(self.breaker.sync)
+        if "agents" in payloads:
+            self._guarded(self.agents.sync)
         if "leader" in payloads and not self.leadership.leading:
             self._elect()
 
@@ -409,6 +579,9 @@ class Cluster:
                     "order by agent, started desc")}
                 running = {a: h for a, h in conn.execute(
                     "select agent, host from runs where ended is null")}
+                # A live run lease is the truth for cluster-wide agents: an open run record
+                # of a dead host stays open until the leader closes it.
+                running.update(shared_agents.running_hosts(conn))
         except (psycopg.Error, ConnectionError) as exc:
             snapshot["cluster"] = {"host": self.host, "error": str(exc)}
             return

@@ -8,6 +8,7 @@ depends on session state and the same code runs behind PgBouncer in transaction 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -28,14 +29,25 @@ class StorageUnavailable(WatchkeeperError, ConnectionError):
     """PostgreSQL could not be reached with storage.dsn."""
 
 
+# Outages, not bugs: a programming error in a statement must surface, not read as "down".
+STORAGE_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, ConnectionError)
+
+
+RECONNECT_FIRST_S = 0.2
+RECONNECT_MAX_S = 2.0  # the cap bounds how late a daemon notices the database is back
+
+
 class Database:
-    """One connection, used by one thread (the daemon's loop); reconnects after a failure."""
+    """One connection, used by one thread (the daemon's loop); reconnects after a failure,
+    with a doubling back-off so an outage does not turn every loop turn into a connect."""
 
     def __init__(self, settings: StorageSettings, role: str = "daemon") -> None:
         self.settings = settings
         self.schema = settings.schema
         self.role = role
         self._conn: psycopg.Connection | None = None
+        self._retry_at = 0.0
+        self._backoff_s = RECONNECT_FIRST_S
 
     def connect(self, *, autocommit: bool = True) -> psycopg.Connection:
         s = self.settings
@@ -46,7 +58,10 @@ class Database:
                 # connection, where a prepared statement does not exist.
                 prepare_threshold=None if s.transaction_pooling else 5,
                 application_name=f"watchkeeper {s.host} {self.role}"[:63],
-                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+                keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                # A link that silently drops packets must fail a statement within a quarter
+                # lease: the loop blocked in it could not fence its runs (cluster.py).
+                tcp_user_timeout=int(min(s.statement_timeout_s, s.lease_s / 4) * 1000))
         except psycopg.OperationalError as exc:
             raise StorageUnavailable(f"cannot connect to PostgreSQL ({_redacted(s.dsn)}): "
                                   f"{str(exc).strip()}; check storage.dsn and that the server "
@@ -55,9 +70,20 @@ class Database:
     @property
     def conn(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed or self._conn.broken:
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise StorageUnavailable(f"PostgreSQL unreachable; next attempt in "
+                                         f"{self._retry_at - now:.1f}s")
             if self._conn is not None:
                 log.warning("pg_reconnecting", role=self.role)
-            self._conn = self.connect()
+                self._conn = None
+            try:
+                self._conn = self.connect()
+            except StorageUnavailable:
+                self._retry_at = now + self._backoff_s
+                self._backoff_s = min(self._backoff_s * 2, RECONNECT_MAX_S)
+                raise
+            self._retry_at, self._backoff_s = 0.0, RECONNECT_FIRST_S
         return self._conn
 
     @contextlib.contextmanager
@@ -97,9 +123,12 @@ class Listener:
         self.db = db
         self.conn = db.connect()
         self.conn.execute(f'listen "{db.channel}"')
+        # Kept: once the server drops the connection, psycopg no longer tells the number,
+        # and the loop must still unregister it before the number is reused by a socket.
+        self.fd = self.conn.fileno()
 
     def fileno(self) -> int:
-        return self.conn.fileno()
+        return self.fd
 
     def drain(self) -> set[str]:
         """The payloads received since the last call (duplicates folded)."""
@@ -107,6 +136,11 @@ class Listener:
 
     def close(self) -> None:
         self.conn.close()
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's text on one line (psycopg's span several), for replies and logs."""
+    return " ".join(str(exc).split())
 
 
 def _redacted(dsn: str) -> str:

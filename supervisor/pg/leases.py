@@ -18,6 +18,7 @@ import dataclasses
 import psycopg
 import structlog
 
+from .agents import renew_run_leases
 from .db import Database
 
 log = structlog.get_logger("watchkeeper.pg.leases")
@@ -164,10 +165,13 @@ def release_locks(db: Database, host: str, *, run_id: str, task_id: str | None =
         return conn.execute(sql, params).rowcount
 
 
-def renew(db: Database, host: str, lease_s: float) -> set[tuple[str, str]]:
-    """Extend this host's liveness and every lock lease it still holds; returns the
-    (run_id, task_id) pairs still held. A lease taken over while this host was away is gone."""
+def renew(db: Database, host: str, lease_s: float, run_agents: list[str] = ()
+          ) -> tuple[set[tuple[str, str]], dict[str, str | None]]:
+    """Extend this host's liveness, every lock lease and every run lease (agents.py) it
+    still holds; returns the (run_id, task_id) pairs and the agents still held. A lease
+    taken over, or only expired, while this host was away is gone."""
     with db.tx() as conn:
+        agents = renew_run_leases(conn, host, list(run_agents), lease_s)
         conn.execute("update hosts set last_seen = now(), stopped = false where name = %s",
                      (host,))
         rows = conn.execute(
@@ -177,7 +181,7 @@ def renew(db: Database, host: str, lease_s: float) -> set[tuple[str, str]]:
         # Expired but not yet taken: still ours to lose, not to keep. Dropping them here
         # makes "expired" mean the same on every host, whatever this one did while away.
         conn.execute("delete from task_locks where host = %s and expires_at < now()", (host,))
-    return {(r, t) for r, t in rows}
+    return {(r, t) for r, t in rows}, agents
 
 
 def list_locks(conn: psycopg.Connection) -> list[LockHolder]:

@@ -25,7 +25,7 @@ from ..context import Candidate
 from ..memory_reads import Entry, entry_from_row
 from ..memory_settings import StewardSettings
 from ..memory_store import MemoryStore
-from .db import STEWARD_LOCK, Database
+from .db import STEWARD_LOCK, Database, StorageUnavailable, one_line
 
 
 class _PgConnection:
@@ -78,12 +78,18 @@ class PgMemoryStore(MemoryStore):
 
     @contextlib.contextmanager
     def _transaction(self):
-        with self.db.tx(lock=STEWARD_LOCK, durable=True):
-            self._conn.in_tx = True
-            try:
-                yield
-            finally:
-                self._conn.in_tx = False
+        try:
+            with self.db.tx(lock=STEWARD_LOCK, durable=True):
+                self._conn.in_tx = True
+                try:
+                    yield
+                finally:
+                    self._conn.in_tx = False
+        except (psycopg.OperationalError, psycopg.InterfaceError, ConnectionError) as exc:
+            # The steward answers "not applied: <this>" with retry=True: the agent must read
+            # that the batch was not committed and that the same write may be sent again.
+            raise StorageUnavailable(f"shared storage unreachable ({one_line(exc)}); "
+                                     "nothing was committed, retry later") from None
 
 
 class PgSearchBackend:

@@ -133,6 +133,48 @@ create table idempotency (
 );
 create index idempotency_by_age on idempotency (created_at);
 """),
+    (2, "agent run leases, cluster-wide agent flags, firing hand-offs, outputs", """
+create table agent_leases (
+    agent        text primary key,
+    host         text not null,
+    run_id       text not null default '',
+    token        bigint not null,          -- fencing token: new at every take-over
+    acquired_at  timestamptz not null,
+    expires_at   timestamptz not null,
+    stop_requested_by text                 -- `overlap: replace` from another host
+);
+create sequence agent_lease_tokens;
+create table agent_flags (
+    agent          text primary key,
+    paused         boolean not null default false,
+    cooldown_until timestamptz,            -- a crash-loop cool-down, on the server's clock
+    cooldown_host  text not null default '',
+    changed_by     text not null default '',
+    changed_at     timestamptz not null default now(),
+    seq            bigint not null         -- from agent_flag_seq: peers pull changes past theirs
+);
+create sequence agent_flag_seq;
+create table outputs (
+    id          bigserial primary key,
+    host        text not null,
+    agent       text not null,
+    run_id      text not null,
+    kind        text not null,
+    time        double precision not null,
+    hash        text not null,
+    summary     text not null,
+    allowed     boolean not null
+);
+create index outputs_by_agent on outputs (agent, time);
+create table handoffs (
+    id          bigserial primary key,
+    host        text not null,             -- the host that must fire it
+    agent       text not null,
+    job         text not null,
+    trigger     text not null,
+    created_at  timestamptz not null default now()
+);
+"""),
 ]
 
 LATEST = MIGRATIONS[-1][0]
