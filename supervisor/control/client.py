@@ -7,7 +7,6 @@ import _socket
 import json
 import os
 import select
-from pathlib import Path
 
 from ..errors import ControlError, DaemonNotRunning
 
@@ -18,7 +17,7 @@ MAX_REPLY_BYTES = 1 << 30
 
 
 class ControlClient:
-    def __init__(self, socket_path: str | Path, timeout_s: float = 30.0) -> None:
+    def __init__(self, socket_path: str | os.PathLike, timeout_s: float = 30.0) -> None:
         self.socket_path = str(socket_path)
         self.timeout_s = timeout_s
         self._sock: _socket.socket | None = None
