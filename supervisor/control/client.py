@@ -7,7 +7,6 @@ import _socket
 import json
 import os
 import select
-from pathlib import Path
 
 from ..errors import ControlError, DaemonNotRunning
 
@@ -18,7 +17,9 @@ MAX_REPLY_BYTES = 1 << 30
 
 
 class ControlClient:
-    def __init__(self, socket_path: str | Path, timeout_s: float = 30.0) -> None:
+    # os.PathLike, not pathlib.Path: pathlib's import (urllib.parse, fnmatch, re) cost every
+    # agent CLI call a few ms, and typing's would cost as much.
+    def __init__(self, socket_path: str | os.PathLike[str], timeout_s: float = 30.0) -> None:
         self.socket_path = str(socket_path)
         self.timeout_s = timeout_s
         self._sock: _socket.socket | None = None
