@@ -5,7 +5,8 @@
 Creates its virtual environments under bench/.venv-* when missing (watchkeeper from this
 repository, supervisor==4.3.0, and the harness's own), then runs every workload under both
 daemons in the same run, alternating, over several rounds. The full run writes
-bench/RESULTS.md; --quick (under two minutes, for CI) writes bench/RESULTS-quick.md.
+bench/RESULTS.md; --quick (a few minutes, for CI: one short round, then every other script
+in bench/ with --quick, each well under a minute) writes bench/RESULTS-quick.md.
 Figures are printed, never asserted: the exit status is non-zero only when a measurement
 could not be taken at all (a daemon did not start, a program never ran, a script failed).
 """
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import venvs  # noqa: E402  (standard library only: runs before any venv)
 
 OTHER_SCRIPTS = ["orphan_kill.py", "lazy_context.py", "steward_store.py", "steward_socket.py",
-                 "breaker_latency.py", "alert_latency.py", "postgres_vs_sqlite.py"]
+                 "breaker_latency.py", "alert_latency.py", "postgres_vs_sqlite.py",
+                 "agent_cost.py", "cron_cost.py", "memguard_idle.py", "hostile_files.py"]
 OTHER_TIMEOUT_S = 600
 
 
@@ -201,7 +203,8 @@ def _raise_interrupt(signum, frame):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="one short round (under two minutes): writes RESULTS-quick.md")
+                        help="one short round, the other scripts with --quick (a few "
+                             "minutes): writes RESULTS-quick.md")
     parser.add_argument("--rounds", type=int, help="rounds (default: 3, or 1 with --quick)")
     args = parser.parse_args()
     if args.rounds is not None and args.rounds < 1:
