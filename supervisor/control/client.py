@@ -4,10 +4,10 @@ from __future__ import annotations
 
 # _socket, not socket: the socket module builds its enums at import (~2 ms per agent call).
 import _socket
-import json
 import os
 import select
 
+from .. import wire
 from ..errors import ControlError, DaemonNotRunning
 
 # Not imported from .protocol, which loads msgspec: every agent imports this module.
@@ -76,9 +76,8 @@ class ControlClient:
             request["run_id"], request["token"] = self.run_id, self.token
         try:
             # Compact UTF-8: the same request in fewer bytes of the 1 MiB frame.
-            sock.sendall(json.dumps(request, separators=(",", ":"),
-                                    ensure_ascii=False).encode() + b"\n")
-            return json.loads(self._read_line())
+            sock.sendall(wire.dumps(request, compact=True).encode() + b"\n")
+            return wire.loads(self._read_line())
         except (BrokenPipeError, ConnectionResetError) as exc:
             self.close()
             raise DaemonNotRunning(f"the daemon closed the connection: {exc}") from None
