@@ -62,18 +62,16 @@ print("BENCH " + json.dumps(figures), flush=True)
 
 
 def plain_install(tmp: Path) -> Path:
-    """A venv with this repository on sys.path through a plain .pth, and the same console
-    script pip writes: start-up as after `pip install .`."""
+    """A venv with this repository on sys.path through a plain .pth, and the same script
+    pip installs (bin/watchkeeper, its first line rewritten to the venv's python): start-up
+    as after `pip install .`."""
     venv = tmp / "plain-venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "watchkeeper-repo.pth").write_text(f"{ROOT}\n")
     script = venv / "bin" / "watchkeeper"
-    script.write_text(f"#!{venv / 'bin' / 'python3'}\n# -*- coding: utf-8 -*-\nimport re\n"
-                      "import sys\nfrom supervisor.entry import main\n"
-                      "if __name__ == '__main__':\n"
-                      "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
-                      "    sys.exit(main())\n")
+    body = (ROOT / "bin" / "watchkeeper").read_text().split("\n", 1)[1]
+    script.write_text(f"#!{venv / 'bin' / 'python3'}\n{body}")
     script.chmod(0o755)
     return venv / "bin"
 
