@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import venvs  # noqa: E402  (standard library only: runs before any venv)
+from harness.machine import machine_line  # noqa: E402  (standard library only)
 
 OTHER_SCRIPTS = ["orphan_kill.py", "lazy_context.py", "steward_store.py", "steward_socket.py",
                  "breaker_latency.py", "alert_latency.py", "postgres_vs_sqlite.py",
@@ -126,7 +127,7 @@ def run_others(python: Path, bench_dir: Path) -> tuple[list[tuple[str, str]], li
         path = bench_dir / name
         if not path.exists():
             continue
-        print(f"running bench/{name} --quick", flush=True)
+        print(f"running bench/{name} --quick {machine_line()}", flush=True)
         try:
             out = subprocess.run([str(python), str(path), "--quick"], cwd=bench_dir.parent,
                                  capture_output=True, text=True, timeout=OTHER_TIMEOUT_S,
@@ -134,6 +135,8 @@ def run_others(python: Path, bench_dir: Path) -> tuple[list[tuple[str, str]], li
             text, code = out.stdout + out.stderr, out.returncode
         except subprocess.TimeoutExpired as exc:
             text, code = f"{exc.stdout or ''}\ntimed out after {OTHER_TIMEOUT_S} s", -1
+        # Scripts that do not print the machine beside each figure get it once more here.
+        text = f"{text.rstrip()}\n(after bench/{name}: {machine_line()})\n"
         print(text.rstrip(), flush=True)
         if code != 0:
             failures.append(f"bench/{name} --quick exited with {code}")
