@@ -2,8 +2,8 @@
 
 APScheduler's triggers decide *when* (cron fields, time zones, DST); the loop's timer heap
 (timers.py) does the waiting, so there is no scheduler thread. When a job's timer runs,
-the job is handed on as a Fire (the daemon starts its run in the same loop turn); the
-pipeline alone decides whether and how a run starts (overlap, pause, breaker, crash loop).
+the job is handed on as a Fire (the daemon starts its run later in the same loop turn);
+the pipeline alone decides whether and how a run starts (overlap, pause, breaker, crash loop).
 
 The heap runs on the monotonic clock, schedules on the wall clock. A timer that comes
 due while the wall clock says "not yet" (the clock stepped back) is armed again for the
@@ -254,8 +254,8 @@ class Scheduler:
             self._arm(planned)  # the wall clock is behind: it stepped back
             return
         last = self._advance(planned, now_s)
-        # Armed before the firing is handed on: the run may start right here, in this
-        # loop turn, and a start that fails must not end the job's schedule.
+        # Armed before the firing is handed on: whoever takes it may start the run at
+        # once, and a start that raises must not end the job's schedule.
         self._arm(planned)
         late_s = now_s - last.timestamp()
         if late_s <= max(1.0, planned.job.misfire_grace_s):
