@@ -1,6 +1,6 @@
 """What an agent pays to talk to the daemon: one CLI verb, and `import supervisor.sdk`.
 
-    .venv/bin/python bench/agent_cost.py [--rounds N]
+    .venv/bin/python bench/agent_cost.py [--rounds N] [--quick]
 
 Starts a real daemon (this interpreter, this repository) with one agent whose run measures,
 from inside the run, each command below over N alternating rounds: wall time from spawn
@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from harness.machine import machine_line  # noqa: E402  (standard library only)
+
 BIN = Path(sys.executable).parent
 
 TARGET_WALL_X, TARGET_RSS_MIB, TARGET_SDK_MIB = 2.0, 12.0, 3.0
@@ -58,18 +62,16 @@ print("BENCH " + json.dumps(figures), flush=True)
 
 
 def plain_install(tmp: Path) -> Path:
-    """A venv with this repository on sys.path through a plain .pth, and the same console
-    script pip writes: start-up as after `pip install .`."""
+    """A venv with this repository on sys.path through a plain .pth, and the same script
+    pip installs (bin/watchkeeper, its first line rewritten to the venv's python): start-up
+    as after `pip install .`."""
     venv = tmp / "plain-venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "watchkeeper-repo.pth").write_text(f"{ROOT}\n")
     script = venv / "bin" / "watchkeeper"
-    script.write_text(f"#!{venv / 'bin' / 'python3'}\n# -*- coding: utf-8 -*-\nimport re\n"
-                      "import sys\nfrom supervisor.entry import main\n"
-                      "if __name__ == '__main__':\n"
-                      "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
-                      "    sys.exit(main())\n")
+    body = (ROOT / "bin" / "watchkeeper").read_text().split("\n", 1)[1]
+    script.write_text(f"#!{venv / 'bin' / 'python3'}\n{body}")
     script.chmod(0o755)
     return venv / "bin"
 
@@ -142,42 +144,39 @@ def start_now(socket_path: Path, daemon: subprocess.Popen) -> None:
     raise SystemExit("the daemon did not answer on its socket")
 
 
-def machine_line() -> str:
-    total_kib = next(int(line.split()[1]) for line in open("/proc/meminfo")
-                     if line.startswith("MemTotal:"))
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return f"machine: {total_kib / 2**20:.1f} GiB total memory, load average {load}"
-
-
 def report(figures: dict, rounds: int) -> None:
     def med(label: str, index: int) -> float:
         return statistics.median(f[index] for f in figures[label])
 
     floor_ms, floor_kib = med("floor: python -I -S -c pass", 0), med(
         "floor: python -I -S -c pass", 1)
-    print(f"{machine_line()}; {rounds} rounds; medians")
+    print(f"{rounds} rounds; medians {machine_line()}")
     print(f"{'command':58} {'wall ms':>8} {'x floor':>8} {'peak MiB':>9} {'exit':>5}")
     for label in figures:
         wall, kib = med(label, 0), med(label, 1)
         codes = sorted({f[2] for f in figures[label]})
         print(f"{label:58} {wall:8.1f} {wall / floor_ms:8.2f} {kib / 1024:9.1f} "
-              f"{','.join(map(str, codes)):>5}")
+              f"{','.join(map(str, codes)):>5} {machine_line()}")
     for prefix, base in (("", "python -c pass (editable venv, site)"),
                          ("plain: ", "plain: python -c pass")):
         sdk = [k for k in figures if k.startswith(prefix) and "import supervisor.sdk" in k][0]
         extra = (med(sdk, 1) - med(base, 1)) / 1024
-        print(f"{sdk}: +{extra:.1f} MiB over `{base}` (target <= +{TARGET_SDK_MIB:.0f} MiB)")
+        print(f"{sdk}: +{extra:.1f} MiB over `{base}` (target <= +{TARGET_SDK_MIB:.0f} MiB) "
+              f"{machine_line()}")
     call = "plain: watchkeeper heartbeat"
     print(f"{call}: {med(call, 0) / floor_ms:.2f}x the floor's wall time (target <= "
           f"{TARGET_WALL_X:.0f}x), {med(call, 1) / 1024:.1f} MiB peak (target <= "
-          f"{TARGET_RSS_MIB:.0f} MiB); floor {floor_ms:.1f} ms, {floor_kib / 1024:.1f} MiB")
-    print(machine_line())
+          f"{TARGET_RSS_MIB:.0f} MiB); floor {floor_ms:.1f} ms, {floor_kib / 1024:.1f} MiB "
+          f"{machine_line()}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="3 rounds (bench/run.py --quick)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds = 3
     if not os.access("/usr/bin/time", os.X_OK):
         raise SystemExit("bench/agent_cost.py needs GNU time at /usr/bin/time for peak RSS")
     compileall.compile_dir(str(ROOT / "supervisor"), quiet=1)

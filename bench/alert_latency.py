@@ -35,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.machine import machine_line  # noqa: E402  (standard library only)
 from live_daemon import LiveDaemon, wait_for  # noqa: E402
 
 N = 3
@@ -168,17 +169,18 @@ def main() -> None:
         samples, posts = trip_latencies(Path(tmp), trials)
         rtt = statistics.median(posts)
         print(f"(N+1)th emit -> trip alert at a local webhook; N={N}, {trials} trials:\n")
-        print("| measure | p50 | p99 | max | target |")
-        print("|---|---:|---:|---:|---|")
+        print("| measure | p50 | p99 | max | target | machine |")
+        print("|---|---:|---:|---:|---|---|")
         print(f"| trip -> alert at receiver | {statistics.median(samples):.1f} ms | "
               f"{pct(samples, 0.99):.1f} ms | {max(samples):.1f} ms | p99 <= "
-              f"{100 + rtt:.1f} ms (100 ms + round trip) |")
+              f"{100 + rtt:.1f} ms (100 ms + round trip) | {machine_line()} |")
         print(f"| plain HTTP POST round trip (baseline) | {rtt:.1f} ms | "
-              f"{pct(posts, 0.99):.1f} ms | {max(posts):.1f} ms | - |", flush=True)
+              f"{pct(posts, 0.99):.1f} ms | {max(posts):.1f} ms | - | {machine_line()} |",
+              flush=True)
         delay = outage_delay(Path(tmp), outage_s, cap_s)
         print(f"\nreceiver refusing connections for {outage_s:g} s at the trip, backoff cap "
               f"{cap_s:g} s: alert {delay:.2f} s after the receiver came back "
-              f"(target <= {cap_s + 1:g} s)", flush=True)
+              f"(target <= {cap_s + 1:g} s) {machine_line()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What cron jobs cost the daemon now that they wait on its own loop (no scheduler thread).
 
     python bench/cron_cost.py [--rounds N] [--jobs 1000] [--every-s 5] [--window-s 30]
+    python bench/cron_cost.py --quick    (one round, 200 jobs, 2 s apart, a 4 s window)
 
 In the same run, alternating, over N rounds (bench/harness, its venvs under bench/.venv-*):
 - daemon RSS with 5 programs and the seed's 12 cron jobs, beside supervisord's RSS with the
@@ -77,7 +78,11 @@ def main() -> int:
     parser.add_argument("--every-s", type=float, default=5.0)
     parser.add_argument("--window-s", type=float, default=30.0)
     parser.add_argument("--settle-s", type=float, default=3.0)
+    parser.add_argument("--quick", action="store_true",
+                        help="one short round, well under a minute (bench/run.py --quick)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.jobs, args.every_s, args.window_s, args.settle_s = 1, 200, 2.0, 4.0, 1.0
     pythons = venvs.ensure_all(log=lambda msg: print(msg, flush=True))
     if not venvs.in_harness_venv():
         venvs.reexec_in_harness(Path(__file__).resolve(), sys.argv[1:])

@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness.machine import machine_line  # noqa: E402  (standard library only)
 from live_daemon import LiveDaemon  # noqa: E402
 
 KINDS = ["fifo", "symlink", "socket", "directory", "devzero"]
@@ -99,8 +100,9 @@ def main() -> int:
                 len(hostile.events("lock_file_refused"))
         print("ping latency with planted files in the state dir (target: p99 < 100 ms)")
         for name, samples in results.items():
-            print(f"  {name:17s} {summary(samples)}")
-        print(f"  planted files refused by the hostile daemon: {refused} log events")
+            print(f"  {name:17s} {summary(samples)} {machine_line()}")
+        print(f"  planted files refused by the hostile daemon: {refused} log events "
+              f"{machine_line()}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """What the memory guard costs an idle daemon on a simulated 4 GB VPS at 50 % used.
 
-    python bench/memguard_idle.py [--window-s 30] [--rounds 1]
+    python bench/memguard_idle.py [--window-s 30] [--rounds 1] [--quick]
 
 The VPS is a memory cgroup limited to 4 GiB in which a filler process holds 2 GiB; the
 daemon's guard measures against it (`memory_guard.scope_cgroup`), as shipped otherwise.
@@ -109,7 +109,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window-s", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--quick", action="store_true",
+                        help="a 5 s idle window (bench/run.py --quick)")
     args = parser.parse_args()
+    if args.quick:
+        args.window_s, args.rounds = 5.0, 1
     pythons = venvs.ensure_all(log=lambda msg: print(msg, flush=True))
     if not venvs.in_harness_venv():
         venvs.reexec_in_harness(Path(__file__).resolve(), sys.argv[1:])

@@ -5,7 +5,8 @@
 Creates its virtual environments under bench/.venv-* when missing (watchkeeper from this
 repository, supervisor==4.3.0, and the harness's own), then runs every workload under both
 daemons in the same run, alternating, over several rounds. The full run writes
-bench/RESULTS.md; --quick (under two minutes, for CI) writes bench/RESULTS-quick.md.
+bench/RESULTS.md; --quick (a few minutes, for CI: one short round, then every other script
+in bench/ with --quick, each well under a minute) writes bench/RESULTS-quick.md.
 Figures are printed, never asserted: the exit status is non-zero only when a measurement
 could not be taken at all (a daemon did not start, a program never ran, a script failed).
 """
@@ -24,10 +25,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import venvs  # noqa: E402  (standard library only: runs before any venv)
+from harness.machine import machine_line  # noqa: E402  (standard library only)
 
 OTHER_SCRIPTS = ["orphan_kill.py", "lazy_context.py", "steward_store.py", "steward_socket.py",
                  "breaker_latency.py", "alert_latency.py", "postgres_vs_sqlite.py",
-                 "cluster_failover.py"]
+                 "cluster_failover.py", "agent_cost.py", "cron_cost.py", "memguard_idle.py",
+                 "hostile_files.py"]
 OTHER_TIMEOUT_S = 600
 
 
@@ -125,7 +128,7 @@ def run_others(python: Path, bench_dir: Path) -> tuple[list[tuple[str, str]], li
         path = bench_dir / name
         if not path.exists():
             continue
-        print(f"running bench/{name} --quick", flush=True)
+        print(f"running bench/{name} --quick {machine_line()}", flush=True)
         try:
             out = subprocess.run([str(python), str(path), "--quick"], cwd=bench_dir.parent,
                                  capture_output=True, text=True, timeout=OTHER_TIMEOUT_S,
@@ -133,6 +136,8 @@ def run_others(python: Path, bench_dir: Path) -> tuple[list[tuple[str, str]], li
             text, code = out.stdout + out.stderr, out.returncode
         except subprocess.TimeoutExpired as exc:
             text, code = f"{exc.stdout or ''}\ntimed out after {OTHER_TIMEOUT_S} s", -1
+        # Scripts that do not print the machine beside each figure get it once more here.
+        text = f"{text.rstrip()}\n(after bench/{name}: {machine_line()})\n"
         print(text.rstrip(), flush=True)
         if code != 0:
             failures.append(f"bench/{name} --quick exited with {code}")
@@ -202,7 +207,8 @@ def _raise_interrupt(signum, frame):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="one short round (under two minutes): writes RESULTS-quick.md")
+                        help="one short round, the other scripts with --quick (a few "
+                             "minutes): writes RESULTS-quick.md")
     parser.add_argument("--rounds", type=int, help="rounds (default: 3, or 1 with --quick)")
     args = parser.parse_args()
     if args.rounds is not None and args.rounds < 1:

@@ -6,15 +6,16 @@ budget said no: stop); 6 conflict (memory expect_version did not match).
 
 Every bash agent runs these verbs several times per run, so `run_agent_verb` serves them
 without argparse and without the daemon's modules (supervisor/entry.py calls it first):
-this module imports only json, sys and the SDK, which imports only _socket and os.
+this module imports only sys, wire.py (JSON without re) and the SDK, which imports only
+_socket and os; the json package only for output meant for people.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
+from . import wire
 from .errors import ControlError, DaemonNotRunning, LockBusy, WatchkeeperError
 
 EXIT_ERROR, EXIT_NOT_RUNNING, EXIT_BUSY = 1, 3, 4
@@ -23,9 +24,17 @@ EXIT_DENIED_OUTPUT, EXIT_CONFLICT = 5, 6
 
 def _json_arg(text: str):
     try:
-        return json.loads(text)
+        return wire.loads(text)
     except ValueError:
         return text  # a bare word is stored as a string
+
+
+def _json():
+    """The json package, for output meant for people (indent=2) and export files: it
+    imports re, which the agents' frequent verbs do without (wire.py)."""
+    import json
+
+    return json
 
 
 def _sdk(args):
@@ -76,7 +85,7 @@ def cmd_memory(args) -> int:
     op = args.op
     if op == "get":
         value = agent.memory.entry(args.namespace, args.key)
-        print(json.dumps(value["value"] if value else None))
+        print(wire.dumps(value["value"] if value else None, ensure_ascii=True))
         return 0 if value else 1
     if op in ("list", "history"):
         from . import cli_views
@@ -95,12 +104,12 @@ def cmd_memory(args) -> int:
     if op == "revert":
         target = {k: v for k, v in (("seq", args.seq), ("agent", args.agent),
                                     ("run_id", args.run_id)) if v is not None}
-        print(json.dumps(agent.call("memory-revert", force=args.force, **target), indent=2))
+        print(_json().dumps(agent.call("memory-revert", force=args.force, **target), indent=2))
         return 0
     if op == "export":
         from .backup_client import export_document
 
-        json.dump(export_document(agent.call), sys.stdout, separators=(",", ":"),
+        _json().dump(export_document(agent.call), sys.stdout, separators=(",", ":"),
                   ensure_ascii=False)
         print()
         return 0
@@ -112,7 +121,7 @@ def cmd_memory(args) -> int:
         except BadExportFile as exc:
             print(f"watchkeeper memory import: {exc}", file=sys.stderr)
             return 2
-        print(json.dumps(import_document(agent.call, doc)))
+        print(_json().dumps(import_document(agent.call, doc)))
         return 0
     opts = {"expect_version": args.expect_version, "idempotency_key": args.idempotency_key}
     try:
@@ -135,7 +144,7 @@ def cmd_search(args) -> int:
     result = _sdk(args).search(args.query, k=args.k, token_budget=args.budget,
                                namespaces=args.namespace or None, speakers=args.speaker)
     if args.json:
-        print(json.dumps({"hits": result.hits, "tokens": result.tokens}, indent=2))
+        print(_json().dumps({"hits": result.hits, "tokens": result.tokens}, indent=2))
     else:
         print(result.text)
     return 0
@@ -150,7 +159,7 @@ def _search_explained(args) -> int:
                **({"speakers": args.speaker} if args.speaker else {})}
     result = _sdk(args).call("search", **request)
     if args.json:
-        print(json.dumps({k: result[k] for k in ("explain", "hits", "tokens")}, indent=2))
+        print(_json().dumps({k: result[k] for k in ("explain", "hits", "tokens")}, indent=2))
         return 0
     for name, value in result["explain"].items():
         print(f"{name}: {value}")
@@ -200,7 +209,7 @@ def cmd_breaker(args) -> int:
     if args.action == "status":
         status = agent.call("breaker-status")
         if args.json:
-            print(json.dumps(status, indent=2))
+            print(_json().dumps(status, indent=2))
         else:
             print(f"breaker {status['state']} (trips: {status['trips_total']})")
             trip = status.get("last_trip")
@@ -217,7 +226,7 @@ def cmd_breaker(args) -> int:
         print(f"watchkeeper breaker reset: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(_json().dumps(result, indent=2))
     else:
         print("breaker reset" + ("" if result["was_open"] else " (it was not open)"))
     return 0

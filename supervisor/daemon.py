@@ -73,6 +73,7 @@ class Daemon:
         self.timers = Timers()
         self.selector = selectors.DefaultSelector()
         self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self._due_fires: list[Fire] = []  # handed on by due timers, started in the same turn
         self.started_mono = time.monotonic()
         self.exit_code = 0
         self.stop_deadline: float | None = None
@@ -163,7 +164,7 @@ class Daemon:
             log.warning("runs_lost_with_previous_daemon", count=closed)
         self.cgroups = RunCgroups.setup(cfg.settings.cgroups,
                                         f"watchkeeper-{os.getpid()}")
-        self.scheduler = Scheduler(self.post, time.time, self.timers)
+        self.scheduler = Scheduler(self._fire_now, time.time, self.timers)
         self.pipeline = Pipeline(
             settings=cfg.settings, state_dir=self.state_dir, socket_path=cfg.socket_path,
             store=self.store, timers=self.timers, scheduler=self.scheduler,
@@ -250,6 +251,7 @@ class Daemon:
         for key, mask in self.selector.select(timeout):
             self._guarded(key.data, mask)
         self.timers.run_due(self._guarded)
+        self._start_due_fires()
         now = time.monotonic()
         tick_s = self.config.settings.tick_s
         # A tick due soon runs now, on a wakeup that happened anyway (a memory reading, a
@@ -294,8 +296,22 @@ class Daemon:
             except Exception:  # noqa: BLE001 - a failing duty must not stop supervision
                 log.exception("tick_hook_failed", hook=getattr(hook, "__qualname__", str(hook)))
 
+    def _fire_now(self, fire: Fire) -> None:
+        """The scheduler's timers run on the loop, so a due job starts in the same turn:
+        a trip through the event queue and the wake pipe cost a loop turn of lateness
+        for every slot. Started once every due timer has run (_start_due_fires): each
+        job's slots are reckoned at the turn's start, not after the spawns before it (a
+        thousand jobs due at once would see their next slot pass and coalesce)."""
+        self._due_fires.append(fire)
+
+    def _start_due_fires(self) -> None:
+        fires, self._due_fires = self._due_fires, []
+        for fire in fires:
+            if self.state in (DaemonState.RUNNING, DaemonState.RELOADING):
+                self._guarded(self.pipeline.fire, fire)
+
     def post(self, fire: Fire) -> None:
-        """Thread-safe: the scheduler calls it from the loop, anything else may too."""
+        """Thread-safe: a firing from outside the loop, handled on its next turn."""
         self.events.put(fire)
         try:
             os.write(self._wake_w, b"x")

@@ -3,7 +3,7 @@
 Registered only when the daemon starts with WATCHKEEPER_DEBUG_COMMANDS=1 (features.py),
 and then only for admins. `debug-block` holds the loop, as a wedged callback would, so a
 test can watch the systemd watchdog pings stop and resume; `debug-stop-scheduler` shuts
-the scheduler thread down, as if it had died.
+the scheduler down (its timers disarmed) while the daemon runs on, as a failure would.
 """
 
 from __future__ import annotations

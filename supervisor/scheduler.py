@@ -2,8 +2,8 @@
 
 APScheduler's triggers decide *when* (cron fields, time zones, DST); the loop's timer heap
 (timers.py) does the waiting, so there is no scheduler thread. When a job's timer runs,
-the job is posted as a Fire event; the loop alone decides whether and how a run starts
-(overlap, pause, breaker, crash loop).
+the job is handed on as a Fire (the daemon starts its run later in the same loop turn);
+the pipeline alone decides whether and how a run starts (overlap, pause, breaker, crash loop).
 
 The heap runs on the monotonic clock, schedules on the wall clock. A timer that comes
 due while the wall clock says "not yet" (the clock stepped back) is armed again for the
@@ -254,6 +254,9 @@ class Scheduler:
             self._arm(planned)  # the wall clock is behind: it stepped back
             return
         last = self._advance(planned, now_s)
+        # Armed before the firing is handed on: whoever takes it may start the run at
+        # once, and a start that raises must not end the job's schedule.
+        self._arm(planned)
         late_s = now_s - last.timestamp()
         if late_s <= max(1.0, planned.job.misfire_grace_s):
             self._post(Fire(planned.agent, planned.job.id, planned.job.schedule.kind(), now_s))
@@ -261,7 +264,6 @@ class Scheduler:
             log.warning("firing_missed", agent=planned.agent, job=planned.job.id,
                         slot=last.isoformat(), late_s=round(late_s, 1),
                         misfire_grace_s=planned.job.misfire_grace_s)
-        self._arm(planned)
 
     def _advance(self, planned: _Planned, now_s: float) -> dt.datetime:
         """Move next_fire past now; return the last slot at or before now (missed slots

@@ -1,10 +1,10 @@
 """The daemon as a systemd service: READY, STATUS, WATCHDOG, RELOADING and STOPPING.
 
 READY=1 follows the daemon's transition to `running`, which comes after the configuration
-is loaded, the state directory is locked and open, the scheduler thread runs and the
+is loaded, the state directory is locked and open, the scheduler is started and the
 agents are scheduled. WATCHDOG=1 is sent from the loop itself and only while the daemon's
-own liveness checks pass, so a wedged loop or a dead scheduler thread stops the pings and
-systemd restarts the daemon. Everything here is a no-op when NOTIFY_SOCKET is unset.
+own liveness checks pass, so a wedged loop or a scheduler that was shut down stops the pings
+and systemd restarts the daemon. Everything here is a no-op when NOTIFY_SOCKET is unset.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .states import AgentState, DaemonState
 
 log = structlog.get_logger("watchkeeper.systemd")
 
-# The states in which the scheduler thread must be alive; while stopping it is shut down.
+# The states in which the scheduler must be live; while stopping it is shut down.
 SCHEDULING_STATES = frozenset({DaemonState.RUNNING, DaemonState.RELOADING})
 
 
@@ -88,9 +88,10 @@ class SystemdService:
 
     def liveness_problem(self) -> str | None:
         """Why the daemon is not healthy, or None. The loop is alive by construction (this
-        runs in it); the scheduler runs in a thread of its own that could die unnoticed."""
+        runs in it); the scheduler's timers live on that loop, but a scheduler shut down
+        while the daemon still runs would never fire a timed job again."""
         if self.daemon.state in SCHEDULING_STATES and not self.daemon.scheduler.alive():
-            return "the scheduler thread is not running"
+            return "the scheduler is shut down: no timed job will fire"
         return None
 
     def status_line(self) -> str:

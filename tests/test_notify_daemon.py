@@ -149,14 +149,14 @@ def test_watchdog_pings_stop_while_loop_is_blocked(tmp_path, systemd):
 
 
 def test_watchdog_withheld_when_scheduler_dies(tmp_path, systemd):
-    """With the scheduler thread gone, the daemon logs why and sends no more WATCHDOG=1."""
+    """With the scheduler shut down, the daemon logs why and sends no more WATCHDOG=1."""
     d = DaemonProc(tmp_path, {"a": every(60, "pass")})
     with d.start(extra_env=DEBUG_ENV, notify_socket=systemd.path):
         wait_until(lambda: len(systemd.arrivals("WATCHDOG=1")) >= 2, timeout_s=5,
                    message="pings before the scheduler stops")
         assert d.call("debug-stop-scheduler") == {"scheduler_alive": False}
         first = d.wait_event("watchdog_withheld")
-        assert first["problem"] == "the scheduler thread is not running"
+        assert first["problem"] == "the scheduler is shut down: no timed job will fire"
         pings_then = len(systemd.arrivals("WATCHDOG=1"))
         d.wait_event("watchdog_withheld", count=4)
         assert len(systemd.arrivals("WATCHDOG=1")) == pings_then

@@ -7,8 +7,9 @@ import random
 import zoneinfo
 
 from supervisor.agents import backoff_delay_s, cooldown_s
-from supervisor.config import CrashLoopSettings, Job, Retries, Schedule
-from supervisor.scheduler import cron_fields, make_trigger, missed_firing
+from supervisor.config import AgentSpec, CrashLoopSettings, Job, Retries, Schedule
+from supervisor.scheduler import Scheduler, cron_fields, make_trigger, missed_firing
+from supervisor.timers import Timers
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 
@@ -100,3 +101,31 @@ def test_crash_loop_cooldown_doubles_and_never_exceeds_the_cap():
     """The n-th consecutive cool-down doubles from cooldown_s up to cooldown_max_s."""
     settings = CrashLoopSettings(cooldown_s=30, cooldown_max_s=3600)
     assert [cooldown_s(settings, n) for n in (1, 2, 3, 8, 20)] == [30, 60, 120, 3600, 3600]
+
+
+def test_a_firing_whose_start_fails_keeps_the_job_scheduled():
+    """When handing a firing on raises, the job's next slot is armed anyway and fires."""
+    wall, mono, fired = [1_000_000.0], [0.0], []
+
+    def start(fire):
+        fired.append(fire.at)
+        if len(fired) == 1:
+            raise OSError("spawn failed")
+
+    timers = Timers(clock=lambda: mono[0])
+    scheduler = Scheduler(start, lambda: wall[0], timers)
+    scheduler.set_agent(AgentSpec(agent="a", jobs=[job(cron="*/10 * * * * *")]))
+    scheduler.start()
+    for _ in range(2):
+        wall[0] += 10
+        mono[0] += 10
+        timers.run_due(_swallow)
+    assert fired == [1_000_010.0, 1_000_020.0]
+
+
+def _swallow(fn) -> None:
+    """What the daemon's loop does with a failing timer callback: log it and go on."""
+    try:
+        fn()
+    except OSError:
+        pass

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 # _socket, not socket: the socket module builds its enums at import (~2 ms per agent call).
 import _socket
-import json
 import os
 import select
 
+from .. import wire
 from ..errors import ControlError, DaemonNotRunning
 
 # Not imported from .protocol, which loads msgspec: every agent imports this module.
@@ -17,7 +17,9 @@ MAX_REPLY_BYTES = 1 << 30
 
 
 class ControlClient:
-    def __init__(self, socket_path: str | os.PathLike, timeout_s: float = 30.0) -> None:
+    # os.PathLike, not pathlib.Path: pathlib's import (urllib.parse, fnmatch, re) cost every
+    # agent CLI call a few ms, and typing's would cost as much.
+    def __init__(self, socket_path: str | os.PathLike[str], timeout_s: float = 30.0) -> None:
         self.socket_path = str(socket_path)
         self.timeout_s = timeout_s
         self._sock: _socket.socket | None = None
@@ -74,9 +76,8 @@ class ControlClient:
             request["run_id"], request["token"] = self.run_id, self.token
         try:
             # Compact UTF-8: the same request in fewer bytes of the 1 MiB frame.
-            sock.sendall(json.dumps(request, separators=(",", ":"),
-                                    ensure_ascii=False).encode() + b"\n")
-            return json.loads(self._read_line())
+            sock.sendall(wire.dumps(request, compact=True).encode() + b"\n")
+            return wire.loads(self._read_line())
         except (BrokenPipeError, ConnectionResetError) as exc:
             self.close()
             raise DaemonNotRunning(f"the daemon closed the connection: {exc}") from None
