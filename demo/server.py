@@ -138,9 +138,12 @@ def make_handler(site: Site) -> type[BaseHTTPRequestHandler]:
             if status != 204:
                 self.send_header("Content-Type", f"{content_type}; charset=utf-8")
                 self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            if status != 204:
-                self.wfile.write(data)
+            try:
+                self.end_headers()
+                if status != 204:
+                    self.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the browser hung up (e.g. after its favicon 404): nothing to answer
 
         def log_message(self, format: str, *args) -> None:
             pass  # posts are printed above; page fetches would drown the log
