@@ -18,13 +18,15 @@ from typing import Any
 import msgspec
 import structlog
 
-from .embeddings import DIMENSIONS, MODEL_ID, Embedder, entry_text
+from .embeddings import DIMENSIONS, MAX_TEXT_CHARS, MODEL_ID, Embedder, entry_text
 from .memory_settings import StewardSettings
 from .memory_sqlite import connect
 
 log = structlog.get_logger("watchkeeper.semantic")
 
 EMBED_BATCH = 256  # entries embedded per loop turn: ~10 ms, so the loop stays responsive
+# ...and at most this much text a turn (~0.1 s): 256 long entries would hold the loop seconds.
+EMBED_BATCH_CHARS = 1 << 18
 
 DDL = """
 create table if not exists entry_vectors (
@@ -175,18 +177,30 @@ class SemanticIndexer:
         """Entries were written: the next `embed_pending` looks for ones without a vector."""
         self.dirty = True
 
-    def embed_pending(self, batch: int = EMBED_BATCH) -> int:
-        """Embed up to `batch` entries lacking a vector; stays dirty while more may remain."""
+    def embed_pending(self, batch: int = EMBED_BATCH,
+                      batch_chars: int = EMBED_BATCH_CHARS) -> int:
+        """Embed up to `batch` entries lacking a vector, and no more than about `batch_chars`
+        of their text; stays dirty while more may remain."""
         if not self.dirty:
             return 0
-        rows = self._conn.execute(PENDING, (MODEL_ID, batch)).fetchall()
-        self.dirty = len(rows) == batch
+        rows, texts, chars = [], [], 0
+        cursor = self._conn.execute(PENDING, (MODEL_ID, batch))
+        try:
+            for *row, value in cursor:
+                if chars >= batch_chars:
+                    break
+                text = entry_text(msgspec.json.decode(value))[:MAX_TEXT_CHARS]
+                rows.append(row)
+                texts.append(text)
+                chars += len(text)
+        finally:
+            cursor.close()  # a read left open would outlive the write below
+        self.dirty = len(rows) == batch or chars >= batch_chars
         if not rows:
             return 0
         embedder = self.index.embedder
         before = embedder.counts.copy()
-        vectors = embedder.embed([entry_text(msgspec.json.decode(value)) for *_, value in rows],
-                                 learn=True)
+        vectors = embedder.embed(texts, learn=True)
         grown = (embedder.counts - before).nonzero()[0]
         added = [(int(t), int(embedder.counts[t] - before[t])) for t in grown]
         # Only vectors whose entry is still at that version: the loop is the one writer, so

@@ -11,7 +11,7 @@ from harness import DaemonProc, py, wk
 from support import require, wait_until
 
 from supervisor.context import ContextRetriever, Fts5Backend, query_terms
-from supervisor.embeddings import load_embedder
+from supervisor.embeddings import MAX_TEXT_CHARS, load_embedder
 from supervisor.memory_settings import StewardSettings
 from supervisor.memory_store import MemoryStore, Op, Update
 from supervisor.semantic_index import SemanticIndex, SemanticIndexer
@@ -154,7 +154,7 @@ def test_embeddings_are_recomputed_at_start_after_sigkill(tmp_path: Path) -> Non
     # turn, so the kill lands with most of the 1,005 entries committed and not embedded.
     slow = DaemonProc(tmp_path / "d", {}, tick_s=2).start(extra_env=env)
     with slow:
-        assert slow.call("memory-import", data=doc)["imported"] == 1005
+        assert slow.call("memory-import", data=doc) == {"imported": 1005, "history": 0}
         slow.kill()
         slow.proc.wait(timeout=10)
         assert vectors(slow) < 1005
@@ -259,3 +259,20 @@ def test_model_loads_only_once_memory_has_an_entry(tmp_path: Path) -> None:
         run_writer(d)
         wait_until(lambda: explain(d)["retrieval"] == "hybrid", timeout_s=20)
     assert before["retrieval"] == "lexical" and before["semantic"].startswith("off: waiting")
+
+
+def test_long_entries_are_embedded_a_bounded_amount_of_text_per_turn(tmp_path: Path) -> None:
+    """A loop turn embeds long entries only up to its text budget, each cut to MAX_TEXT_CHARS,
+    so a start with megabytes of unembedded memory never holds the loop for seconds."""
+    needs_model()
+    with MemoryStore(tmp_path) as store:
+        put_all(store, "big", {f"k{i}": "word " * 20_000 for i in range(4)})  # 100 KB each
+        embedder, _ = load_embedder()
+        indexer = SemanticIndexer.open(store.path, StewardSettings(), SemanticIndex(embedder))
+        try:
+            assert indexer.start() == 4
+            budget = 2 * MAX_TEXT_CHARS
+            assert [indexer.embed_pending(batch_chars=budget) for _ in range(3)] == [2, 2, 0]
+            assert len(indexer.index) == 4
+        finally:
+            indexer.close()
