@@ -24,6 +24,7 @@ from collections.abc import Callable
 import structlog
 
 from . import __version__
+from .catch_up import absorb_slot_due_after_catch_up, catch_up_due
 from .cgroups import RunCgroups
 from .configload import Config, load_config
 from .control.admission import run_peer_check
@@ -53,7 +54,7 @@ from .safefile import (
     is_real_dir,
     open_regular,
 )
-from .scheduler import Fire, Scheduler, missed_firing
+from .scheduler import Fire, Scheduler
 from .state_modes import DAEMON_UMASK, open_to_agents, secure_state_dir, socket_group_problem
 from .states import DAEMON_TRANSITIONS, DaemonState, Outcome, StopReason, check_transition
 from .store import Store
@@ -239,11 +240,16 @@ class Daemon:
         now = time.time()
         for name, spec in self.config.agents.items():
             for job in spec.jobs:
-                if job.enabled and job.catch_up and missed_firing(
-                        job, self.store.last_fire(name, job.id), now):
+                planned = self.scheduler.next_fire(name, job.id)
+                if catch_up_due(job, self.store.last_fire(name, job.id),
+                                planned.timestamp() if planned else None, now):
                     log.info("catch_up_firing", agent=name, job=job.id)
-                    self.pipeline.fire(Fire(name, job.id, "catch_up", now))
+                    # Recorded first, as cron firings are: a kill right after the run
+                    # starts must not catch the same window up again after the restart.
                     self.store.record_fire(name, job.id, now)
+                    self.pipeline.fire(Fire(name, job.id, "catch_up", now))
+                    if absorb_slot_due_after_catch_up(self.scheduler, spec, job, time.time()):
+                        log.info("catch_up_absorbed_due_slot", agent=name, job=job.id)
 
     # -- the loop ------------------------------------------------------------------------------
     def _turn(self) -> None:

@@ -157,7 +157,9 @@ for article in reversed(articles):
 
 def cascade_agents(discord_url: str) -> dict:
     return {
-        "scheduler": {"jobs": [job(SCHEDULER, {"every_s": 1})]},
+        # Starting another agent from a run needs the grant (docs/agents.md); the scheduler
+        # has it, as a real one would, so its loop reaches the pipeline.
+        "scheduler": {"jobs": [job(SCHEDULER, {"every_s": 1})], "permissions": ["start-now"]},
         "content": {"jobs": [job(CONTENT, {"every_s": 3600})]},
         "community": {"jobs": [job(COMMUNITY, {"after": ["content"]}, overlap="queue",
                                    env={"DISCORD_URL": discord_url})]},

@@ -7,8 +7,9 @@ import random
 import zoneinfo
 
 from supervisor.agents import backoff_delay_s, cooldown_s
+from supervisor.catch_up import absorb_slot_due_after_catch_up, catch_up_due
 from supervisor.config import AgentSpec, CrashLoopSettings, Job, Retries, Schedule
-from supervisor.scheduler import Scheduler, cron_fields, make_trigger, missed_firing
+from supervisor.scheduler import Fire, Scheduler, cron_fields, make_trigger, missed_firing
 from supervisor.timers import Timers
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
@@ -86,6 +87,47 @@ def test_missed_firing_detects_any_number_of_slots_once():
     assert missed_firing(daily, None, now) is False  # never fired: a fresh install
     assert missed_firing(job(every_s=60), now - 61, now) is True
     assert missed_firing(job(every_s=60), now - 30, now) is False
+
+
+def test_catch_up_stands_aside_for_a_slot_that_came_due_during_start_up():
+    """A slot that comes due between the scheduler planning it and the catch-up decision
+    runs once, as the cron firing, not also as a catch-up."""
+    tick = Job(id="tick", command=["true"], catch_up=True, schedule=Schedule(cron="*/2 * * * * *"))
+    slot_s = dt.datetime(2026, 11, 25, 12, 0, 10, tzinfo=dt.UTC).timestamp()
+    last_fire_s = slot_s - 20  # killed ten windows ago
+    clock = {"now_s": slot_s - 0.3}
+    fires: list[Fire] = []
+    timers = Timers(clock=lambda: clock["now_s"])
+    sched = Scheduler(fires.append, lambda: clock["now_s"], timers)
+    sched.start()
+    sched.set_agent(AgentSpec(agent="ticker", jobs=[tick]))  # plans the slot 0.3 s ahead
+    planned_s = sched.next_fire("ticker", "tick").timestamp()
+    assert planned_s == slot_s
+    assert catch_up_due(tick, last_fire_s, planned_s, clock["now_s"])  # not due yet: catch up
+    clock["now_s"] = slot_s + 0.05  # a slow start-up: the slot came due before catch-up
+    assert not catch_up_due(tick, last_fire_s, planned_s, clock["now_s"])
+    timers.run_due()
+    assert [(f.trigger, f.at) for f in fires] == [("cron", slot_s + 0.05)]
+
+
+def test_catch_up_run_that_starts_as_a_slot_comes_due_stands_for_that_slot():
+    """A catch-up decided just before a slot, whose run starts once the slot has come due,
+    stands for that slot: the cron timer does not run the window a second time."""
+    tick = Job(id="tick", command=["true"], catch_up=True, schedule=Schedule(cron="*/2 * * * * *"))
+    spec = AgentSpec(agent="ticker", jobs=[tick])
+    slot_s = dt.datetime(2026, 11, 25, 12, 0, 10, tzinfo=dt.UTC).timestamp()
+    clock = {"now_s": slot_s - 0.3}
+    fires: list[Fire] = []
+    timers = Timers(clock=lambda: clock["now_s"])
+    sched = Scheduler(fires.append, lambda: clock["now_s"], timers)
+    sched.start()
+    sched.set_agent(spec)
+    assert not absorb_slot_due_after_catch_up(sched, spec, tick, clock["now_s"])  # still ahead
+    clock["now_s"] = slot_s + 0.02  # the catch-up run's spawn took the clock past the slot
+    assert absorb_slot_due_after_catch_up(sched, spec, tick, clock["now_s"])
+    timers.run_due()
+    assert fires == []
+    assert sched.next_fire("ticker", "tick").timestamp() == slot_s + 2
 
 
 def test_backoff_doubles_and_caps_with_bounded_jitter():
