@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import selectors
 import signal
 import socket
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 from harness import DaemonProc, py
 from support import wait_until
+
+from supervisor.alerts import CommandSettings, DeliveryFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ENV = {"PYTHONPATH": str(ROOT)}
@@ -321,3 +324,60 @@ def test_status_line_and_metrics_show_the_undelivered_alert(tmp_path):
     finally:
         d.stop()
         notify.close()
+
+
+class RefusingSink:
+    """A first sink that fails every attempt, as a webhook refusing connections does."""
+
+    name = key = "refusing"
+    settings = CommandSettings(argv=["refusing"], backoff_s=3600.0)  # retries never come due
+
+    def attempt(self, alert) -> None:
+        raise DeliveryFailed("connection refused")
+
+
+def test_escalation_counts_from_the_first_failed_attempt_even_across_a_restart(tmp_path):
+    """Escalation comes after.after_s past the first sink's first failed attempt (kept in the
+    outbox across a restart), not after.after_s past the alert's creation."""
+    from supervisor.alert_sender import AlertSender
+    from supervisor.alerts import Alert, AlertKind, AlertSettings, EscalationSettings
+    from supervisor.store import Store
+    from supervisor.timers import Timers
+
+    settings = AlertSettings(escalation=EscalationSettings(
+        after_s=60.0, commands=[CommandSettings(argv=["true"])]))
+    wall = [1_000.0]
+
+    def escalated_to(store: Store, alert_id: str) -> list[str]:
+        return [r[0] for r in store.db.execute(
+            "SELECT sink FROM alert_deliveries WHERE alert_id=? AND sink LIKE 'command:%'",
+            (alert_id,))]
+
+    def sender_on(store: Store) -> AlertSender:
+        return AlertSender(settings, store, Timers(), sinks=[RefusingSink()],
+                           wall_clock=lambda: wall[0])
+
+    store = Store(tmp_path / "state.db")
+    sender = sender_on(store)
+    try:
+        alert = Alert(kind=AlertKind.BREAKER_TRIP, title="t", text="", time=wall[0])
+        wall[0] += 100.0  # the first attempt fails long after the alert was created
+        assert sender.send(alert)
+        assert sender.flush(10)
+        [owed] = sender.outbox.pending()
+        assert escalated_to(store, owed.alert.alert_id) == []
+    finally:
+        sender.close(timeout_s=1)
+    wall[0] += 59.0  # a restart 59 s into the failure: the next failure is not yet 60 s in
+    again = sender_on(store)
+    again.attach(selectors.DefaultSelector())
+    try:
+        assert again.flush(10)
+        assert escalated_to(store, owed.alert.alert_id) == []
+        wall[0] += 1.0
+        again._dispatch(owed.alert, "refusing")  # the retry its timer would make
+        assert again.flush(10)
+        assert len(escalated_to(store, owed.alert.alert_id)) == 1
+    finally:
+        again.close(timeout_s=1)
+        store.close()
