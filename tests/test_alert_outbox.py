@@ -278,7 +278,7 @@ def test_prune_forgets_settled_old_alerts_and_keeps_owed_ones(tmp_path):
 
 def test_status_line_and_metrics_show_the_undelivered_alert(tmp_path):
     """While the webhook refuses, the sd_notify STATUS line and the metrics show the owed
-    alert; once delivered, both show none."""
+    alert (the metrics with its last error as a label); once delivered, both show none."""
     port = free_port()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
@@ -295,14 +295,14 @@ def test_status_line_and_metrics_show_the_undelivered_alert(tmp_path):
 
     metrics_port = free_port()
 
-    def metric(name: str) -> float | None:
+    def metric_lines(prefix: str) -> list[str]:
         import urllib.request
 
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
-        for line in text.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return None
+        return [line for line in text.read().decode().splitlines() if line.startswith(prefix)]
+
+    def metric(name: str) -> float | None:
+        return next((float(line.split()[1]) for line in metric_lines(name + " ")), None)
 
     d = tripping_daemon(tmp_path, hook_url(port))
     d.settings["metrics"] = {"port": metrics_port}
@@ -314,10 +314,14 @@ def test_status_line_and_metrics_show_the_undelivered_alert(tmp_path):
                    message=f"no STATUS with the owed alert: {statuses[-3:]}")
         wait_until(lambda: metric("watchkeeper_alerts_undelivered") == 1.0, 15)
         assert metric("watchkeeper_alerts_oldest_undelivered_age_seconds") > 0
+        [error_line] = wait_until(lambda: metric_lines("watchkeeper_alert_last_error_info{"),
+                                  15, message="no last error in the metrics")
+        assert "refused" in error_line.lower() and error_line.endswith(" 1.0")
         receiver = Receiver(port)
         try:
             d.wait_event("alert_delivered", timeout_s=15)
             wait_until(lambda: metric("watchkeeper_alerts_undelivered") == 0.0, 15)
+            assert metric_lines("watchkeeper_alert_last_error_info{") == []
             wait_until(lambda: "undelivered" not in status_lines()[-1], 15)
         finally:
             receiver.close()
