@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -205,6 +206,59 @@ def test_receiver_that_never_answers_is_retried_and_a_replacement_gets_it(tmp_pa
     finally:
         receiver.close()
 
+
+@pytest.mark.slow
+def test_webhook_refusing_for_60_s_then_answering_gets_one_logical_alert(tmp_path):
+    """A webhook refusing connections for 60 s after the trip gets exactly one logical alert
+    once it answers, the pipeline stays halted and nothing is left owed."""
+    port = free_port()
+    with tripping_daemon(tmp_path, hook_url(port)).start(extra_env=AGENT_ENV) as d:
+        trip(d)
+        tripped_at = time.monotonic()
+
+        def refused_for_60_s_and_daemon_answers() -> bool:
+            assert d.call("status")["daemon"]["halted"] is True  # the loop answers meanwhile
+            return time.monotonic() - tripped_at >= 60.0
+
+        wait_until(refused_for_60_s_and_daemon_answers, 120, interval_s=1.0)
+        failures = d.find("alert_delivery_failed", kind="breaker_trip")
+        assert len(failures) >= 10 and all("refused" in f["error"].lower() for f in failures)
+        assert max(f["retry_in_s"] for f in failures) <= 1.0  # the configured backoff cap
+        assert d.call("breaker-status")["alerts"]["undelivered"] == 1
+        receiver = Receiver(port)
+        try:
+            assert_one_logical_alert_delivered(d, receiver)
+            assert d.call("status")["daemon"]["halted"] is True
+        finally:
+            receiver.close()
+
+
+def test_receiver_that_hangs_then_answers_gets_the_alert_without_restart(tmp_path):
+    """A webhook that accepts and never answers makes each attempt time out and be retried,
+    the daemon keeps answering, and the alert is delivered once the webhook answers."""
+    answering, release = threading.Event(), threading.Event()
+
+    def hang_until_answering(answer: Callable[[], None]) -> None:
+        if answering.is_set():
+            answer()
+        else:
+            release.wait(30)  # never answers this attempt: the sender's timeout ends it
+
+    receiver = Receiver(on_post=hang_until_answering)
+    try:
+        with tripping_daemon(tmp_path, hook_url(receiver.port), timeout_s=0.3).start(
+                extra_env=AGENT_ENV) as d:
+            trip(d)
+            failed = d.wait_event("alert_delivery_failed", attempt=2, timeout_s=15)
+            assert "timed out" in failed["error"]
+            assert d.call("status")["daemon"]["halted"] is True
+            assert d.call("breaker-status")["alerts"]["undelivered"] == 1
+            answering.set()
+            assert_one_logical_alert_delivered(d, receiver)
+            assert d.wait_event("alert_delivered", kind="breaker_trip")["attempts"] >= 3
+    finally:
+        release.set()
+        receiver.close()
 
 SINK = """
 import pathlib, sys
