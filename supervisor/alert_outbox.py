@@ -116,6 +116,17 @@ class Outbox:
                          "WHERE alert_id=? AND sink=?", (now or time.time(), error, alert_id,
                                                          sink))
 
+    def has(self, alert_id: str) -> bool:
+        """Whether the alert was ever put in the outbox (and not yet pruned)."""
+        return self._db.execute("SELECT 1 FROM alert_outbox WHERE alert_id=?",
+                                (alert_id,)).fetchone() is not None
+
+    def first_failed(self, alert_id: str, sink: str) -> float | None:
+        """When `sink` first failed on the alert (wall clock), None if it never has."""
+        row = self._db.execute("SELECT first_failed FROM alert_deliveries "
+                               "WHERE alert_id=? AND sink=?", (alert_id, sink)).fetchone()
+        return row[0] if row else None
+
     def pending(self) -> list[Delivery]:
         """Every delivery not yet made nor given up, oldest alert first."""
         rows = self._db.execute(

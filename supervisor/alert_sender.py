@@ -188,7 +188,7 @@ class AlertSender:
                      duration_s=round(result.duration_s, 3))
             return
         self._attempts[key] = attempts
-        self.outbox.failed(alert.alert_id, result.sink, result.error)
+        self.outbox.failed(alert.alert_id, result.sink, result.error, now=self._wall())
         age_s = self._wall() - alert.time
         if age_s >= self.settings.max_age_s:
             self._attempts.pop(key, None)
@@ -209,15 +209,30 @@ class AlertSender:
     def _maybe_escalate(self, alert: Alert, failed_sink: str) -> None:
         escalation = self.settings.escalation
         if (escalation is None or alert.alert_id in self._escalated
-                or failed_sink not in self.first_sinks
-                or self._wall() - alert.time < escalation.after_s):
+                or failed_sink not in self.first_sinks):
+            return
+        # Counted from the sink's first failed attempt, which the outbox keeps across
+        # restarts; an alert that waited in a queue or a hung attempt has not failed yet.
+        first_failed = self._first_failed(alert, failed_sink)
+        failing_for_s = self._wall() - first_failed
+        if failing_for_s < escalation.after_s:
             return
         self._escalated.add(alert.alert_id)
         log.error("alert_escalated", alert_id=alert.alert_id, kind=alert.kind.value,
-                  after_s=escalation.after_s)
+                  after_s=escalation.after_s, failing_for_s=round(failing_for_s, 3),
+                  attempts=self._attempts.get((alert.alert_id, failed_sink), 0))
         for sink in self.escalation_sinks:
             self.outbox.add_sink(alert.alert_id, sink.key)
             self._dispatch(alert, sink.key)
+
+    def _first_failed(self, alert: Alert, sink: str) -> float:
+        try:
+            first_failed = self.outbox.first_failed(alert.alert_id, sink)
+        except Exception as exc:  # noqa: BLE001 - a broken disk must not stop escalation
+            log.error("alert_outbox_read_failed", error=str(exc))
+            first_failed = None
+        # No row (the mark could not be written): the alert's age, so escalation still comes.
+        return alert.time if first_failed is None else first_failed
 
     def prune(self) -> None:
         """Forget settled alerts a week past `max_age_s` (the outbox must not grow forever)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import os
 import signal
 import subprocess
@@ -59,6 +60,13 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     alert_id: str = ""  # stable across every delivery attempt: receivers drop duplicates by it
 
 
+def trip_alert_id(trip: Trip) -> str:
+    """The trip alert's id, derived from the trip: an alert re-derived from the trip later
+    (pg/lost_trip_alert.py) carries the id of the one it replaces."""
+    key = msgspec.json.encode([trip.agent, trip.rule.value, trip.time, trip.count])
+    return hashlib.sha256(key).hexdigest()[:32]
+
+
 def trip_alert(trip: Trip) -> Alert:
     """The one alert for one breaker trip."""
     fields: dict[str, Any] = {"rule": trip.rule.value, "limit": trip.limit,
@@ -70,6 +78,7 @@ def trip_alert(trip: Trip) -> Alert:
     fields["last_outputs"] = list(trip.summaries)
     return Alert(
         kind=AlertKind.BREAKER_TRIP, agent=trip.agent, fields=fields, time=trip.time,
+        alert_id=trip_alert_id(trip),
         title=f"Circuit breaker tripped by {trip.agent}: pipeline halted",
         text=(f"{trip.agent} went past the {trip.rule.value} limit ({trip.count:g} seen, limit "
               f"{trip.limit}). Every run is stopped and none will start until the breaker is "

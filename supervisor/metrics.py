@@ -18,6 +18,7 @@ log = structlog.get_logger("watchkeeper.metrics")
 
 REFRESH_INTERVAL_S = 5.0
 BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+ALERT_ERROR_CHARS = 200  # a label value is stored per series and scraped every time: bounded
 
 
 class Metrics:
@@ -60,6 +61,11 @@ class Metrics:
                                  "acknowledged yet", registry=reg)
         self.alerts_age = Gauge("watchkeeper_alerts_oldest_undelivered_age_seconds", "Age of the "
                                 "oldest undelivered alert (0 when none)", registry=reg)
+        # Prometheus has no string values: the error is an info-style label on a constant 1.
+        self.alerts_error = Gauge("watchkeeper_alert_last_error_info", "The latest error of an "
+                                  "undelivered alert's sink, in the label (no series when none)",
+                                  ["error"], registry=reg)
+        self._alert_error = ""
         self.running = Gauge("watchkeeper_agents_running", "Agents with a live run", registry=reg)
         self.server, _thread = start_http_server(settings.port, addr=settings.address,
                                                  registry=reg)
@@ -107,9 +113,21 @@ class Metrics:
             owed = gate.alerter.undelivered()
             self.alerts_owed.set(owed.count)
             self.alerts_age.set(owed.oldest_age_s)
+            self._show_alert_error(owed.last_error)
         steward = getattr(self.daemon, "steward", None)
         if steward is not None:
             self.queue.set(steward.queue_depth())
+
+    def _show_alert_error(self, error: str) -> None:
+        # One series at most: the old label goes when the error changes or is cleared.
+        error = " ".join(error.split())[:ALERT_ERROR_CHARS]
+        if error == self._alert_error:
+            return
+        if self._alert_error:
+            self.alerts_error.remove(self._alert_error)
+        if error:
+            self.alerts_error.labels(error).set(1)
+        self._alert_error = error
 
 
 def _rss(pid: int) -> int:

@@ -7,16 +7,20 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import selectors
 import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from harness import DaemonProc, py
 from support import wait_until
+
+from supervisor.alerts import CommandSettings, DeliveryFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ENV = {"PYTHONPATH": str(ROOT)}
@@ -203,6 +207,59 @@ def test_receiver_that_never_answers_is_retried_and_a_replacement_gets_it(tmp_pa
         receiver.close()
 
 
+@pytest.mark.slow
+def test_webhook_refusing_for_60_s_then_answering_gets_one_logical_alert(tmp_path):
+    """A webhook refusing connections for 60 s after the trip gets exactly one logical alert
+    once it answers, the pipeline stays halted and nothing is left owed."""
+    port = free_port()
+    with tripping_daemon(tmp_path, hook_url(port)).start(extra_env=AGENT_ENV) as d:
+        trip(d)
+        tripped_at = time.monotonic()
+
+        def refused_for_60_s_and_daemon_answers() -> bool:
+            assert d.call("status")["daemon"]["halted"] is True  # the loop answers meanwhile
+            return time.monotonic() - tripped_at >= 60.0
+
+        wait_until(refused_for_60_s_and_daemon_answers, 120, interval_s=1.0)
+        failures = d.find("alert_delivery_failed", kind="breaker_trip")
+        assert len(failures) >= 10 and all("refused" in f["error"].lower() for f in failures)
+        assert max(f["retry_in_s"] for f in failures) <= 1.0  # the configured backoff cap
+        assert d.call("breaker-status")["alerts"]["undelivered"] == 1
+        receiver = Receiver(port)
+        try:
+            assert_one_logical_alert_delivered(d, receiver)
+            assert d.call("status")["daemon"]["halted"] is True
+        finally:
+            receiver.close()
+
+
+def test_receiver_that_hangs_then_answers_gets_the_alert_without_restart(tmp_path):
+    """A webhook that accepts and never answers makes each attempt time out and be retried,
+    the daemon keeps answering, and the alert is delivered once the webhook answers."""
+    answering, release = threading.Event(), threading.Event()
+
+    def hang_until_answering(answer: Callable[[], None]) -> None:
+        if answering.is_set():
+            answer()
+        else:
+            release.wait(30)  # never answers this attempt: the sender's timeout ends it
+
+    receiver = Receiver(on_post=hang_until_answering)
+    try:
+        with tripping_daemon(tmp_path, hook_url(receiver.port), timeout_s=0.3).start(
+                extra_env=AGENT_ENV) as d:
+            trip(d)
+            failed = d.wait_event("alert_delivery_failed", attempt=2, timeout_s=15)
+            assert "timed out" in failed["error"]
+            assert d.call("status")["daemon"]["halted"] is True
+            assert d.call("breaker-status")["alerts"]["undelivered"] == 1
+            answering.set()
+            assert_one_logical_alert_delivered(d, receiver)
+            assert d.wait_event("alert_delivered", kind="breaker_trip")["attempts"] >= 3
+    finally:
+        release.set()
+        receiver.close()
+
 SINK = """
 import pathlib, sys
 record = pathlib.Path(sys.argv[1])
@@ -275,7 +332,7 @@ def test_prune_forgets_settled_old_alerts_and_keeps_owed_ones(tmp_path):
 
 def test_status_line_and_metrics_show_the_undelivered_alert(tmp_path):
     """While the webhook refuses, the sd_notify STATUS line and the metrics show the owed
-    alert; once delivered, both show none."""
+    alert (the metrics with its last error as a label); once delivered, both show none."""
     port = free_port()
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
@@ -292,14 +349,14 @@ def test_status_line_and_metrics_show_the_undelivered_alert(tmp_path):
 
     metrics_port = free_port()
 
-    def metric(name: str) -> float | None:
+    def metric_lines(prefix: str) -> list[str]:
         import urllib.request
 
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
-        for line in text.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        return None
+        return [line for line in text.read().decode().splitlines() if line.startswith(prefix)]
+
+    def metric(name: str) -> float | None:
+        return next((float(line.split()[1]) for line in metric_lines(name + " ")), None)
 
     d = tripping_daemon(tmp_path, hook_url(port))
     d.settings["metrics"] = {"port": metrics_port}
@@ -311,13 +368,74 @@ def test_status_line_and_metrics_show_the_undelivered_alert(tmp_path):
                    message=f"no STATUS with the owed alert: {statuses[-3:]}")
         wait_until(lambda: metric("watchkeeper_alerts_undelivered") == 1.0, 15)
         assert metric("watchkeeper_alerts_oldest_undelivered_age_seconds") > 0
+        [error_line] = wait_until(lambda: metric_lines("watchkeeper_alert_last_error_info{"),
+                                  15, message="no last error in the metrics")
+        assert "refused" in error_line.lower() and error_line.endswith(" 1.0")
         receiver = Receiver(port)
         try:
             d.wait_event("alert_delivered", timeout_s=15)
             wait_until(lambda: metric("watchkeeper_alerts_undelivered") == 0.0, 15)
+            assert metric_lines("watchkeeper_alert_last_error_info{") == []
             wait_until(lambda: "undelivered" not in status_lines()[-1], 15)
         finally:
             receiver.close()
     finally:
         d.stop()
         notify.close()
+
+
+class RefusingSink:
+    """A first sink that fails every attempt, as a webhook refusing connections does."""
+
+    name = key = "refusing"
+    settings = CommandSettings(argv=["refusing"], backoff_s=3600.0)  # retries never come due
+
+    def attempt(self, alert) -> None:
+        raise DeliveryFailed("connection refused")
+
+
+def test_escalation_counts_from_the_first_failed_attempt_even_across_a_restart(tmp_path):
+    """Escalation comes after.after_s past the first sink's first failed attempt (kept in the
+    outbox across a restart), not after.after_s past the alert's creation."""
+    from supervisor.alert_sender import AlertSender
+    from supervisor.alerts import Alert, AlertKind, AlertSettings, EscalationSettings
+    from supervisor.store import Store
+    from supervisor.timers import Timers
+
+    settings = AlertSettings(escalation=EscalationSettings(
+        after_s=60.0, commands=[CommandSettings(argv=["true"])]))
+    wall = [1_000.0]
+
+    def escalated_to(store: Store, alert_id: str) -> list[str]:
+        return [r[0] for r in store.db.execute(
+            "SELECT sink FROM alert_deliveries WHERE alert_id=? AND sink LIKE 'command:%'",
+            (alert_id,))]
+
+    def sender_on(store: Store) -> AlertSender:
+        return AlertSender(settings, store, Timers(), sinks=[RefusingSink()],
+                           wall_clock=lambda: wall[0])
+
+    store = Store(tmp_path / "state.db")
+    sender = sender_on(store)
+    try:
+        alert = Alert(kind=AlertKind.BREAKER_TRIP, title="t", text="", time=wall[0])
+        wall[0] += 100.0  # the first attempt fails long after the alert was created
+        assert sender.send(alert)
+        assert sender.flush(10)
+        [owed] = sender.outbox.pending()
+        assert escalated_to(store, owed.alert.alert_id) == []
+    finally:
+        sender.close(timeout_s=1)
+    wall[0] += 59.0  # a restart 59 s into the failure: the next failure is not yet 60 s in
+    again = sender_on(store)
+    again.attach(selectors.DefaultSelector())
+    try:
+        assert again.flush(10)
+        assert escalated_to(store, owed.alert.alert_id) == []
+        wall[0] += 1.0
+        again._dispatch(owed.alert, "refusing")  # the retry its timer would make
+        assert again.flush(10)
+        assert len(escalated_to(store, owed.alert.alert_id)) == 1
+    finally:
+        again.close(timeout_s=1)
+        store.close()

@@ -50,6 +50,7 @@ from .leases import (
     release_locks,
     renew,
 )
+from .lost_trip_alert import owe_lost_trip_alert
 from .memory import PgMemoryStore, PgSearchBackend
 from .migrations import migrate
 
@@ -160,6 +161,7 @@ class Cluster:
         if daemon.pipeline.halted:
             log.critical("pipeline_halted_at_start", shared=True,
                          hint="`watchkeeper breaker reset --reason ...` on any host resumes all")
+            owe_lost_trip_alert(self.db, self.host, gate.alerter)
 
     def _peer_breaker(self, state: BreakerState) -> None:
         pipeline = self.daemon.pipeline
