@@ -18,6 +18,10 @@ import structlog
 log = structlog.get_logger("watchkeeper.cgroups")
 
 V2_MOUNTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+# Tasks (processes and threads) a run may never take from the service's own pids.max
+# (TasksMax=512 in the shipped unit): a bomb in one run must leave the daemon room to
+# start threads, kill it and start other runs.
+RESERVED_TASKS = 64
 
 
 def _v2_mount() -> Path | None:
@@ -46,6 +50,14 @@ def _enable_pids_controller(base: Path) -> None:
         except OSError as exc:
             log.info("cgroups_pids_unavailable", cgroup=str(parent), error=str(exc))
             return
+
+
+def _read_pids_max(cgroup: Path) -> int | None:
+    """A cgroup's pids.max as a number; None for "max", no pids controller or unreadable."""
+    try:
+        return int((cgroup / "pids.max").read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 class RunCgroups:
@@ -94,10 +106,19 @@ class RunCgroups:
         path.mkdir(exist_ok=True)
         if max_pids is not None:
             try:
-                (path / "pids.max").write_text(str(max_pids))
+                (path / "pids.max").write_text(str(self.run_pids_limit(max_pids)))
             except OSError:
                 pass  # no pids controller here: the daemon's own process cap still holds
         return path
+
+    def run_pids_limit(self, max_pids: int) -> int:
+        """max_pids, but never more than the base's own pids.max less RESERVED_TASKS: past
+        the base's limit a run's pids.max would never bite, and the service would hit its
+        limit (every fork and thread of the daemon refused) before the run hit its own."""
+        base_limit = _read_pids_max(self.base)
+        if base_limit is None:
+            return max_pids
+        return max(1, min(max_pids, base_limit - RESERVED_TASKS))
 
     @staticmethod
     def add(path: Path, pid: int) -> bool:

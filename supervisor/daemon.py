@@ -82,6 +82,9 @@ class Daemon:
         self._started: list = []
         self.after_batch: list[Callable[[], None]] = []  # run after each loop turn
         self.on_tick: list[Callable[[float], None]] = []
+        # called once per SIGCHLD batch that reaped a process that is not a run's root: an
+        # orphan reparented to us (subreaper), e.g. the middle of a setsid + double fork.
+        self.on_orphans_reaped: list[Callable[[], None]] = []
         self.on_state: list[Callable[[], None]] = []
         self._lock_fd = -1
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -343,7 +346,13 @@ class Daemon:
             data = os.read(self._sig_r, 4096)
         except BlockingIOError:
             return
+        # A fork bomb sends thousands of SIGCHLDs: one reap per batch reaps them all.
+        child_reaped = False
         for signum in data:
+            if signum == signal.SIGCHLD:
+                if child_reaped:
+                    continue
+                child_reaped = True
             self.handle_signal(signum)
 
     def handle_signal(self, signum: int) -> None:
@@ -355,9 +364,14 @@ class Daemon:
             self.reload()
 
     def reap(self) -> None:
+        orphans = 0
         for pid, status in reap_children():
             if not self.pipeline.child_exited(pid, status):
                 log.debug("orphan_reaped", pid=pid)
+                orphans += 1
+        if orphans:
+            for hook in self.on_orphans_reaped:
+                hook()
 
     # -- control actions ---------------------------------------------------------------------
     def request_stop(self, why: str = "request") -> None:

@@ -71,6 +71,7 @@ class Health:
         daemon.pipeline.degraded_upstreams = self.degraded_upstreams
         daemon.on_tick.append(self._tick)
         daemon.pipeline.on_run_started.append(self._arm_cap_checks)
+        daemon.on_orphans_reaped.append(self._enforce_process_caps)
         self._make_guard()
 
     def reload(self, daemon) -> None:
@@ -289,7 +290,10 @@ class Health:
 
     def _enforce_process_caps(self) -> None:
         """Kill, without a grace period, every run with more processes than its agent's
-        max_processes: a fork bomb would spend a grace period exhausting the pid space."""
+        max_processes: a fork bomb would spend a grace period exhausting the pid space.
+        Runs on the cap timer and whenever an orphan is reaped: a reaped middle process of
+        a setsid + double fork means its child was just reparented to us, so the escape is
+        attributed (by its inherited run id) and counted then, not at the next check."""
         pipeline = self.daemon.pipeline
         live = [r for r in pipeline.runs.values() if r.state != RunState.KILLING]
         if not live and not pipeline.ended_runs:

@@ -53,3 +53,38 @@ def test_fork_bomb_is_capped_and_every_process_stopped(tmp_path, command):
             assert d.call("ping")["pid"] == d.proc.pid
     finally:
         kill_all(processes_for(d.state_dir))
+
+
+# The run's only process makes 80 escapes (setsid, then a double fork so the sleeper is
+# reparented to the daemon) and exits at once, without waiting for any of them: the daemon
+# learns of the escapes by reaping their middle processes (SIGCHLD), not from the run's tree.
+ESCAPE_THEN_EXIT_BOMB = py(
+    "import os, signal, time\n"
+    "for i in range(80):\n"
+    "    if os.fork() == 0:\n"
+    "        os.setsid()\n"
+    "        signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "        if os.fork() == 0:\n"
+    "            time.sleep(60)\n"
+    "        os._exit(0)\n"
+    "os._exit(0)\n")
+
+
+def test_escapes_of_a_run_that_exited_at_once_are_killed(tmp_path):
+    """Processes that escaped with setsid and a double fork from a run that exited at once
+    are all killed, and a process_cap or leftover-kill event names that run."""
+    spec = {"max_processes": CAP, "jobs": [{"id": "main", "command": ESCAPE_THEN_EXIT_BOMB,
+                                            "schedule": {"every_s": 3600}}]}
+    d = DaemonProc(tmp_path, {"bomb": spec}, cgroups="off", stop_grace_s=60)
+    try:
+        with d.start(extra_env=AGENT_ENV):
+            d.call("start-now", agent="bomb")
+            finished = d.wait_event("run_finished", agent="bomb", timeout_s=30)
+            wait_until(lambda: not processes_for(d.state_dir), 20,
+                       message=f"escaped processes left: {len(processes_for(d.state_dir))}")
+            named = [e for name in ("run_process_cap", "run_leftovers_killed")
+                     for e in d.find(name, agent="bomb")]
+            assert named and all(e["run_id"] == finished["run_id"] for e in named)
+            assert d.call("ping")["pid"] == d.proc.pid
+    finally:
+        kill_all(processes_for(d.state_dir))
