@@ -43,8 +43,10 @@ def acked(d) -> dict[str, int]:
 def test_leader_killed_mid_stream_loses_no_acknowledged_update(tmp_path, schema):
     """SIGKILL of the leader while both hosts stream memory writes loses no acknowledged
     update, and the other host leads within leader_lease_s + poll_s."""
-    agents = {"writer": {"jobs": [{"id": "w", "command": py(WRITER),
-                                   "schedule": {"always": True}}]}}
+    # per_host: an `always` job runs once in the cluster unless the agent says otherwise,
+    # and this test needs a writer on each host.
+    agents = {"writer": {"per_host": True, "jobs": [{"id": "w", "command": py(WRITER),
+                                                     "schedule": {"always": True}}]}}
     leader, follower = hosts(tmp_path, schema, agents)
     try:
         start([leader])
@@ -90,6 +92,8 @@ def test_version_checks_hold_across_hosts(tmp_path, schema):
         start([h1, h2])
         h1.call("start-now", agent="one")
         h1.wait_event("agent_output", agent="one", line="version 1")
+        # Overlap is judged cluster-wide: h2 may start the agent once h1's run has ended.
+        h1.wait_event("run_finished", agent="one")
         h2.call("start-now", agent="one")
         line = h2.wait_event("agent_output", agent="one")["line"]
     finally:
