@@ -61,7 +61,7 @@ time.sleep(60)
 
 
 def _status_answers(d: DaemonProc) -> bool:
-    client = ControlClient(d.socket_path, timeout_s=5)
+    client = ControlClient(d.socket_path, timeout_s=15)  # a busy 2-core CI box
     client.run_id = client.token = None
     try:
         return "agents" in client.call("status")
