@@ -13,7 +13,8 @@ import dataclasses
 import enum
 import os
 
-from .peers import ancestry, cgroup_of
+from .lineage import ancestry
+from .peers import cgroup_of
 
 
 class Permission(enum.StrEnum):

@@ -31,10 +31,11 @@ from .heartbeat import (
     upstream_status,
     write_heartbeat,
 )
+from .lineage import subtree
 from .memguard import AgentMemorySettings, MemoryGuard, StopRun
 from .memguard import Alert as GuardAlert
 from .procscan import LiveRun
-from .proctree import last_pid_created, subtree, tree_children
+from .proctree import last_pid_created, tree_children
 from .psi import SYSTEM_MEMORY_PRESSURE, PressureTrigger
 from .scheduler import Fire
 from .states import Outcome, RunState, StopReason

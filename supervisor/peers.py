@@ -1,8 +1,8 @@
 """What the kernel says about a process on the other end of the control socket.
 
 Only kernel facts: SO_PEERCRED (pid, uid, gid, read at connect), SO_PEERGROUPS (its
-supplementary groups, Linux >= 4.13), its parent chain and its cgroup from /proc. Nothing
-here reads the peer's environment: anyone can set WATCHKEEPER_* variables.
+supplementary groups, Linux >= 4.13), its parent chain (lineage.py) and its cgroup from
+/proc. Nothing here reads the peer's environment: anyone can set WATCHKEEPER_* variables.
 """
 
 from __future__ import annotations
@@ -11,21 +11,10 @@ import errno
 import socket
 import struct
 
+from .lineage import ancestry
+
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python names it from 3.13 on
 MAX_GROUPS = 65536
-
-
-def ancestry(pid: int) -> list[int]:
-    """pid, its parent, its grandparent... up to init; what is unreadable ends the chain."""
-    chain = []
-    try:
-        while pid > 1 and len(chain) < 4096:
-            chain.append(pid)
-            with open(f"/proc/{pid}/stat") as f:
-                pid = int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return chain
 
 
 def descends_from(pid: int, ancestor: int) -> bool | None:

@@ -4,10 +4,8 @@ Reading is split from judging: `HostMemorySource` reads /proc, psutil and cgroup
 is a pure function over a `ProcessTable`, so ownership rules are tested on scripted tables and
 on real processes alike.
 
-Why ownership is decided by ancestry first and environment second: Chrome rewrites its argv in
-place (to set its process title) and that overwrites /proc/PID/environ of its zygotes and
-renderers, so only the browser process still shows WATCHKEEPER_RUN_ID. Children inherit the
-nearest marker found up their parent chain.
+Which run a process belongs to follows the one rule in lineage.py (it also says why Chrome's
+zygotes and renderers inherit their marker from the browser above them).
 """
 
 from __future__ import annotations
@@ -22,12 +20,18 @@ from typing import NamedTuple, Protocol
 import msgspec
 import psutil
 
+from .lineage import (
+    INIT_PID,
+    MARKER_AGENT,
+    MARKER_RUN_ID,
+    MARKER_STATE_DIR,
+    Lineage,
+    children_of,
+    read_markers,
+    subtree,
+)
+
 MB = 1024 * 1024
-MARKER_RUN_ID = "WATCHKEEPER_RUN_ID"
-MARKER_AGENT = "WATCHKEEPER_AGENT"
-MARKER_STATE_DIR = "WATCHKEEPER_STATE_DIR"
-_MARKERS = (MARKER_RUN_ID.encode(), MARKER_AGENT.encode(), MARKER_STATE_DIR.encode())
-INIT_PID = 1
 
 
 class ProcInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,17 +96,7 @@ class MemorySource(Protocol):
 
 def descendants(ppids: Mapping[int, int], root: int) -> set[int]:
     """`root` and every process below it, from a pid → ppid map."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in ppids.items():
-        children.setdefault(ppid, []).append(pid)
-    found, stack = set(), [root]
-    while stack:
-        pid = stack.pop()
-        if pid in found:
-            continue
-        found.add(pid)
-        stack.extend(children.get(pid, ()))
-    return found
+    return {root, *subtree(children_of(ppids), root)}
 
 
 class Owner(enum.StrEnum):
@@ -120,13 +114,13 @@ class Ownership(NamedTuple):
 class _Line(NamedTuple):
     """Facts a process inherits from its ancestors."""
 
-    run_id: str | None
+    lineage: Lineage
     state_dir: str | None
     under_daemon: bool
     marker_parent: int | None  # ppid of the nearest process that carries a run marker
 
 
-_NO_LINE = _Line(None, None, False, None)
+_NO_LINE = _Line(Lineage(), None, False, None)
 
 
 def _lineages(table: ProcessTable, daemon_pid: int,
@@ -141,9 +135,8 @@ def _lineages(table: ProcessTable, daemon_pid: int,
         line = lines.get(pid, _NO_LINE)
         for p in reversed(chain):
             info = table[p]
-            own_run = root_runs.get(p) or info.run_id
             line = _Line(
-                run_id=own_run or line.run_id,
+                lineage=line.lineage.child(root_runs.get(p), info.run_id),
                 state_dir=info.state_dir or line.state_dir,
                 under_daemon=line.under_daemon or info.ppid == daemon_pid,
                 marker_parent=info.ppid if info.run_id else line.marker_parent,
@@ -168,16 +161,17 @@ def classify(table: ProcessTable, *, daemon_pid: int, state_dir: str,
     ours_dir = os.path.normpath(state_dir)
     result = {}
     for pid, line in _lineages(table, daemon_pid, root_runs).items():
+        run_id = line.lineage.run_id
         if pid == daemon_pid:
             result[pid] = Ownership(Owner.DAEMON)
         elif line.under_daemon or (line.state_dir and os.path.normpath(line.state_dir) == ours_dir):
-            live = line.run_id in live_runs
-            result[pid] = Ownership(Owner.RUN if live else Owner.ORPHAN, line.run_id)
-        elif (include_foreign and line.run_id and line.run_id not in live_runs
+            live = run_id in live_runs
+            result[pid] = Ownership(Owner.RUN if live else Owner.ORPHAN, run_id)
+        elif (include_foreign and run_id and run_id not in live_runs
               and line.marker_parent == INIT_PID):
-            result[pid] = Ownership(Owner.ORPHAN, line.run_id)
+            result[pid] = Ownership(Owner.ORPHAN, run_id)
         else:
-            result[pid] = Ownership(Owner.FOREIGN, line.run_id)
+            result[pid] = Ownership(Owner.FOREIGN, run_id)
     return result
 
 
@@ -220,21 +214,6 @@ def read_ppids(proc: str = "/proc") -> dict[int, int]:
         fields = stat[stat.rfind(b")") + 2:].split()
         ppids[int(entry.name)] = int(fields[1])
     return ppids
-
-
-def read_markers(pid: int) -> dict[str, str]:
-    """The WATCHKEEPER_* variables of a process; empty if unreadable or overwritten."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return {}
-    found = {}
-    for item in raw.split(b"\0"):
-        if item.startswith(_MARKERS):
-            key, _, value = item.partition(b"=")
-            found[key.decode()] = value.decode(errors="replace")
-    return found
 
 
 def read_meminfo() -> tuple[int, int]:

@@ -2,8 +2,8 @@
 every descendant to the run it came from.
 
 Agents' children may escape their process group (Puppeteer starts Chrome in a session
-of its own) and lose their parent link once reparented, so a descendant is attributed by
-the WATCHKEEPER_RUN_ID it inherited in its environment first, and by ancestry second.
+of its own) and lose their parent link once reparented; which run a descendant belongs to
+is decided by the one rule in lineage.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import signal
 
 import psutil
 
+from .lineage import MARKER_RUN_ID, MARKER_STATE_DIR, Lineage, read_markers, subtree
+
 PR_SET_CHILD_SUBREAPER = 36
-RUN_ID_ENV = "WATCHKEEPER_RUN_ID"
-STATE_DIR_ENV = "WATCHKEEPER_STATE_DIR"
 
 
 def become_subreaper() -> bool:
@@ -40,22 +40,6 @@ def reap_children() -> list[tuple[int, int]]:
             break
         reaped.append((pid, status))
     return reaped
-
-
-def read_environ(pid: int) -> dict[str, str]:
-    """A process's environment, or {} when it is gone or unreadable."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return {}
-    env = {}
-    for item in raw.split(b"\0"):
-        key, sep, value = item.partition(b"=")
-        if sep and key in (b"WATCHKEEPER_RUN_ID", b"WATCHKEEPER_STATE_DIR",
-                           b"WATCHKEEPER_AGENT"):
-            env[key.decode()] = value.decode(errors="replace")
-    return env
 
 
 def direct_children(pid: int | None = None) -> set[int] | None:
@@ -136,52 +120,22 @@ def children_map() -> dict[int, list[int]]:
     return children
 
 
-def subtree(children: dict[int, list[int]], root_pid: int) -> list[int]:
-    """Every descendant of root_pid in a children_map()."""
-    out, stack = [], list(children.get(root_pid, []))
-    while stack:
-        pid = stack.pop()
-        out.append(pid)
-        stack.extend(children.get(pid, []))
-    return out
-
-
 def attribute_tree(children: dict[int, list[int]], root_pid: int, run_roots: dict[int, str],
                    known: dict[int, str]) -> dict[int, str]:
-    """attribute() over a tree already walked (tree_children): parents come before their
-    children, so each process costs one environment read, not a walk up its chain with a
-    read per link (a fork bomb of 1,500 processes blocked the loop in that walk)."""
+    """Map each descendant of root_pid in a tree already walked (tree_children) to its run
+    (lineage.Lineage): parents come before their children, so each process costs one
+    environment read, not a walk up its chain with a read per link (a fork bomb of 1,500
+    processes blocked the loop in that walk)."""
     owners: dict[int, str] = {}
-    stack = [(kid, None) for kid in children.get(root_pid, [])]
+    stack = [(kid, Lineage()) for kid in children.get(root_pid, [])]
     while stack:
-        pid, parent_owner = stack.pop()
-        run_id = (run_roots.get(pid) or read_environ(pid).get(RUN_ID_ENV) or known.get(pid)
-                  or parent_owner)
-        if run_id:
-            owners[pid] = run_id
-        stack.extend((kid, run_id) for kid in children.get(pid, []))
-    return owners
-
-
-def attribute(pids: list[int], run_roots: dict[int, str], known: dict[int, str]) -> dict[int, str]:
-    """Map each pid to a run id: the nearest marker up its parent chain wins, where a
-    marker is a run's root pid, an inherited WATCHKEEPER_RUN_ID, or an earlier sighting.
-    Chrome overwrites /proc/PID/environ of its zygotes and renderers when it sets their
-    process titles, so their own environment often carries no marker, their parent's does."""
-    owners: dict[int, str] = {}
-    for pid in pids:
-        chain = [pid]
-        try:
-            chain += [p.pid for p in psutil.Process(pid).parents()]
-        except psutil.Error:
-            pass
-        me = os.getpid()
-        for link in chain[:chain.index(me)] if me in chain else chain:
-            run_id = (run_roots.get(link) or owners.get(link) or
-                      read_environ(link).get(RUN_ID_ENV) or known.get(link))
-            if run_id:
-                owners[pid] = run_id
-                break
+        pid, parent = stack.pop()
+        root = run_roots.get(pid)
+        marker = None if root else read_markers(pid).get(MARKER_RUN_ID) or known.get(pid)
+        line = parent.child(root, marker)
+        if line.run_id:
+            owners[pid] = line.run_id
+        stack.extend((kid, line) for kid in children.get(pid, []))
     return owners
 
 
@@ -192,7 +146,7 @@ def processes_of_state_dir(state_dir: str, exclude: set[int]) -> list[int]:
     for pid in (int(name) for name in os.listdir("/proc") if name.isdigit()):
         if pid in exclude:
             continue
-        if read_environ(pid).get(STATE_DIR_ENV) == state_dir:
+        if read_markers(pid).get(MARKER_STATE_DIR) == state_dir:
             found.append(pid)
     return found
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from supervisor.proctree import read_environ
+from supervisor.lineage import read_markers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,7 @@ def processes_for(state_dir: Path) -> list[int]:
     for proc in psutil.process_iter(["status"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
             continue
-        if read_environ(proc.pid).get("WATCHKEEPER_STATE_DIR") == str(state_dir):
+        if read_markers(proc.pid).get("WATCHKEEPER_STATE_DIR") == str(state_dir):
             found.append(proc.pid)
     return found
 

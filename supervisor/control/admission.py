@@ -52,26 +52,14 @@ class Admission:
 def run_peer_check(pipeline) -> Callable[[int], bool]:
     """Whether a pid is one of a live run's processes: it descends from a run's root, or,
     orphaned into the daemon (its subreaper), carries the id of a live run."""
-    from ..proctree import read_environ
+    from ..lineage import MARKER_RUN_ID, ancestry, read_markers
 
     def is_run_peer(pid: int) -> bool:
         me = os.getpid()
-        for ancestor in _ancestry(pid):
+        for ancestor in ancestry(pid):
             if ancestor in pipeline.runs_by_pid:
                 return True
             if ancestor == me:  # an orphan the daemon adopted: its environment tells
-                return read_environ(pid).get("WATCHKEEPER_RUN_ID") in pipeline.runs
+                return read_markers(pid).get(MARKER_RUN_ID) in pipeline.runs
         return False
     return is_run_peer
-
-
-def _ancestry(pid: int) -> list[int]:
-    chain = []
-    try:
-        while pid > 1 and len(chain) < 4096:
-            chain.append(pid)
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return chain
