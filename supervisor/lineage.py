@@ -6,10 +6,14 @@ the daemon's attribution of its descendants (proctree), the memory guard's owner
 process table (procscan), connection admission and peer placement (control/admission,
 authz). One module, so the order of the checks is written once.
 
-The order: the nearest marker up the chain wins, where a marker is a live run's root pid, a
-WATCHKEEPER_RUN_ID inherited in the environment, or an earlier sighting. Orphans re-parented to
-the daemon have lost their run's root from their chain, and Chrome overwrites /proc/PID/environ
-of its zygotes and renderers when it sets their titles, so a marker is inherited.
+The order (docs/security.md: an environment variable is never evidence on its own):
+  1. a run's root pid up the chain: a kernel fact that no process can forge;
+  2. only without one, the nearest marker up the chain: a WATCHKEEPER_RUN_ID in the
+     environment, or an earlier sighting. Orphans re-parented to the daemon have lost their
+     run's root from their chain, and Chrome overwrites /proc/PID/environ of its zygotes and
+     renderers when it sets their titles, so a marker is inherited from above.
+A process below run B's root that sets WATCHKEEPER_RUN_ID=A is B's: with the marker first
+it escaped B's process cap, memory limit and leftover stop by naming another run.
 """
 
 from __future__ import annotations
@@ -92,7 +96,8 @@ class Lineage(NamedTuple):
 
     @property
     def run_id(self) -> str | None:
-        return self.nearest_run
+        """The kernel's answer first; the environment's only where the kernel has none."""
+        return self.root_run or self.nearest_run
 
     def child(self, own_root_run: str | None, own_marker: str | None) -> Lineage:
         """The lineage of a process below this one, given its own root run and marker."""

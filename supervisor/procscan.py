@@ -135,8 +135,10 @@ def _lineages(table: ProcessTable, daemon_pid: int,
         line = lines.get(pid, _NO_LINE)
         for p in reversed(chain):
             info = table[p]
+            # The daemon's runs all start below it: what sits above it is no run of ours.
+            lineage = Lineage() if p == daemon_pid else line.lineage
             line = _Line(
-                lineage=line.lineage.child(root_runs.get(p), info.run_id),
+                lineage=lineage.child(root_runs.get(p), info.run_id),
                 state_dir=info.state_dir or line.state_dir,
                 under_daemon=line.under_daemon or info.ppid == daemon_pid,
                 marker_parent=info.ppid if info.run_id else line.marker_parent,
