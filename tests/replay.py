@@ -53,6 +53,7 @@ from supervisor.memguard import (  # noqa: E402
     MemoryGuard,
     MemoryGuardSettings,
     MemoryPriority,
+    StopRun,
     interval_for,
     next_level,
 )
@@ -402,7 +403,9 @@ def memguard_history(rng: random.Random, case: int) -> list[dict]:
                      "percent": source.percent}
         if op == "tick":
             actions = guard.tick(now)
-            rec["actions"] = [[type(a).__name__, msgspec.to_builtins(a)] for a in actions]
+            # By role, not class name: a renamed action class is no changed decision.
+            rec["actions"] = [["stop_run" if isinstance(a, StopRun) else "alert",
+                               msgspec.to_builtins(a)] for a in actions]
         elif op == "sweep":
             rec["kills"] = guard.sweep(now)
         elif live:
