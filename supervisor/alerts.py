@@ -32,7 +32,6 @@ from supervisor.config_ranges import PositiveDuration
 if TYPE_CHECKING:
     import urllib.error
 
-Seconds = PositiveDuration
 _CONTENT_CHARS = 2000  # Discord rejects longer `content`; Slack accepts it
 _ERROR_CHARS = 500
 _USER_AGENT = "watchkeeper-alerts/0.1"  # Discord's edge answers 403 to the urllib default agent
@@ -98,13 +97,13 @@ class WebhookSettings(_Settings):
     """A Slack- or Discord-compatible incoming webhook."""
 
     url: str
-    timeout_s: Seconds = 5.0
+    timeout_s: PositiveDuration = 5.0
     retries: Annotated[int, msgspec.Meta(ge=0)] = 3
     """Ignored since the alert outbox, which retries every failed attempt until
     `alerts.max_age_s`; accepted so that older configurations load."""
-    backoff_s: Seconds = 1.0
+    backoff_s: PositiveDuration = 1.0
     """First retry delay; it doubles after each failed attempt."""
-    backoff_max_s: Seconds = 30.0
+    backoff_max_s: PositiveDuration = 30.0
     """Cap on the retry delay."""
 
     def __post_init__(self) -> None:
@@ -122,17 +121,17 @@ class CommandSettings(_Settings):
     """A program run once per alert with the alert as JSON on stdin; never through a shell."""
 
     argv: Annotated[list[str], msgspec.Meta(min_length=1)]
-    timeout_s: Seconds = 10.0
-    backoff_s: Seconds = 1.0
+    timeout_s: PositiveDuration = 10.0
+    backoff_s: PositiveDuration = 1.0
     """First retry delay after the command failed; it doubles after each failed attempt."""
-    backoff_max_s: Seconds = 30.0
+    backoff_max_s: PositiveDuration = 30.0
     """Cap on the retry delay."""
 
 
 class EscalationSettings(_Settings):
     """Sinks that get an alert only once the first sinks failed to deliver it for `after_s`."""
 
-    after_s: Seconds = 900.0
+    after_s: PositiveDuration = 900.0
     """How long the first sinks may fail on one alert before it is escalated."""
     webhooks: list[WebhookSettings] = []
     """Webhooks that get escalated alerts (as in alerts.webhooks)."""
@@ -143,7 +142,7 @@ class EscalationSettings(_Settings):
 class RateLimitSettings(_Settings):
     """Caps on alerts other than breaker trips."""
 
-    per_key_interval_s: Seconds = 600.0  # one alert per (kind, agent) per interval
+    per_key_interval_s: PositiveDuration = 600.0  # one alert per (kind, agent) per interval
     global_max_per_hour: Annotated[int, msgspec.Meta(ge=1)] = 20
     """Alerts other than breaker trips per hour, all kinds together."""
 
@@ -159,7 +158,7 @@ class AlertSettings(_Settings):
     queue_size: Annotated[int, msgspec.Meta(ge=1)] = 64
     """Ignored since the alert outbox (state.db) holds every undelivered alert; accepted so
     that older configurations load."""
-    max_age_s: Seconds = 86400.0
+    max_age_s: PositiveDuration = 86400.0
     """An undelivered alert is retried (across restarts) until it is this old."""
     escalation: EscalationSettings | None = None
     """Optional sinks for alerts the first sinks failed to deliver for `after_s`."""

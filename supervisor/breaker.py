@@ -46,7 +46,6 @@ from .breaker_settings import (
     DuplicateLimit,
     LaunchLimit,
     OutputLimit,
-    Seconds,
     SpendBudget,
 )
 from .breaker_snapshot import (
@@ -56,13 +55,14 @@ from .breaker_snapshot import (
     load_snapshot,
     restore_snapshot,
 )
-from .breaker_states import TRANSITIONS, BreakerState, IllegalTransition
+from .breaker_states import TRANSITIONS, BreakerState
 from .breaker_windows import BreakerWindows, SpendWindow
+from .states import check_transition
 
 __all__ = [
     "ALLOWED", "DENIED_OPEN", "TRANSITIONS", "AgentLimits", "Breaker", "BreakerSettings",
-    "BreakerState", "Count", "Decision", "DuplicateLimit", "IllegalTransition", "LaunchLimit",
-    "OutputLimit", "Rule", "Seconds", "SnapshotError", "SpendBudget", "StoredEvent", "Trip",
+    "BreakerState", "Count", "Decision", "DuplicateLimit", "LaunchLimit",
+    "OutputLimit", "Rule", "SnapshotError", "SpendBudget", "StoredEvent", "Trip",
     "content_hash", "longest_window_s",
 ]
 
@@ -120,12 +120,9 @@ class Breaker:
     # -- state ---------------------------------------------------------------------------------
 
     def transition(self, to: BreakerState, *, reason: str, now: float | None = None) -> None:
-        """Move to `to` if the table allows it, log the change and persist the new state."""
-        if to not in TRANSITIONS[self.state]:
-            raise IllegalTransition(
-                f"breaker cannot go from {self.state.value} to {to.value}; "
-                f"allowed: {', '.join(sorted(s.value for s in TRANSITIONS[self.state]))}"
-            )
+        """Move to `to` if the table allows it (else states.InvalidTransition), log the change
+        and persist the new state."""
+        check_transition(TRANSITIONS, self.state, to, machine="breaker")
         previous, self.state = self.state, to
         self.since = self._now(now)
         log.warning("breaker_state_changed", from_state=previous.value, to_state=to.value,

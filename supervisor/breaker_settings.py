@@ -13,7 +13,6 @@ import msgspec
 from .config_ranges import PositiveDuration
 
 Count = Annotated[int, msgspec.Meta(ge=1)]
-Seconds = PositiveDuration
 
 
 class _Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -26,7 +25,7 @@ class OutputLimit(_Settings):
     max_outputs: Count | None = None
     """Outputs allowed in the window; the next one trips the breaker. null: the most runs the
     agent's schedule starts in the window plus 30 (30 for a kind limit)."""
-    window_s: Seconds = 600.0
+    window_s: PositiveDuration = 600.0
     """Length of the sliding window."""
 
 
@@ -36,7 +35,7 @@ class LaunchLimit(_Settings):
     max_runs: Count | None = None
     """Run launches of one agent allowed in the window. null: the most runs the agent's
     schedule starts in the window (times 1 + retries when `count_restarts`) plus 12."""
-    window_s: Seconds = 3600.0
+    window_s: PositiveDuration = 3600.0
     """Length of the sliding window."""
     count_restarts: bool = False
     """Count runs started by a retry or an `always` restart; by default the crash-loop policy
@@ -49,7 +48,7 @@ class DuplicateLimit(_Settings):
     max_repeats: Count | None = None
     """Times the same content may be emitted in the window. null: the most runs the agent's
     schedule starts in the window plus 3 (a digest may repeat once per run)."""
-    window_s: Seconds = 3600.0
+    window_s: PositiveDuration = 3600.0
     """Length of the sliding window."""
 
 
@@ -60,7 +59,7 @@ class SpendBudget(_Settings):
     """Tokens allowed in the window; null: not enforced."""
     max_cost: Annotated[float, msgspec.Meta(gt=0)] | None = None
     """Cost allowed in the window (the unit agents report); null: not enforced."""
-    window_s: Seconds = 3600.0
+    window_s: PositiveDuration = 3600.0
     """Length of the sliding window."""
 
 
@@ -94,11 +93,11 @@ class BreakerSettings(_Settings):
     pipeline_spend: SpendBudget = msgspec.field(default_factory=SpendBudget)
     agents: dict[str, AgentLimits] = {}
     """Per-agent overrides by agent name (an agent file's `limits:` wins)."""
-    auto_reset_after_s: Seconds | None = None
+    auto_reset_after_s: PositiveDuration | None = None
     """Go half-open this long after a trip; null: only `watchkeeper breaker reset` closes it."""
     probe_outputs: Count = 3
     """Outputs each agent may make while half-open before it re-trips."""
-    probe_window_s: Seconds = 600.0
+    probe_window_s: PositiveDuration = 600.0
     """Half-open closes after this long without a trip."""
     summaries_kept: Count = 5
     """Summaries of the last outputs kept per agent for the trip alert."""

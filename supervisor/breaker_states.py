@@ -21,6 +21,3 @@ TRANSITIONS: dict[BreakerState, frozenset[BreakerState]] = {
     BreakerState.HALF_OPEN: frozenset({BreakerState.OPEN, BreakerState.CLOSED}),
 }
 
-
-class IllegalTransition(RuntimeError):
-    pass

@@ -14,10 +14,18 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ConfigError, ControlError, DaemonNotRunning, WatchkeeperError
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED = 0, 1, 2, 3, 4
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by one
+from .errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_BUSY,
+    EXIT_ERROR,
+    EXIT_NOT_RUNNING,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    ControlError,
+    DaemonNotRunning,
+    WatchkeeperError,
+)
 
 
 def _socket_path(args) -> Path:
@@ -224,7 +232,7 @@ def cmd_lock(args) -> int:
         client.call(args.command, task=args.task)
     except ControlError as exc:
         print(f"watchkeeper {args.command}: {exc}", file=sys.stderr)
-        return EXIT_DENIED if getattr(exc, "reply", {}).get("busy") else EXIT_ERROR
+        return EXIT_BUSY if getattr(exc, "reply", {}).get("busy") else EXIT_ERROR
     return EXIT_OK
 
 

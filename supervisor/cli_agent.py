@@ -16,10 +16,17 @@ import os
 import sys
 
 from . import wire
-from .errors import ControlError, DaemonNotRunning, LockBusy, WatchkeeperError
-
-EXIT_ERROR, EXIT_NOT_RUNNING, EXIT_BUSY = 1, 3, 4
-EXIT_DENIED_OUTPUT, EXIT_CONFLICT = 5, 6
+from .errors import (
+    EXIT_BUSY,
+    EXIT_CONFLICT,
+    EXIT_DENIED,
+    EXIT_ERROR,
+    EXIT_NOT_RUNNING,
+    ControlError,
+    DaemonNotRunning,
+    LockBusy,
+    WatchkeeperError,
+)
 
 
 def _json_arg(text: str):
@@ -63,7 +70,7 @@ def cmd_emit(args) -> int:
         _sdk(args).emit(args.kind, args.summary, content)
     except OutputDenied as exc:
         print(f"watchkeeper emit: {exc}", file=sys.stderr)
-        return EXIT_DENIED_OUTPUT
+        return EXIT_DENIED
     return 0
 
 
@@ -74,7 +81,7 @@ def cmd_usage(args) -> int:
         _sdk(args).report_usage(args.tokens, args.cost, args.model or "")
     except OutputDenied as exc:
         print(f"watchkeeper usage: {exc}", file=sys.stderr)
-        return EXIT_DENIED_OUTPUT
+        return EXIT_DENIED
     return 0
 
 

@@ -41,8 +41,8 @@ from .locks import break_stale
 from .pipeline import Pipeline
 from .proctree import (
     become_subreaper,
-    descendants,
     is_alive,
+    live_descendants,
     processes_of_state_dir,
     reap_children,
     send_signal,
@@ -397,15 +397,15 @@ class Daemon:
 
     def _signal_untracked(self, sig: int) -> None:
         """Leftovers kept (leftovers: keep) or of ended runs: every descendant gets it."""
-        for pid in descendants(os.getpid()):
+        for pid in live_descendants(os.getpid()):
             send_signal(pid, sig)
 
     def _kill_descendants(self) -> None:
-        for pid in descendants(os.getpid()):
+        for pid in live_descendants(os.getpid()):
             send_signal(pid, signal.SIGKILL)
 
     def _check_stopped(self) -> None:
-        if self.pipeline.runs or descendants(os.getpid()):
+        if self.pipeline.runs or live_descendants(os.getpid()):
             if self.stop_deadline is not None and time.monotonic() > self.stop_deadline + 5:
                 self._kill_descendants()  # something keeps spawning: keep killing
             return

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+# The `watchkeeper` command's exit codes, one table for every verb (docs/cli.md "Exit codes").
+EXIT_OK = 0
+EXIT_ERROR = 1         # the daemon refused, a broken configuration, an agent verb outside a run
+EXIT_USAGE = 2         # unknown verb or option, a missing argument
+EXIT_NOT_RUNNING = 3   # nothing answers on the socket, or no configuration found
+EXIT_BUSY = 4          # `lock`: the task is locked by another run
+EXIT_DENIED = 5        # `emit`, `usage`: the output gate or a budget said no
+EXIT_CONFLICT = 6      # `memory put/...`: --expect-version did not match
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer killed by one
+
 
 class WatchkeeperError(Exception):
     """Base of every error watchkeeper raises on purpose."""

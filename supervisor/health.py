@@ -32,8 +32,7 @@ from .heartbeat import (
     write_heartbeat,
 )
 from .lineage import subtree
-from .memguard import AgentMemorySettings, MemoryGuard, StopRun
-from .memguard import Alert as GuardAlert
+from .memguard import AgentMemorySettings, MemoryGuard, StopRun, Unrelieved
 from .procscan import LiveRun
 from .proctree import last_pid_created, tree_children
 from .psi import SYSTEM_MEMORY_PRESSURE, PressureTrigger
@@ -168,7 +167,7 @@ class Health:
                     self._alert(AlertKind.MEMORY_KILL, action.agent,
                                 f"run {action.run_id} stopped: {action.memory_mb:.0f} MB "
                                 f"({action.reason.value})")
-            elif isinstance(action, GuardAlert):
+            elif isinstance(action, Unrelieved):
                 self._alert(AlertKind.MEMORY_KILL, None, action.message)
 
     def _alert(self, kind: AlertKind, agent: str | None, text: str) -> None:

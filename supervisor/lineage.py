@@ -80,6 +80,11 @@ def subtree(children: Mapping[int, list[int]], root: int) -> list[int]:
     return out
 
 
+def tree_of(ppids: Mapping[int, int], root: int) -> set[int]:
+    """`root` and every process below it, from a pid -> ppid map."""
+    return {root, *subtree(children_of(ppids), root)}
+
+
 def children_of(ppids: Mapping[int, int]) -> dict[int, list[int]]:
     """ppid -> child pids, from a pid -> ppid map."""
     children: dict[int, list[int]] = {}

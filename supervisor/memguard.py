@@ -4,7 +4,7 @@ Under pressure (used >= act_percent) it escalates one step per tick, waiting for
 to take effect before the next:
   1. orphaned Chrome processes (ours, no live run): SIGTERM, then SIGKILL after kill_grace_s;
   2. a `StopRun` action for the largest run of a `memory_priority: low` agent;
-  3. an `Alert` action when nothing is left to stop.
+  3. a `Unrelieved` action (the daemon alerts a human) when nothing is left to stop.
 Independently, a run whose tree exceeds its agent's `memory_max_mb` gets `StopRun(reason=memory)`.
 
 The guard never sleeps: `tick(now)` does one bounded step and `next_tick_at` tells the loop
@@ -141,7 +141,9 @@ def interval_for(level: Level, settings: MemoryGuardSettings, reading: SystemMem
                max(settings.fast_interval_s, headroom_mb / settings.fill_rate_mb_s))
 
 
-class StopReason(enum.StrEnum):
+class MemoryCause(enum.StrEnum):
+    """Why the guard asks for a run's stop; the run's record says StopReason.MEMORY for both."""
+
     MEMORY = "memory"  # the run exceeded its agent's memory_max_mb
     MEMORY_PRESSURE = "memory_pressure"  # the machine is short; this was the largest low run
 
@@ -151,20 +153,21 @@ class StopRun(msgspec.Struct, frozen=True, kw_only=True):
 
     run_id: str
     agent: str
-    reason: StopReason
+    reason: MemoryCause
     memory_mb: float
     limit_mb: float | None = None
 
 
-class Alert(msgspec.Struct, frozen=True, kw_only=True):
-    """Action for the daemon: tell a human; the guard has nothing left to free."""
+class Unrelieved(msgspec.Struct, frozen=True, kw_only=True):
+    """Action for the daemon: tell a human (an alerts.Alert); the guard has nothing left to
+    free."""
 
     reason: str
     percent_used: float
     message: str
 
 
-Action = StopRun | Alert
+Action = StopRun | Unrelieved
 
 
 class Signaller(Protocol):
@@ -319,7 +322,7 @@ class MemoryGuard:
         message = (f"memory {percent:.1f}% used >= act_percent {self.settings.act_percent}%;"
                    " no orphaned Chrome and no memory_priority: low run left to stop")
         log.error("memory_alert", percent_used=round(percent, 1), message=message)
-        return [Alert(reason="memory_pressure_unrelieved", percent_used=percent,
+        return [Unrelieved(reason="memory_pressure_unrelieved", percent_used=percent,
                       message=message)]
 
     def _largest_low_priority(self, live: Mapping[str, LiveRun],
@@ -333,8 +336,8 @@ class MemoryGuard:
         used_mb, run = usage[rid].mb, candidates[rid]
         log.warning("run_stop_requested", run_id=rid, agent=run.agent, pid=run.root_pid,
                     cmdline=usage[rid].head, memory_mb=round(used_mb, 1),
-                    reason=StopReason.MEMORY_PRESSURE.value, percent_used=round(percent, 1))
-        return StopRun(run_id=rid, agent=run.agent, reason=StopReason.MEMORY_PRESSURE,
+                    reason=MemoryCause.MEMORY_PRESSURE.value, percent_used=round(percent, 1))
+        return StopRun(run_id=rid, agent=run.agent, reason=MemoryCause.MEMORY_PRESSURE,
                        memory_mb=used_mb)
 
     # -- per-run limits -----------------------------------------------------------------------
@@ -356,8 +359,8 @@ class MemoryGuard:
             self._stopping[rid] = now
             log.warning("run_stop_requested", run_id=rid, agent=run.agent, pid=run.root_pid,
                         cmdline=usage.head, memory_mb=round(used_mb, 1),
-                        limit_mb=limits[rid], reason=StopReason.MEMORY.value)
-            actions.append(StopRun(run_id=rid, agent=run.agent, reason=StopReason.MEMORY,
+                        limit_mb=limits[rid], reason=MemoryCause.MEMORY.value)
+            actions.append(StopRun(run_id=rid, agent=run.agent, reason=MemoryCause.MEMORY,
                                    memory_mb=used_mb, limit_mb=limits[rid]))
         return actions
 

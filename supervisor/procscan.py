@@ -26,9 +26,8 @@ from .lineage import (
     MARKER_RUN_ID,
     MARKER_STATE_DIR,
     Lineage,
-    children_of,
     read_markers,
-    subtree,
+    tree_of,
 )
 
 MB = 1024 * 1024
@@ -92,11 +91,6 @@ class MemorySource(Protocol):
 
 # ---------------------------------------------------------------------------------------------
 # Pure helpers over tables
-
-
-def descendants(ppids: Mapping[int, int], root: int) -> set[int]:
-    """`root` and every process below it, from a pid → ppid map."""
-    return {root, *subtree(children_of(ppids), root)}
 
 
 class Owner(enum.StrEnum):
@@ -316,7 +310,7 @@ class HostMemorySource:
 
     def process_table(self, under_pid: int | None = None) -> dict[int, ProcInfo]:
         ppids = read_ppids()
-        pids = ppids.keys() if under_pid is None else descendants(ppids, under_pid)
+        pids = ppids.keys() if under_pid is None else tree_of(ppids, under_pid)
         table = {}
         for pid in pids:
             info = read_process(pid, ppids.get(pid, 0))

@@ -85,7 +85,7 @@ def last_pid_created() -> int | None:
         return None
 
 
-def descendants(root_pid: int) -> list[int]:
+def live_descendants(root_pid: int) -> list[int]:
     """Every live descendant of root_pid (not root_pid itself)."""
     return subtree(tree_children(root_pid), root_pid)
 

@@ -93,9 +93,12 @@ DAEMON_TRANSITIONS: dict[DaemonState, frozenset[DaemonState]] = {
 }
 
 
-def check_transition(table: dict, current: enum.Enum, target: enum.Enum) -> None:
-    """Raise InvalidTransition unless `table` allows moving from `current` to `target`."""
+def check_transition(table: dict, current: enum.Enum, target: enum.Enum, *,
+                     machine: str = "") -> None:
+    """Raise InvalidTransition unless `table` allows moving from `current` to `target`;
+    `machine` ("breaker") names whose state it is in the message."""
     if target not in table[current]:
         allowed = ", ".join(sorted(s.value for s in table[current])) or "none"
-        raise InvalidTransition(f"{current.value} -> {target.value} is not allowed "
+        prefix = f"{machine}: " if machine else ""
+        raise InvalidTransition(f"{prefix}{current.value} -> {target.value} is not allowed "
                                 f"(from {current.value}: {allowed})")

@@ -48,6 +48,7 @@ from supervisor.heartbeat import (  # noqa: E402
     heartbeat_verdict,
     stale_response,
 )
+from supervisor.lineage import tree_of  # noqa: E402
 from supervisor.memguard import (  # noqa: E402
     AgentMemorySettings,
     MemoryGuard,
@@ -64,7 +65,6 @@ from supervisor.procscan import (  # noqa: E402
     chrome_role,
     classify,
 )
-from supervisor.procscan import descendants as table_descendants  # noqa: E402
 from supervisor.runner import LineRateLimiter  # noqa: E402
 from supervisor.scheduler import make_trigger, missed_firing  # noqa: E402
 from supervisor.states import (  # noqa: E402
@@ -307,7 +307,7 @@ class ScriptedSource:
     def process_table(self, under_pid=None):
         if under_pid is None:
             return dict(self.table)
-        keep = table_descendants({p: i.ppid for p, i in self.table.items()}, under_pid)
+        keep = tree_of({p: i.ppid for p, i in self.table.items()}, under_pid)
         return {p: i for p, i in self.table.items() if p in keep}
 
     def precise_mb(self, pids):
@@ -390,7 +390,7 @@ def memguard_history(rng: random.Random, case: int) -> list[dict]:
                              live_runs=live, include_foreign=foreign).items())},
                 "roles": {str(p): chrome_role(i, ("chrom",)) for p, i in
                           sorted(source.table.items())},
-                "under_daemon": sorted(table_descendants(
+                "under_daemon": sorted(tree_of(
                     {p: i.ppid for p, i in source.table.items()}, DAEMON_PID)),
                 "roots": sorted(roots)}
                for foreign in (False, True)]

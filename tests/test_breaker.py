@@ -15,7 +15,6 @@ from supervisor.breaker import (
     BreakerSettings,
     BreakerState,
     DuplicateLimit,
-    IllegalTransition,
     LaunchLimit,
     OutputLimit,
     Rule,
@@ -23,6 +22,7 @@ from supervisor.breaker import (
     SpendBudget,
     content_hash,
 )
+from supervisor.states import InvalidTransition
 
 
 class FakeClock:
@@ -326,7 +326,8 @@ def test_half_open_closes_after_a_quiet_probe_window():
 def test_transition_table_rejects_closed_to_half_open():
     """A transition missing from the table raises and leaves the state unchanged."""
     breaker, _, _ = make()
-    with pytest.raises(IllegalTransition, match="allowed: open"):
+    with pytest.raises(InvalidTransition,
+                       match=r"breaker: closed -> half_open is not allowed \(from closed: open\)"):
         breaker.transition(BreakerState.HALF_OPEN, reason="test")
     assert breaker.state is BreakerState.CLOSED
 

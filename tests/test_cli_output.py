@@ -182,3 +182,16 @@ def test_halted_status_says_why_since_when_and_how_to_reset(tmp_path):
             in lines)
     header = next(ln for ln in lines if ln.startswith("AGENT"))
     assert "NEXT" not in header
+
+
+def test_the_exit_code_table_in_cli_md_is_the_one_in_errors_py():
+    """Every exit code the CLI returns is defined once (supervisor/errors.py) and docs/cli.md's
+    table lists exactly those codes, busy as 4 and denied as 5."""
+    from supervisor import errors
+
+    codes = {name: value for name, value in vars(errors).items() if name.startswith("EXIT_")}
+    table = DOC.read_text().split("## Exit codes", 1)[1]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.MULTILINE)}
+    assert documented == set(codes.values())
+    assert re.search(r"^\| 4 \| busy:", table, re.MULTILINE) and codes["EXIT_BUSY"] == 4
+    assert re.search(r"^\| 5 \| denied:", table, re.MULTILINE) and codes["EXIT_DENIED"] == 5

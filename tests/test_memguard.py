@@ -21,15 +21,16 @@ import pytest
 from structlog.testing import capture_logs
 from support import require, wait_until
 
+from supervisor.lineage import tree_of
 from supervisor.memguard import (
     AgentMemorySettings,
-    Alert,
     Level,
+    MemoryCause,
     MemoryGuard,
     MemoryGuardSettings,
     MemoryPriority,
-    StopReason,
     StopRun,
+    Unrelieved,
     next_level,
 )
 from supervisor.procscan import (
@@ -40,7 +41,6 @@ from supervisor.procscan import (
     SystemMemory,
     chrome_role,
     classify,
-    descendants,
 )
 
 DAEMON = 100
@@ -68,7 +68,7 @@ class ScriptedSource:
     def process_table(self, under_pid=None):
         if under_pid is None:
             return dict(self.table)
-        keep = descendants({p: i.ppid for p, i in self.table.items()}, under_pid)
+        keep = tree_of({p: i.ppid for p, i in self.table.items()}, under_pid)
         return {p: i for p, i in self.table.items() if p in keep}
 
     def precise_mb(self, pids):
@@ -361,7 +361,7 @@ def test_escalates_to_largest_low_priority_run_then_alerts_once():
     guard, _ = make_guard(source, live=live, agents=agents, stop_wait_s=10)
     guard.tick(0.0)  # orphans of "a"; memory is read again once they are gone
     actions = guard.tick(0.25)
-    assert actions == [StopRun(run_id="b", agent="agent-b", reason=StopReason.MEMORY_PRESSURE,
+    assert actions == [StopRun(run_id="b", agent="agent-b", reason=MemoryCause.MEMORY_PRESSURE,
                                memory_mb=160.0)]
     assert guard.tick(0.75) == []  # waiting for the daemon to stop "b"
     del live["b"]  # the daemon stopped run "b" and its whole tree
@@ -370,7 +370,7 @@ def test_escalates_to_largest_low_priority_run_then_alerts_once():
     assert [a.run_id for a in guard.tick(1.0)] == ["c"]
     del live["c"]
     first = guard.tick(1.25)
-    assert len(first) == 1 and isinstance(first[0], Alert)
+    assert len(first) == 1 and isinstance(first[0], Unrelieved)
     assert all(guard.tick(1.5 + i) == [] for i in range(10))
 
 
@@ -403,7 +403,7 @@ def test_memory_max_exceeded_stops_run_with_reason_memory():
     guard, _ = make_guard(source, agents=agents)
     with capture_logs() as logs:
         actions = guard.tick(0.0)
-    assert actions == [StopRun(run_id="b", agent="agent-b", reason=StopReason.MEMORY,
+    assert actions == [StopRun(run_id="b", agent="agent-b", reason=MemoryCause.MEMORY,
                                memory_mb=160.0, limit_mb=100)]
     assert logs[0]["event"] == "run_stop_requested" and logs[0]["reason"] == "memory"
     assert guard.tick(10.0) == []
@@ -415,7 +415,7 @@ def test_memory_max_reads_run_cgroup_when_given():
     source.cgroups["/cg/b"] = 500.0
     agents = {"agent-b": AgentMemorySettings(memory_max_mb=400)}
     guard, _ = make_guard(source, live={"b": LiveRun("agent-b", 200, "/cg/b")}, agents=agents)
-    assert [(a.reason, a.memory_mb) for a in guard.tick(0.0)] == [(StopReason.MEMORY, 500.0)]
+    assert [(a.reason, a.memory_mb) for a in guard.tick(0.0)] == [(MemoryCause.MEMORY, 500.0)]
 
 
 def test_run_checks_follow_their_own_interval():
@@ -622,7 +622,7 @@ def test_real_chromium_orphans_killed_live_run_chrome_spared(fake_daemon, tmp_pa
     killed = {e["pid"] for e in logs if e["event"] == "orphan_killed"}
     assert browser_a in killed and killed.isdisjoint(chrome_b)
     assert {e["run_id"] for e in logs if e["event"] == "orphan_killed"} == {"a"}
-    assert all(isinstance(a, Alert) for a in actions)  # nothing low-priority left to stop
+    assert all(isinstance(a, Unrelieved) for a in actions)  # nothing low-priority left to stop
 
 
 HOG = textwrap.dedent("""
@@ -665,7 +665,7 @@ def test_real_memory_hog_over_its_max_gets_stop_action(tmp_path):
         hog.wait()
         calm.wait()
     [stop] = actions
-    assert (stop.run_id, stop.reason, stop.limit_mb) == ("hog", StopReason.MEMORY, 120)
+    assert (stop.run_id, stop.reason, stop.limit_mb) == ("hog", MemoryCause.MEMORY, 120)
     assert 120 < stop.memory_mb < 400
 
 
@@ -732,6 +732,6 @@ def test_real_pressure_in_cgroup_stops_low_priority_run_before_oom(small_cgroup,
         hog.terminate()
         hog.wait()
     [stop] = actions
-    assert (stop.run_id, stop.reason) == ("hog", StopReason.MEMORY_PRESSURE)
+    assert (stop.run_id, stop.reason) == ("hog", MemoryCause.MEMORY_PRESSURE)
     assert 87 <= usage < 100 and 0.87 * 256 <= stop.memory_mb <= 256
     assert oom_kills(path, version) == 0
