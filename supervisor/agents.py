@@ -23,7 +23,6 @@ class AgentRuntime:
         self.failures = 0           # consecutive failed runs
         self.cooldowns = 0          # times it entered FAILED without a success since
         self.retry_timer = None
-        self.retry_fire: Fire | None = None
         self.paused = False
         self.pending_removal = False  # removed by a reload; goes once its run has ended
         self.degraded: list[str] = []
@@ -52,7 +51,6 @@ class AgentRuntime:
         if self.retry_timer is not None:
             self.retry_timer.cancel()
         self.retry_timer = None
-        self.retry_fire = None
 
 
 def backoff_delay_s(policy: Retries, attempt: int, rng: random.Random | None = None) -> float:

@@ -70,7 +70,8 @@ def cmd_run(args) -> int:
               verbose=args.verbose)
     daemon = Daemon(config)
     install_features(daemon)
-    return daemon.run()
+    daemon.run()
+    return EXIT_OK
 
 
 def cmd_migrate(args) -> int:

@@ -76,7 +76,6 @@ class Daemon:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self._due_fires: list[Fire] = []  # handed on by due timers, started in the same turn
         self.started_mono = time.monotonic()
-        self.exit_code = 0
         self.stop_deadline: float | None = None
         self.extensions: list = []        # features plugged into the loop (health, breaker...)
         self._started: list = []
@@ -108,8 +107,9 @@ class Daemon:
         for hook in self.on_state:
             hook()
 
-    def run(self) -> int:
-        """Start, loop until stopped, clean up; return the process exit code."""
+    def run(self) -> None:
+        """Start, loop until stopped, clean up; a failure raises (cli.py maps it to an exit
+        code)."""
         # Every file the daemon creates is its own (0600/0700): agents go through the socket.
         os.umask(DAEMON_UMASK)
         drop_ambient_capabilities()
@@ -125,7 +125,6 @@ class Daemon:
                 self._turn()
         finally:
             self._cleanup()
-        return self.exit_code
 
     def _open_state_dir(self) -> None:
         try:
@@ -486,7 +485,7 @@ class Daemon:
         signal.set_wakeup_fd(-1)
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
-        log.info("daemon_stopped", exit_code=self.exit_code)
+        log.info("daemon_stopped", exit_code=0)  # a failure raises through run() instead
 
 
 def _database_files(config: Config) -> list[str]:

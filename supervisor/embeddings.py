@@ -20,7 +20,7 @@ Absent the extra, `load_embedder()` returns None with the reason, and search sta
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,5 +131,3 @@ def _collect_text(value: Any, parts: list[str]) -> None:
             stack.extend(reversed(item))
 
 
-def as_texts(values: Iterable[Any]) -> list[str]:
-    return [entry_text(value) for value in values]

@@ -28,6 +28,7 @@ from .heartbeat import (
     heartbeat_path,
     heartbeat_verdict,
     load_heartbeat,
+    stale_response,
     upstream_status,
     write_heartbeat,
 )
@@ -259,7 +260,8 @@ class Health:
                 continue  # no beat can have gone stale yet
             reading = load_heartbeat(heartbeat_path(self.daemon.state_dir, run.agent))
             verdict = heartbeat_verdict(reading, settings, now, started_at=run.started_wall)
-            if verdict is Verdict.FRESH:
+            response = stale_response(verdict, settings)
+            if response is None:
                 beat = reading.heartbeat
                 if beat is not None and beat.ts >= run.started_wall:
                     stale_at = beat.ts + settings.stale_after_s
@@ -272,7 +274,7 @@ class Health:
                                                  now + min(1.0, settings.stale_after_s))
                 continue
             self._stale_runs.add(run.run_id)
-            self._on_stale(rt, run, verdict, settings.on_stale)
+            self._on_stale(rt, run, verdict, response)
         self._stale_runs &= set(pipeline.runs)
         for run_id in self._beat_due.keys() - pipeline.runs.keys():
             del self._beat_due[run_id]

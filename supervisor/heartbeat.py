@@ -274,9 +274,6 @@ class DegradationTracker:
         self._degraded: dict[str, frozenset[str]] = {}
         self._garbage_seen: dict[str, tuple[int, int] | None] = {}
 
-    def is_degraded(self, agent: str) -> bool:
-        return agent in self._degraded
-
     def observe(self, agent: str, statuses: Mapping[str, UpstreamStatus]) -> bool:
         """Record one check of `agent`'s upstreams; returns whether it runs degraded."""
         self._note_garbage(statuses.values())

@@ -1,8 +1,8 @@
 """What the kernel says about a process on the other end of the control socket.
 
 Only kernel facts: SO_PEERCRED (pid, uid, gid, read at connect), SO_PEERGROUPS (its
-supplementary groups, Linux >= 4.13), its parent chain (lineage.py) and its cgroup from
-/proc. Nothing here reads the peer's environment: anyone can set WATCHKEEPER_* variables.
+supplementary groups, Linux >= 4.13) and its cgroup from /proc (its parent chain:
+lineage.py). Nothing here reads the peer's environment: anyone can set WATCHKEEPER_* variables.
 """
 
 from __future__ import annotations
@@ -11,19 +11,8 @@ import errno
 import socket
 import struct
 
-from .lineage import ancestry
-
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux; Python names it from 3.13 on
 MAX_GROUPS = 65536
-
-
-def descends_from(pid: int, ancestor: int) -> bool | None:
-    """Is `ancestor` a strict ancestor of `pid`? None when /proc does not let us know (the
-    peer is gone, or hidden from us by ProtectProc=invisible)."""
-    chain = ancestry(pid)
-    if not chain:
-        return None
-    return ancestor in chain[1:]
 
 
 def cgroup_of(pid: int) -> str | None:

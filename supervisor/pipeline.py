@@ -398,7 +398,6 @@ class Pipeline:
             delay = backoff_delay_s(retries, min(run.attempt, 20))
             rt.transition(AgentState.BACKOFF, retry_in_s=round(delay, 2))
             attempt = run.attempt + 1
-            rt.retry_fire = Fire(rt.name, run.job.id, "retry", time.time())
             rt.retry_timer = self.timers.call_later(
                 delay, lambda: self._retry(rt, run.job.id, attempt))
             return
@@ -406,7 +405,7 @@ class Pipeline:
         self._start_queued(rt)
 
     def _retry(self, rt: AgentRuntime, job_id: str, attempt: int) -> None:
-        rt.retry_timer = rt.retry_fire = None
+        rt.retry_timer = None
         job = rt.job(job_id)
         if rt.state != AgentState.BACKOFF:
             return

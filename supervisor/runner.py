@@ -7,7 +7,6 @@ process, carries its bookkeeping and turns its output into bounded log lines.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -254,4 +253,3 @@ def read_pipe(run: Run, fd: int, max_line_bytes: int) -> tuple[list[str], bool]:
     return buf.feed(data), False
 
 
-TERM_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGKILL: "SIGKILL"}

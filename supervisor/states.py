@@ -33,8 +33,6 @@ AGENT_TRANSITIONS: dict[AgentState, frozenset[AgentState]] = {
     AgentState.REMOVED: frozenset(),
 }
 
-ACTIVE_AGENT_STATES = frozenset({AgentState.RUNNING, AgentState.STOPPING})
-
 
 class RunState(enum.StrEnum):
     RUNNING = "running"

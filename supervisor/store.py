@@ -195,12 +195,6 @@ class Store:
         runs = self.recent_runs(agent, 1)
         return runs[0] if runs else None
 
-    def last_finished_runs(self) -> dict[str, RunRecord]:
-        rows = self.db.execute(
-            "SELECT r.* FROM runs r JOIN (SELECT agent, MAX(started) AS s FROM runs "
-            "WHERE ended IS NOT NULL GROUP BY agent) m ON r.agent=m.agent AND r.started=m.s")
-        return {r["agent"]: RunRecord(**dict(r)) for r in rows}
-
     @_record
     def prune_runs(self, older_than_s: float, now: float | None = None) -> int:
         cutoff = (time.time() if now is None else now) - older_than_s
@@ -255,11 +249,6 @@ class Store:
             "UNION ALL SELECT time, agent, 'usage', '', '', tokens, cost FROM usage "
             "WHERE time > ? ORDER BY 1", (since, since, *uncounted_triggers, since))
         return [StoredEvent(*row) for row in rows]
-
-    def usage_totals(self, since: float) -> dict[str, dict]:
-        rows = self.db.execute("SELECT agent, SUM(tokens), SUM(cost), COUNT(*) FROM usage "
-                               "WHERE time >= ? GROUP BY agent", (since,))
-        return {r[0]: {"tokens": r[1], "cost": r[2], "calls": r[3]} for r in rows}
 
     # -- flags and small values ------------------------------------------------------------
     @_record
