@@ -97,6 +97,7 @@ class WebhookSettings(_Settings):
     """A Slack- or Discord-compatible incoming webhook."""
 
     url: str
+    """http:// or https:// with a host (configload checks it without echoing the URL)."""
     timeout_s: PositiveDuration = 5.0
     retries: Annotated[int, msgspec.Meta(ge=0)] = 3
     """Ignored since the alert outbox, which retries every failed attempt until
@@ -105,13 +106,6 @@ class WebhookSettings(_Settings):
     """First retry delay; it doubles after each failed attempt."""
     backoff_max_s: PositiveDuration = 30.0
     """Cap on the retry delay."""
-
-    def __post_init__(self) -> None:
-        parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            # Never echo the URL: its path is the webhook's secret.
-            raise ValueError(f"alerts.webhooks[].url must be an http:// or https:// URL with a "
-                             f"host; got scheme {parts.scheme or '(none)'!r}")
 
     def __repr__(self) -> str:
         return f"WebhookSettings(url={redact_url(self.url)!r}, timeout_s={self.timeout_s})"

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import msgspec
 
-from .config_ranges import PositiveDuration
+from .config_ranges import Amount, PositiveDuration
 
 Count = Annotated[int, msgspec.Meta(ge=1)]
 
@@ -57,7 +57,7 @@ class SpendBudget(_Settings):
 
     max_tokens: Count | None = None
     """Tokens allowed in the window; null: not enforced."""
-    max_cost: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    max_cost: Amount | None = None
     """Cost allowed in the window (the unit agents report); null: not enforced."""
     window_s: PositiveDuration = 3600.0
     """Length of the sliding window."""

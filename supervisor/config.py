@@ -21,6 +21,8 @@ from .config_ranges import (
     CountOrZero,
     Duration,
     Fraction,
+    Identifier,
+    Megabytes,
     Port,
     PositiveDuration,
     Uid,
@@ -56,7 +58,7 @@ class Schedule(_Section, kw_only=True):
     """IANA time zone of the cron expression."""
     every_s: PositiveDuration | None = None
     """Fixed interval in seconds."""
-    after: list[str] | None = None
+    after: Annotated[list[str], msgspec.Meta(min_length=1)] | None = None
     """Run when a run of any of these agents succeeds."""
     always: bool = False
     """A long-running agent: kept up and restarted when it exits."""
@@ -85,9 +87,9 @@ class Retries(_Section, kw_only=True):
 
 
 class Job(_Section, kw_only=True):
-    id: str
+    id: Identifier
     """Job id, unique within the agent (lowercase letters, digits, - and _)."""
-    command: list[str] | str
+    command: Annotated[list[str], msgspec.Meta(min_length=1)] | str
     """argv list; a string only with shell: true. A first element `{python}` means the
     daemon's own Python interpreter."""
     shell: bool = False
@@ -138,7 +140,7 @@ class AgentSpec(_Section, kw_only=True):
     healthy_after_s: PositiveDuration = 10.0
     """An `always` run that lived this long counts as healthy: its exit restarts at once."""
     # 0 would stop every run at once, and the guard then raised before relieving memory.
-    memory_max_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    memory_max_mb: Megabytes | None = None
     """A run whose process tree uses more than this is stopped (reason: memory)."""
     memory_priority: MemoryPriority = MemoryPriority.NORMAL
     """`low`: the first run stopped under memory pressure, after orphaned Chrome."""

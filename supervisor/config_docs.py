@@ -15,7 +15,7 @@ import typing
 import msgspec
 
 from .config import AgentSpec, Job, Settings
-from .config_ranges import describe, meta_of
+from .config_ranges import describe, meta_of, shape_of
 
 
 def _field_docs(cls: type) -> dict[str, str]:
@@ -64,9 +64,15 @@ def _struct_of(hint) -> type | None:
 
 def _type_name(hint) -> str:
     if typing.get_origin(hint) is typing.Annotated:
-        meta = meta_of(hint)
+        meta, shape = meta_of(hint), shape_of(hint)
         base = _type_name(hint.__origin__)
-        return f"{base} ({describe(meta)})" if meta is not None else base
+        if shape is not None and shape.extra:
+            return f"{base} ({shape.extra['what']})"
+        if meta is None:
+            lengths = [m.min_length for m in hint.__metadata__
+                       if isinstance(m, msgspec.Meta) and m.min_length]
+            return f"{base} (at least {lengths[0]})" if lengths else base
+        return f"{base} ({describe(meta)})"
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         return " \\| ".join(str(m.value) for m in hint)
     if isinstance(hint, type):

@@ -3,6 +3,14 @@
 Every problem is reported as `file:line: field.path: what is wrong (what would be valid)`,
 and every problem in every file is collected before ConfigError is raised, so that
 `watchkeeper check-config` shows them all at once.
+
+One mechanism validates values: the schema. Every range, enum and shape (job ids, identifiers,
+non-empty lists) is declared on the fields (config.py, config_ranges.py) and msgspec rejects
+what breaks it. This loader adds only what a schema cannot express, each under "checks a
+schema cannot express" below: relations between fields (`_check_relations`, `_check_job`,
+`_check_schedule`), facts of the host (users, groups, time zones, the agents directory),
+references between files (depends_on, after: and its cycles, breaker overrides), a cron
+expression's grammar, and NUL bytes in what reaches exec().
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import grp
 import math
 import os
 import re
+import urllib.parse
 from pathlib import Path
 
 import msgspec
@@ -20,12 +29,14 @@ import yaml
 from .config import AgentSpec, Job, Settings
 from .config_env import expand_values
 from .config_hints import value_at
+from .config_ranges import IDENTIFIER_PATTERN
 from .errors import ConfigError
 from .identity import name_problems, uid_range_problems, user_problems
+from .memory_settings import check_schema
 from .safefile import read_capped
 from .yamlguard import YamlTooComplex, check_events, check_expansion
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")  # with fullmatch: no trailing newline
+NAME_RE = re.compile(IDENTIFIER_PATTERN)  # an agent named by its file name, as a job id
 CONFIG_ENV = "WATCHKEEPER_CONFIG"
 # The field named by problems of a whole file (bad YAML, empty, not a mapping), so that every
 # issue reads `file:line: field: problem`.
@@ -190,6 +201,14 @@ def _convert(doc: _Document, data, struct: type, prefix: str, issues: list[Confi
             from .config_ranges import range_message
 
             message = range_message(message, _hint_at(struct, schema_sub), value_at(data, sub))
+        elif message.startswith("Expected `array` of length"):
+            from .config_ranges import length_message
+
+            message = length_message(message, value_at(data, sub))
+        elif message.startswith("Expected `str` matching regex"):
+            from .config_ranges import shape_message
+
+            message = shape_message(_hint_at(struct, schema_sub), value_at(data, sub)) or message
         elif message.startswith("Expected `object`"):
             from .config_hints import object_hint
 
@@ -272,8 +291,9 @@ def _struct_at(struct: type, sub: str) -> type | None:
 
 
 def _check_numbers(doc: _Document, struct, at: str, issues: list[ConfigIssue]) -> None:
-    """Every float is finite: a range without an upper bound in the schema (config_ranges.py)
-    lets `.inf` through, and `.nan` compares false with everything."""
+    """Every float in a free-form value (steward.schemas, typed Any) is finite: `.nan`
+    compares false with everything. Typed numeric settings need no such walk: each has a
+    bounded range in the schema (config_ranges.py), which `.inf` and `.nan` fail."""
     stack = [(struct, at)]
     while stack:
         node, path = stack.pop()
@@ -288,15 +308,46 @@ def _check_numbers(doc: _Document, struct, at: str, issues: list[ConfigIssue]) -
             issues.append(doc.issue(path, f"{node} is not a finite number"))
 
 
+# -- checks a schema cannot express ---------------------------------------------------------
+
+
+def _check_relations(doc: _Document, settings: Settings, issues: list[ConfigIssue]) -> None:
+    """The main file's relations between fields, which no per-field constraint can state."""
+    mem = settings.memory_guard
+    if not mem.clear_percent <= mem.warn_percent <= mem.act_percent:
+        issues.append(doc.issue("memory_guard", "memory percents must satisfy 0 <= clear_percent <= "
+                                f"warn_percent <= act_percent <= 100, got clear="
+                                f"{mem.clear_percent:g} warn={mem.warn_percent:g} "
+                                f"act={mem.act_percent:g}"))
+    if not mem.fast_interval_s <= mem.slow_interval_s:
+        issues.append(doc.issue("memory_guard", "memory intervals must satisfy 0 < fast_interval_s <= "
+                                f"slow_interval_s, got fast={mem.fast_interval_s:g} "
+                                f"slow={mem.slow_interval_s:g}"))
+    if settings.storage.backend == "postgresql" and not settings.storage.dsn:
+        issues.append(doc.issue("storage.dsn", "required with backend postgresql "
+                                "(e.g. postgresql://watchkeeper@localhost/watchkeeper)",
+                                line_of="storage"))
+    for glob, schema in settings.steward.schemas.items():
+        try:
+            check_schema(schema, where=f"steward.schemas[{glob!r}]")
+        except ValueError as exc:
+            issues.append(doc.issue(f"steward.schemas.{glob}", str(exc)))
+    hooks = [(f"alerts.webhooks[{i}]", hook) for i, hook in enumerate(settings.alerts.webhooks)]
+    if settings.alerts.escalation is not None:
+        hooks += [(f"alerts.escalation.webhooks[{i}]", hook)
+                  for i, hook in enumerate(settings.alerts.escalation.webhooks)]
+    for at, hook in hooks:
+        parts = urllib.parse.urlsplit(hook.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            # Never echo the URL: its path is the webhook's secret.
+            issues.append(doc.issue(f"{at}.url", "must be an http:// or https:// URL with a "
+                                    f"host; got scheme {parts.scheme or '(none)'!r}"))
+
+
 def _check_job(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]) -> None:
-    if not NAME_RE.fullmatch(job.id):
-        issues.append(doc.issue(f"{at}.id", f"{job.id!r} is not a valid id "
-                                "(lowercase letters, digits, '-' and '_', at most 64)"))
     if isinstance(job.command, str) and not job.shell:
         issues.append(doc.issue(f"{at}.command", "a string command needs `shell: true`; "
                                 "give an argv list instead, e.g. [python3, agent.py]"))
-    if isinstance(job.command, list) and not job.command:
-        issues.append(doc.issue(f"{at}.command", "the argv list is empty"))
     _check_schedule(doc, job, f"{at}.schedule", issues)
     _check_spawn_inputs(doc, job, at, issues)
 
@@ -351,8 +402,6 @@ def _check_schedule(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]
             issues.append(doc.issue(f"{at}.cron", f"{sched.cron!r} is not a valid cron "
                                     f"expression ({exc}; five fields: minute hour day month "
                                     "weekday, or six with seconds first)"))
-    if sched.after is not None and not sched.after:
-        issues.append(doc.issue(f"{at}.after", "names no agent"))
 
 
 def _agent_files(agents_dir: Path, doc: _Document, issues: list[ConfigIssue]) -> list[Path]:
@@ -525,6 +574,7 @@ def load_config(path: Path | str | None = None) -> Config:
         settings = Settings(agents_dir=agents_dir) if usable else Settings()
     else:
         _check_numbers(doc, settings, "", issues)
+        _check_relations(doc, settings, issues)
         for problem in user_problems(settings.agent_user):
             issues.append(doc.issue("agent_user", problem))
         paths_ok = True

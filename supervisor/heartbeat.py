@@ -18,12 +18,11 @@ import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
 
 import msgspec
 import structlog
 
-from .config_ranges import Duration, PositiveDuration
+from .config_ranges import Duration, Multiple, PositiveDuration
 from .safefile import UnsafeFile, open_regular
 
 log = structlog.get_logger("watchkeeper.heartbeat")
@@ -54,7 +53,7 @@ class HeartbeatSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True
     interval_s: PositiveDuration = 300.0
     """How often the agent is expected to heartbeat."""
     # Stale after interval_s * stale_multiple: one late beat is jitter, three missed beats are not.
-    stale_multiple: Annotated[float, msgspec.Meta(ge=1)] = 3.0
+    stale_multiple: Multiple = 3.0
     on_stale: OnStale = OnStale.LOG
     """A running agent's stale heartbeat: log, restart the run, or kill it."""
     first_beat_grace_s: Duration = 30.0

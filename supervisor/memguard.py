@@ -25,7 +25,7 @@ import msgspec
 import psutil
 import structlog
 
-from supervisor.config_ranges import Duration, Percent, PositiveDuration
+from supervisor.config_ranges import Duration, Megabytes, Percent, PositiveDuration
 from supervisor.procscan import (
     HostMemorySource,
     LiveRun,
@@ -51,11 +51,14 @@ class AgentMemorySettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     """Per-agent memory keys: `memory_priority` and `memory_max_mb`."""
 
     memory_priority: MemoryPriority = MemoryPriority.NORMAL
-    memory_max_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    memory_max_mb: Megabytes | None = None
 
 
 class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """Config section `memory`; defaults suit a 4 GB VPS."""
+    """Config section `memory`; defaults suit a 4 GB VPS.
+
+    configload checks clear_percent <= warn_percent <= act_percent and fast_interval_s <=
+    slow_interval_s (relations a per-field range cannot state)."""
 
     warn_percent: Percent = 80.0
     """Memory used (of total, counting reclaimable cache as free) that logs a warning and
@@ -100,16 +103,6 @@ class MemoryGuardSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=Tr
     init."""
     # Measure pressure against this cgroup's limit instead of the whole machine.
     scope_cgroup: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.clear_percent <= self.warn_percent <= self.act_percent <= 100:
-            raise ValueError(
-                "memory percents must satisfy 0 <= clear_percent <= warn_percent <= act_percent"
-                f" <= 100, got clear={self.clear_percent} warn={self.warn_percent}"
-                f" act={self.act_percent}")
-        if not 0 < self.fast_interval_s <= self.slow_interval_s:
-            raise ValueError("memory intervals must satisfy 0 < fast_interval_s <= slow_interval_s"
-                             f", got fast={self.fast_interval_s} slow={self.slow_interval_s}")
 
 
 class Level(enum.StrEnum):

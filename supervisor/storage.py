@@ -7,15 +7,12 @@ between every daemon configured with the same `dsn` and `schema` (supervisor/pg/
 
 from __future__ import annotations
 
-import re
 import socket
 from typing import Literal
 
 import msgspec
 
-from .config_ranges import PositiveDuration
-
-SCHEMA_NAME_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}\Z")
+from .config_ranges import PositiveDuration, SqlIdentifier
 
 
 class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -26,10 +23,10 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     that uses the same dsn and schema (docs/postgresql.md)."""
     dsn: str = ""
     """libpq connection string or URI, e.g. `postgresql://watchkeeper@db/watchkeeper`;
-    required with backend postgresql."""
+    required with backend postgresql (configload checks it)."""
     host_name: str = ""
     """This daemon's name among the hosts; empty: the machine's host name. Unique per daemon."""
-    schema: str = "watchkeeper"
+    schema: SqlIdentifier = "watchkeeper"
     """PostgreSQL schema holding the tables; one schema is one pipeline."""
     leader_lease_s: PositiveDuration = 10.0
     """A leader that stops renewing is replaced after at most this long (plus poll_s)."""
@@ -45,14 +42,6 @@ class StorageSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, 
     """Connecting to PostgreSQL gives up after this long."""
     statement_timeout_s: PositiveDuration = 10.0
     """A statement running longer is cancelled, so a stuck server cannot freeze the loop."""
-
-    def __post_init__(self) -> None:
-        if self.backend == "postgresql" and not self.dsn:
-            raise ValueError("storage.dsn is required with backend postgresql "
-                             "(e.g. postgresql://watchkeeper@localhost/watchkeeper)")
-        if not SCHEMA_NAME_RE.fullmatch(self.schema):
-            raise ValueError(f"storage.schema {self.schema!r} is not a plain identifier "
-                             "(lowercase letters, digits and '_', at most 63)")
 
     @property
     def host(self) -> str:

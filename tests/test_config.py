@@ -217,3 +217,65 @@ def test_defaults_of_every_section_validate():
     """The defaults of the whole schema round-trip through validation unchanged."""
     defaults = msgspec.to_builtins(Settings())
     assert msgspec.convert(defaults, Settings) == Settings()
+
+
+def test_relations_between_fields_are_refused_with_file_line_and_field(tmp_path):
+    """The checks a schema cannot express (the loader's `_check_relations`) still say
+    file:line: field: problem: memory thresholds out of order, postgresql without a dsn, a
+    steward schema outside the subset, a webhook URL that is not http(s) (never echoed)."""
+    main = """\
+    state_dir: st
+    memory_guard:
+      clear_percent: 85
+      fast_interval_s: 30
+    storage:
+      backend: postgresql
+    steward:
+      schemas:
+        "notes/*": {type: object, patternProperties: {}}
+    alerts:
+      webhooks:
+        - url: file:///etc/s3cr3t
+    """
+    found = issues(write(tmp_path, main, {"a": GOOD_JOB}))
+    wk = f"{tmp_path}/wk.yaml"
+    assert f"{wk}:2: memory_guard: memory percents must satisfy 0 <= clear_percent <= " \
+           "warn_percent <= act_percent <= 100, got clear=85 warn=80 act=87" in found
+    assert f"{wk}:2: memory_guard: memory intervals must satisfy 0 < fast_interval_s <= " \
+           "slow_interval_s, got fast=30 slow=10" in found
+    assert f"{wk}:5: storage.dsn: required with backend postgresql " \
+           "(e.g. postgresql://watchkeeper@localhost/watchkeeper)" in found
+    assert any(f.startswith(f"{wk}:9: steward.schemas.notes/*: ") and "patternProperties" in f
+               for f in found)
+    assert f"{wk}:12: alerts.webhooks[0].url: must be an http:// or https:// URL with a " \
+           "host; got scheme 'file'" in found
+    assert not any("s3cr3t" in f for f in found)
+
+
+def test_shapes_in_the_schema_are_refused_with_file_line_and_field(tmp_path):
+    """Job ids, identifiers, bare file names and non-empty lists are declared in the schema;
+    a value of the wrong shape is refused with file:line: field: what would be valid."""
+    agent = """\
+    jobs:
+      - id: Main
+        command: []
+        schedule: {after: []}
+    """
+    # msgspec stops at the first bad field of a file: one shape per load.
+    main = "state_dir: st\nstorage:\n  schema: Bad-Name\n"
+    assert issues(write(tmp_path, main, {"a": agent})) == [
+        f"{tmp_path}/wk.yaml:3: storage.schema: 'Bad-Name' is not a plain identifier "
+        "(lowercase letters, digits and '_', at most 63)",
+        f"{tmp_path}/agents.d/a.yaml:2: jobs[0].id: 'Main' is not a valid id "
+        "(lowercase letters, digits, '-' and '_', at most 64)"]
+    agent = agent.replace("Main", "main")
+    main = "state_dir: st\nsteward:\n  db_file: a/b.db\n"
+    found = issues(write(tmp_path, main, {"a": agent}))
+    assert found[0] == f"{tmp_path}/wk.yaml:3: steward.db_file: 'a/b.db' is not a bare file " \
+                       "name (no '/')"
+    assert found[1] == f"{tmp_path}/agents.d/a.yaml:3: jobs[0].command: the list is empty " \
+                       "(valid: at least 1 item)"
+    agent = agent.replace("command: []", "command: [x]")
+    assert issues(write(tmp_path, "state_dir: st\n", {"a": agent})) == [
+        f"{tmp_path}/agents.d/a.yaml:4: jobs[0].schedule.after: the list is empty "
+        "(valid: at least 1 item)"]

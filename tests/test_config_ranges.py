@@ -99,7 +99,7 @@ ISSUE_EXAMPLES = [  # issue #17: values check-config accepted
     (MAIN, "tick_s: -5\n", "tick_s: -5 is out of range"),
     (MAIN, "stop_grace_s: -1\n", "stop_grace_s: -1 is out of range (valid: >= 0"),
     (MAIN, "run_history_days: -1\n", "run_history_days: -1 is out of range (valid: > 0"),
-    (AGENT, "memory_max_mb: 0\n", "memory_max_mb: 0 is out of range (valid: > 0)"),
+    (AGENT, "memory_max_mb: 0\n", "memory_max_mb: 0 is out of range (valid: > 0, <= 1073741824)"),
 ]
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from supervisor.memory_settings import check_schema
 from supervisor.memory_store import (
     ADMIN_AGENT,
     HistoryOp,
@@ -174,7 +175,7 @@ def test_schema_subset_checks_items_enum_and_closed_objects() -> None:
 def test_settings_refuse_unsupported_schema_keywords() -> None:
     """A schema keyword outside the subset is a config error that lists the supported ones."""
     with pytest.raises(ValueError, match="unsupported keyword.*pattern.*supported"):
-        StewardSettings(schemas={"seo": {"type": "string", "pattern": "^a"}})
+        check_schema({"type": "string", "pattern": "^a"}, where="steward.schemas['seo']")
 
 
 def test_settings_defaults() -> None:
