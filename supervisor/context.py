@@ -237,6 +237,16 @@ class ContextRetriever:
     # is the weaker signal, so it adds at most 0.6 to a lexical score scaled to at most 1.
     SEMANTIC_WEIGHT = 0.6
     NEIGHBOUR_FACTOR = 0.7  # a neighbour ranks at this share of its hit's score
+    PREVIOUS_NEIGHBOUR_FACTOR: float | None = None  # the entry before, if not the same share
+    TEMPORAL_BOOST = TEMPORAL_BOOST
+    # Pseudo-relevance feedback: the query vector moves toward its best FEEDBACK_DEPTH hits.
+    FEEDBACK_WEIGHT = 0.0
+    FEEDBACK_DEPTH = 3
+    # Session-level evidence: a candidate gains a share of its session's strength.
+    SESSION_WEIGHT = 0.0
+    SESSION_DEPTH = 3
+    # An entry said by someone the query names ranks this share higher.
+    SPEAKER_BOOST = 0.0
 
     def __init__(self, backend: RetrievalBackend, semantic: SemanticIndex | None = None,
                  semantic_off: str = "no semantic index configured") -> None:
@@ -280,7 +290,8 @@ class ContextRetriever:
             seen = len(ranked)
             if said_by is not None:
                 ranked = [r for r in ranked if said_by(r.candidate)]
-            hits = pack(ranked, cap, token_budget, neighbours, self.NEIGHBOUR_FACTOR)
+            hits = pack(ranked, cap, token_budget, neighbours, self.NEIGHBOUR_FACTOR,
+                        self.PREVIOUS_NEIGHBOUR_FACTOR)
             if not self._may_fill_more(hits, seen, limit, cap, token_budget):
                 break
             limit = min(limit * 4, MAX_BUDGET_CANDIDATES)
@@ -305,7 +316,7 @@ class ContextRetriever:
         ranked = self._rank(query, namespaces, limit)
         if not WHEN_QUESTION.search(query):
             return ranked
-        boosted = [r._replace(score=r.score * (1 + TEMPORAL_BOOST))
+        boosted = [r._replace(score=r.score * (1 + self.TEMPORAL_BOOST))
                    if RELATIVE_TIME.search(r.candidate.value_json) else r for r in ranked]
         boosted.sort(key=lambda r: -r.score)
         return boosted
@@ -313,12 +324,76 @@ class ContextRetriever:
     def _rank(self, query: str, namespaces: Sequence[str] | None, limit: int) -> list[Ranked]:
         lexical = self.backend.candidates(query_terms(query), namespaces, limit)
         if self.semantic is None:
-            return [Ranked(c, c.score, place, None) for place, c in enumerate(lexical, 1)]
-        near = self.semantic.nearest(query, namespaces, limit)
+            ranked = [Ranked(c, c.score, place, None) for place, c in enumerate(lexical, 1)]
+        else:
+            vector = self.semantic.query_vector(query)
+            ranked = self._fused(lexical, vector, namespaces, limit)
+            if self.FEEDBACK_WEIGHT > 0 and ranked:
+                top = [r.candidate.entry_id for r in ranked[:self.FEEDBACK_DEPTH]
+                       if r.candidate.entry_id is not None]
+                vector = self.semantic.expanded(vector, top, self.FEEDBACK_WEIGHT)
+                ranked = self._fused(lexical, vector, namespaces, limit)
+        ranked = speaker_boost(ranked, query, self.SPEAKER_BOOST)
+        return session_boost(ranked, self.SESSION_WEIGHT, self.SESSION_DEPTH)
+
+    def _fused(self, lexical: Sequence[Candidate], vector, namespaces: Sequence[str] | None,
+               limit: int) -> list[Ranked]:
+        near = self.semantic.nearest_to(vector, namespaces, limit)
         cosine = {entry_id: score for entry_id, _, score in near}
         semantic = [c._replace(score=cosine[c.entry_id]) for c in
                     self.backend.by_ids([(entry_id, version) for entry_id, version, _ in near])]
         return fuse(lexical, semantic, self.SEMANTIC_WEIGHT)
+
+
+def speaker_boost(ranked: list[Ranked], query: str, boost: float) -> list[Ranked]:
+    """Candidates whose "speaker" the query names (a word of it, any case) scaled by 1 + boost.
+
+    "What does Melanie do to destress?" is most often answered by what Melanie said; her name
+    is one word among many to BM25 and a frequent, so light, token to the embedding.
+    """
+    if boost <= 0 or not ranked:
+        return ranked
+    words = {word.casefold() for word in _WORD.findall(query)}
+    boosted = []
+    for r in ranked:
+        speaker = speaker_of(r.candidate)
+        named = speaker is not None and all(
+            part in words for part in _WORD.findall(speaker.casefold()))
+        boosted.append(r._replace(score=r.score * (1 + boost)) if named else r)
+    boosted.sort(key=lambda r: (-r.score, r.candidate.namespace, r.candidate.key))
+    return boosted
+
+
+def session_boost(ranked: list[Ranked], weight: float, depth: int) -> list[Ranked]:
+    """Candidates re-ranked with a share of their session's strength, best first.
+
+    A session is the key's parent path ("s03" of "s03/t012"), within one namespace; its
+    strength is the sum of its `depth` best scores, scaled so the strongest session has the
+    best candidate's score. A turn in a session that talks about the question's topic beats
+    an equally scored turn that matched one word alone. Flat keys have no session.
+    """
+    if weight <= 0 or not ranked:
+        return ranked
+    per_session: dict[tuple[str, str], list[float]] = {}
+    for r in ranked:
+        parent, slash, _ = r.candidate.key.rpartition("/")
+        if slash:
+            per_session.setdefault((r.candidate.namespace, parent), []).append(r.score)
+    if not per_session:
+        return ranked
+    strength = {s: sum(sorted(scores, reverse=True)[:depth])
+                for s, scores in per_session.items()}
+    strongest = max(strength.values())
+    if strongest <= 0:
+        return ranked
+    scale = weight * max(r.score for r in ranked) / strongest
+    boosted = []
+    for r in ranked:
+        parent, slash, _ = r.candidate.key.rpartition("/")
+        extra = strength[(r.candidate.namespace, parent)] * scale if slash else 0.0
+        boosted.append(r._replace(score=r.score + extra))
+    boosted.sort(key=lambda r: (-r.score, r.candidate.namespace, r.candidate.key))
+    return boosted
 
 
 def fuse(lexical: Sequence[Candidate], semantic: Sequence[Candidate],
@@ -348,7 +423,8 @@ def fuse(lexical: Sequence[Candidate], semantic: Sequence[Candidate],
 
 def pack(ranked: Iterable[Ranked], cap: float, token_budget: int | None,
          neighbours: Callable[[Candidate], list[Candidate]] | None = None,
-         neighbour_factor: float = 0.0) -> list[Hit]:
+         neighbour_factor: float = 0.0,
+         previous_factor: float | None = None) -> list[Hit]:
     """Greedy in rank order: take each candidate that fits what remains of the budget.
 
     With `neighbours`, each hit taken puts the entries beside it (the turn before and after, in
@@ -383,8 +459,10 @@ def pack(ranked: Iterable[Ranked], cap: float, token_budget: int | None,
         if neighbours is not None:
             for near in neighbours(cand):
                 if (near.namespace, near.key) not in taken:
-                    heapq.heappush(queue, (-r.score * neighbour_factor, next(order),
-                                           Ranked(near, r.score * neighbour_factor, None, None),
+                    share = (previous_factor if previous_factor is not None
+                             and near.key < cand.key else neighbour_factor)
+                    heapq.heappush(queue, (-r.score * share, next(order),
+                                           Ranked(near, r.score * share, None, None),
                                            f"{cand.namespace}/{cand.key}"))
     return hits
 
@@ -396,13 +474,24 @@ def speaker_filter(speakers: Sequence[str] | None) -> Callable[[Candidate], bool
     wanted = {name.casefold() for name in speakers}
 
     def said_by(cand: Candidate) -> bool:
-        try:
-            value = msgspec.json.decode(cand.value_json)
-        except msgspec.DecodeError:
-            return False
-        speaker = value.get("speaker") if isinstance(value, dict) else None
-        return isinstance(speaker, str) and speaker.casefold() in wanted
+        speaker = speaker_of(cand)
+        return speaker is not None and speaker.casefold() in wanted
     return said_by
+
+
+class _Spoken(msgspec.Struct):
+    speaker: str | None = None
+
+
+def speaker_of(cand: Candidate) -> str | None:
+    """The "speaker" member of an entry whose value is an object, if it is a non-empty string."""
+    if not cand.value_json.startswith("{"):
+        return None
+    try:
+        speaker = msgspec.json.decode(cand.value_json, type=_Spoken).speaker
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return speaker or None
 
 
 def candidate_limit(k: int | None, token_budget: int | None) -> int:
