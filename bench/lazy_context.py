@@ -279,6 +279,80 @@ def report(title: str, corpus: Corpus, systems: dict[str, Search], budgets: list
                   f"{cells} |")
 
 
+# -- leave-one-conversation-out -------------------------------------------------------------------
+
+# The ranking settings tried; each held-out score comes from the setting chosen on the others.
+GRID = {"SEMANTIC_WEIGHT": [0.6, 0.9], "SESSION_WEIGHT": [0.0, 0.2, 0.4],
+        "SPEAKER_BOOST": [0.0, 0.5, 1.0], "FEEDBACK_WEIGHT": [0.0, 0.5],
+        "PREVIOUS_NEIGHBOUR_FACTOR": [None, 0.55]}
+CV_BUDGETS = (1000, 2000)  # the objective: mean recall (cat. 1-4) at these budgets
+
+
+def recall_per_question(search: Search, corpus: Corpus, budget: int) -> list[float | None]:
+    """Each question's evidence recall; None for categories outside 1-4."""
+    return [len(q.evidence & set(search(q.text, budget, [q.namespace]))) / len(q.evidence)
+            if q.category in (1, 2, 3, 4) else None for q in corpus.questions]
+
+
+def cross_validate(wk: Watchkeeper, corpus: Corpus, grid: dict[str, list[float]]) -> None:
+    """Choose the ranking settings on two conversations, score the third, rotate.
+
+    Every setting of the grid is scored once per question; a fold then picks the setting with
+    the best objective on its two training conversations and reports it on the held-out one.
+    """
+    import itertools as it
+
+    names = list(grid)
+    settings = [dict(zip(names, values, strict=True)) for values in it.product(*grid.values())]
+    scores: list[dict[int, list[float | None]]] = []
+    started = time.monotonic()
+    for setting in settings:
+        retriever = ContextRetriever(wk.backend, wk.index)
+        for name, value in setting.items():
+            setattr(retriever, name, value)
+        scores.append({b: recall_per_question(wk.search(retriever), corpus, b)
+                       for b in CV_BUDGETS})
+    convs = sorted({q.namespace for q in corpus.questions})
+
+    def objective(i: int, keep: Callable[[str], bool], budget: int | None = None) -> float:
+        cells = [r for b in ([budget] if budget else CV_BUDGETS)
+                 for q, r in zip(corpus.questions, scores[i][b], strict=True)
+                 if r is not None and keep(q.namespace)]
+        return statistics.mean(cells)
+
+    print(f"\n### leave-one-conversation-out over {len(settings)} settings "
+          f"({time.monotonic() - started:.0f} s), objective: mean recall at "
+          f"{' and '.join(map(str, CV_BUDGETS))} tokens\n")
+    print("| held out | chosen on the other two | " +
+          " | ".join(f"held-out recall at {b:,}" for b in CV_BUDGETS) + " |")
+    print("|---|---|" + "---:|" * len(CV_BUDGETS))
+    held: dict[int, list[float]] = {b: [] for b in CV_BUDGETS}
+    for out in convs:
+        best = max(range(len(settings)), key=lambda i: objective(i, lambda ns, out=out: ns != out))
+        cells = []
+        for b in CV_BUDGETS:
+            held[b].append(objective(best, lambda ns, out=out: ns == out, b))
+            cells.append(f"{100 * held[b][-1]:.1f}%")
+        print(f"| {out} | {_setting(settings[best])} | " + " | ".join(cells) + " |")
+    best = max(range(len(settings)), key=lambda i: objective(i, lambda ns: True))
+    print("| **mean of held-out** | | " +
+          " | ".join(f"**{100 * statistics.mean(held[b]):.1f}%**" for b in CV_BUDGETS) + " |")
+    print(f"| all three (dev, not held out) | {_setting(settings[best])} | " +
+          " | ".join(f"{100 * objective(best, lambda ns: True, b):.1f}%" for b in CV_BUDGETS)
+          + " |")
+    shipped = next((i for i, s in enumerate(settings) if all(
+        getattr(ContextRetriever, n) == v for n, v in s.items())), None)
+    if shipped is not None:
+        print(f"| shipped defaults on all three | {_setting(settings[shipped])} | " +
+              " | ".join(f"{100 * objective(shipped, lambda ns: True, b):.1f}%"
+                         for b in CV_BUDGETS) + " |")
+
+
+def _setting(setting: dict[str, object]) -> str:
+    return ", ".join(f"{name.lower()} {value:g}" if isinstance(value, float)
+                     else f"{name.lower()} {value}" for name, value in setting.items())
+
+
 def latency(state_dir: Path, questions: list[str], size: int, rounds: int) -> None:
     """Search p50/p99 over `size` entries (pipeline memories of several seeds), budget 2,000."""
     entries: list[tuple[str, str, object]] = []
@@ -318,6 +392,9 @@ def main() -> None:
     parser.add_argument("--budgets", help="token budgets (default 500,1000,2000,4000; "
                                               "--quick: 1000,2000)")
     parser.add_argument("--quick", action="store_true", help="two budgets, one latency pass")
+    parser.add_argument("--cross-validate", action="store_true",
+                        help="LoCoMo dev only: choose the ranking settings (GRID) on two "
+                             "conversations, score the third, rotate")
     args = parser.parse_args()
     budgets = [int(b) for b in (args.budgets or ("1000,2000" if args.quick else
                                                  "500,1000,2000,4000")).split(",")]
@@ -338,6 +415,12 @@ def main() -> None:
                        "watchkeeper lexical": wk.search(wk.lexical)}
             if wk.hybrid:
                 systems["watchkeeper hybrid"] = wk.search(wk.hybrid)
+            if args.cross_validate:
+                if not wk.hybrid:
+                    raise SystemExit("--cross-validate needs the [semantic] extra")
+                cross_validate(wk, corpus, GRID)
+                wk.close()
+                return
             report("LoCoMo dev: evidence recall by category", corpus, systems, budgets,
                    [1, 2, 3, 4, 5])
             wk.close()

@@ -12,12 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from supervisor.context import (
+    Candidate,
     ContextRetriever,
     Fts5Backend,
+    Ranked,
     estimate_tokens,
     fts_query,
+    pack,
     query_terms,
     render,
+    session_boost,
+    speaker_boost,
     total_tokens,
 )
 from supervisor.memory_store import MemoryStore, Op, Update
@@ -211,3 +216,47 @@ def test_punctuation_or_operator_only_query_returns_a_list(retriever: ContextRet
                                                            query: str) -> None:
     """A query of only punctuation, quotes or FTS5 operators returns a list, never raises."""
     assert isinstance(retriever.search(query, token_budget=500), list)
+
+
+# -- re-ranking: sessions, speakers, the turn before -----------------------------------------------
+
+def ranked(*rows: tuple[str, float, str]) -> list[Ranked]:
+    """Ranked candidates from (key, score, value JSON), in the order given."""
+    return [Ranked(Candidate("chat", key, 1, value, score), score, place, None)
+            for place, (key, score, value) in enumerate(rows, 1)]
+
+
+def test_session_boost_lifts_a_turn_whose_session_matches_too() -> None:
+    """Of two equally scored turns, the one whose session holds other good matches ranks first;
+    flat keys keep their score, and a zero weight changes nothing."""
+    rows = ranked(("s01/t001", 1.0, "{}"), ("s02/t005", 1.0, "{}"),
+                  ("s02/t006", 0.8, "{}"), ("flat", 0.9, "{}"))
+    boosted = session_boost(rows, 0.5, 3)
+    assert [r.candidate.key for r in boosted][:2] == ["s02/t005", "s02/t006"]
+    assert next(r.score for r in boosted if r.candidate.key == "flat") == 0.9
+    assert session_boost(rows, 0.0, 3) is rows
+
+
+def test_speaker_boost_lifts_entries_said_by_someone_the_query_names() -> None:
+    """An entry whose "speaker" the query names (any case) outranks an equal one by another;
+    values that are not objects, or have no speaker, are left as they are."""
+    rows = ranked(("s01/t001", 1.0, '{"speaker":"Evan","text":"x"}'),
+                  ("s01/t002", 1.0, '{"speaker":"Maya Lin","text":"x"}'),
+                  ("s01/t003", 1.0, '"a plain string"'), ("s01/t004", 1.0, '{"text":"x"}'))
+    boosted = speaker_boost(rows, "what did maya lin bake?", 0.5)
+    assert boosted[0].candidate.key == "s01/t002" and boosted[0].score == 1.5
+    assert [r.score for r in boosted[1:]] == [1.0, 1.0, 1.0]
+    assert speaker_boost(rows, "what did Maya bake?", 0.5)[0].score == 1.0  # whole name only
+
+
+def test_the_turn_before_a_hit_can_rank_below_the_turn_after() -> None:
+    """With a smaller share for the previous entry, the reply to a hit is packed before the
+    turn that led to it."""
+    hit = ranked(("s01/t002", 1.0, '"hit"'))
+    around = {"s01/t002": [Candidate("chat", "s01/t001", 1, '"before"', 0.0),
+                           Candidate("chat", "s01/t003", 1, '"after"', 0.0)]}
+    hits = pack(hit, math.inf, 1000, lambda c: around.get(c.key, []), 0.7, 0.5)
+    assert [(h.key, h.score) for h in hits] == [("s01/t002", 1.0), ("s01/t003", 0.7),
+                                                ("s01/t001", 0.5)]
+    same = pack(hit, math.inf, 1000, lambda c: around.get(c.key, []), 0.7)
+    assert [h.score for h in same] == [1.0, 0.7, 0.7]

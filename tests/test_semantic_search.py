@@ -91,6 +91,25 @@ def test_a_changed_entry_is_embedded_again(chat) -> None:
     assert "s01/t003" not in [h.key for h in hybrid.search("What car do they drive?", k=1)]
 
 
+def test_feedback_moves_the_query_vector_toward_the_best_hits(chat) -> None:
+    """Pseudo-relevance feedback: the expanded vector is unit length and closer to the hits it
+    was given; with no known hit, or a zero weight, the query's vector is returned as it was."""
+    import numpy as np
+
+    _, indexer, _, _ = chat
+    index = indexer.index
+    query = index.query_vector("a new car")
+    answer_id = next(i for i, _, _ in index.nearest("Prius dealership", None, 1))
+    answer = index.nearest_to(query, None, 10)
+    expanded = index.expanded(query, [answer_id], 1.0)
+    assert abs(float(np.linalg.norm(expanded)) - 1.0) < 1e-5
+    before = dict((i, s) for i, _, s in answer)[answer_id]
+    after = dict((i, s) for i, _, s in index.nearest_to(expanded, None, 10))[answer_id]
+    assert after > before
+    assert index.expanded(query, [10**9], 1.0) is query
+    assert index.expanded(query, [answer_id], 0.0) is query
+
+
 def test_neighbours_of_a_hit_fill_the_remaining_budget(tmp_path: Path) -> None:
     """With a budget, the turns beside a hit (and theirs) come in, marked, within its session."""
     with MemoryStore(tmp_path) as store:

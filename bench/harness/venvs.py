@@ -23,8 +23,9 @@ def venv_specs() -> dict[str, list[str]]:
     """pip arguments of each venv by its name under bench/."""
     return {
         ".venv-harness": ["psutil>=5.9", "APScheduler>=3.11,<3.12"],
-        # With the postgresql extra: bench/postgres_vs_sqlite.py runs in this venv too.
-        ".venv-watchkeeper": ["-e", f"{REPO_DIR}[postgresql]"],
+        # With the postgresql extra: bench/postgres_vs_sqlite.py runs in this venv too; with
+        # the semantic extra, lazy_context.py --quick reports hybrid search beside lexical.
+        ".venv-watchkeeper": ["-e", f"{REPO_DIR}[postgresql,semantic]"],
         ".venv-supervisord": ["supervisor==4.3.0"],
     }
 
