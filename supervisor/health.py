@@ -20,6 +20,7 @@ from .cgroups import RunCgroups
 from .config import AgentSpec
 from .control.handlers import AGENT, command
 from .control.protocol import error, ok
+from .forkwatch import ForkWatch
 from .heartbeat import (
     DegradationTracker,
     OnStale,
@@ -42,8 +43,9 @@ from .states import Outcome, RunState, StopReason
 log = structlog.get_logger("watchkeeper.health")
 
 DEGRADED_CHECK_INTERVAL_S = 5.0
-# Process caps are checked this often while a run is live, not only on the tick (10 s by
-# default): a fork bomb makes thousands of processes in that time.
+# Process caps are checked this soon after our tree grew (forkwatch.py), or this often
+# while a run is live where the kernel does not tell us of forks; not only on the tick (10 s
+# by default): a fork bomb makes thousands of processes in that time.
 CAP_CHECK_INTERVAL_S = 0.25
 
 
@@ -64,6 +66,7 @@ class Health:
         self._caps_checked_at_pid: int | None = None
         self._inherited_agents: set[str] = set()  # degraded only through an upstream
         self._cap_timer = None
+        self._forks: ForkWatch | None = None  # None: caps are polled while runs live
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, daemon) -> None:
@@ -72,6 +75,10 @@ class Health:
         daemon.on_tick.append(self._tick)
         daemon.pipeline.on_run_started.append(self._arm_cap_checks)
         daemon.on_orphans_reaped.append(self._enforce_process_caps)
+        self._forks = ForkWatch.open({os.getpid()})
+        if self._forks is not None:
+            daemon.selector.register(self._forks.fileno(), selectors.EVENT_READ,
+                                     self._on_forks)
         self._make_guard()
 
     def reload(self, daemon) -> None:
@@ -81,6 +88,9 @@ class Health:
         if self._guard_timer is not None:
             self._guard_timer.cancel()
         self._close_pressure_trigger()
+        if self._forks is not None:
+            self._unwatch_forks()
+            self._forks.close()
 
     def _make_guard(self) -> None:
         daemon = self.daemon
@@ -285,7 +295,39 @@ class Health:
     def _cap_check_due(self) -> None:
         self._cap_timer = None
         self._enforce_process_caps()
-        if self.daemon.pipeline.runs or self.daemon.pipeline.ended_runs:
+        if self._forks is not None:
+            self._rewatch_forks()
+        elif self.daemon.pipeline.runs or self.daemon.pipeline.ended_runs:
+            self._arm_cap_checks()
+
+    def _on_forks(self, _mask: int) -> None:
+        """A watched process forked: check the caps once CAP_CHECK_INTERVAL_S has gathered
+        the burst; until then the watch is off the selector (a bomb is one wakeup)."""
+        self._forks.drain()
+        self._unwatch_forks()
+        self._arm_cap_checks()
+
+    def _unwatch_forks(self) -> None:
+        try:
+            self.daemon.selector.unregister(self._forks.fileno())
+        except (KeyError, ValueError):
+            pass
+
+    def _rewatch_forks(self) -> None:
+        # Not drained: forks queued since the walk are news (a wakeup, another check).
+        if self._forks.fileno() not in self.daemon.selector.get_map():
+            self.daemon.selector.register(self._forks.fileno(), selectors.EVENT_READ,
+                                          self._on_forks)
+
+    def _watch_tree(self, alive: set[int]) -> None:
+        """Watch forks of the tree just walked. A pid not watched before may have forked
+        between the walk and the new filter unseen: walk again soon, until the tree holds
+        still (every fork after that is seen)."""
+        if self._forks is None:
+            return
+        grew = not alive <= self._forks.watched
+        self._forks.watch(alive | {os.getpid()})
+        if grew:
             self._arm_cap_checks()
 
     def _enforce_process_caps(self) -> None:
@@ -325,6 +367,7 @@ class Health:
                 pipeline.stop_run(run, StopReason.PROCESS_CAP)
                 pipeline.kill_run(run)
         self._cap_leftovers(alive)
+        self._watch_tree(alive)
 
     def _cap_leftovers(self, alive: set[int]) -> None:
         """An ended run's leftovers in their grace period hold to the cap as well: a bomb
