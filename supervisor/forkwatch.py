@@ -8,14 +8,16 @@ attached to the socket lets through only forks whose parent is one of the pids t
 watches (its own tree, as last walked), so the socket becomes readable only when our tree
 grows and an idle daemon sleeps however busy the rest of the machine is.
 
-Listening needs CAP_NET_ADMIN in the initial user and pid namespaces: elsewhere `open()`
-returns None and the caller polls as before.
+Only in the initial pid namespace: the events name processes by the initial namespace's
+pids (a container's daemon would watch numbers that never match). Kernels before 6.6 also
+ask for CAP_NET_ADMIN. Elsewhere `open()` returns None and the caller polls as before.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import socket
 import struct
 
@@ -35,6 +37,8 @@ WHAT_OFFSET = 36
 PARENT_TGID_OFFSET = 56
 BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
 ACCEPT, DROP = 0xFFFFFFFF, 0
+# The inode numbers the kernel gives its initial pid and user namespaces (PROC_*_INIT_INO).
+INIT_PID_NS_INO, INIT_USER_NS_INO = 0xEFFFFFFC, 0xEFFFFFFD
 # cBPF programs hold at most 4096 instructions, two per pid: past this many pids every fork
 # on the machine passes (still rate-limited by the caller).
 MAX_FILTERED_PIDS = 2000
@@ -70,6 +74,9 @@ class ForkWatch:
     @classmethod
     def open(cls, parents: set[int]) -> ForkWatch | None:
         """A watch on forks of `parents`, or None (logged) where the kernel refuses us."""
+        if not in_initial_namespaces():
+            log.info("fork_watch_unavailable", error="not in the initial pid and user namespaces")
+            return None
         try:
             sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
                                  NETLINK_CONNECTOR)
@@ -119,3 +126,11 @@ class ForkWatch:
     def close(self) -> None:
         self._sock.close()
 
+
+
+def in_initial_namespaces() -> bool:
+    try:
+        return (os.stat("/proc/self/ns/pid").st_ino == INIT_PID_NS_INO
+                and os.stat("/proc/self/ns/user").st_ino == INIT_USER_NS_INO)
+    except OSError:
+        return False
