@@ -15,7 +15,7 @@ import time
 import structlog
 
 from .alerts import Alert, AlertKind
-from .cgroup_events import UsageThreshold
+from .cgroup_events import TrackedThreshold, UsageThreshold
 from .cgroups import RunCgroups
 from .config import AgentSpec
 from .control.handlers import AGENT, command
@@ -57,7 +57,7 @@ class Health:
         self.tracker = DegradationTracker()
         self.guard: MemoryGuard | None = None
         self._guard_timer = None
-        self._pressure: list[PressureTrigger | UsageThreshold] = []
+        self._pressure: list[PressureTrigger | UsageThreshold | TrackedThreshold] = []
         self._stale_runs: set[str] = set()  # runs whose stale heartbeat was already handled
         # run id -> wall-clock time its heartbeat can first turn stale: the file is read then,
         # not every tick (a beat only moves that time later).
@@ -122,6 +122,7 @@ class Health:
         if settings.scope_cgroup:
             triggers += UsageThreshold.open_percents(
                 settings.scope_cgroup, [settings.warn_percent, settings.act_percent])
+            triggers.append(TrackedThreshold.open(settings.scope_cgroup, settings.act_percent))
         for trigger in filter(None, triggers):
             self._pressure.append(trigger)
             self.daemon.selector.register(trigger.fileno(), selectors.EVENT_READ,
@@ -133,7 +134,8 @@ class Health:
             trigger.close()
         self._pressure = []
 
-    def _on_pressure(self, trigger: PressureTrigger | UsageThreshold, _mask: int) -> None:
+    def _on_pressure(self, trigger: PressureTrigger | UsageThreshold | TrackedThreshold,
+                     _mask: int) -> None:
         trigger.drain()
         if self._guard_timer is not None:
             self._guard_timer.cancel()
@@ -166,6 +168,9 @@ class Health:
         finally:
             delay = max(0.0, self.guard.next_tick_at - time.monotonic())
             self._guard_timer = self.daemon.timers.call_later(delay, self._guard_tick)
+            for trigger in self._pressure:
+                if isinstance(trigger, TrackedThreshold):
+                    trigger.retarget()  # follows the cache at the guard's own readings
         for action in actions:
             if isinstance(action, StopRun):
                 run = self.daemon.pipeline.runs.get(action.run_id)
