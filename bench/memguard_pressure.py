@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import uuid
+from datetime import datetime
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -251,7 +252,13 @@ def pressure_round(tmp: Path, cgroup: Path, url: str) -> dict:
                         if e["memory_level"] == "critical")
         notified = daemon.events("memory_pressure_notified")
         at_climb = notified[0]["samples"] - 1 if notified else critical["samples"]
-        return {"latency_ms": (gone - float(crossed[1])) * 1000,
+        wall_minus_mono = time.time() - time.monotonic()
+        timeline = [
+            f"{(datetime.fromisoformat(e['timestamp']).timestamp() - wall_minus_mono - float(crossed[1])) * 1000:+.0f} ms "
+            f"{e['event']} {e.get('memory_level', '')} {e.get('percent_used', '')} {e.get('path', '')} samples={e.get('samples')}"
+            for e in sorted(notified + daemon.events("memory_level_changed"),
+                            key=lambda e: e["timestamp"])]
+        return {"timeline": timeline,"latency_ms": (gone - float(crossed[1])) * 1000,
                 "renderers": len(targets), "start_percent": float(start[2]),
                 "readings": critical["samples"] - at_climb,
                 "kernel_wakeups": sum(1 for e in notified
@@ -268,6 +275,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one round (bench/run.py --quick)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="the guard's wakeups and level changes, from the crossing")
     args = parser.parse_args()
     if args.quick:
         args.rounds = 1
@@ -296,6 +305,8 @@ def main() -> int:
                       f"{f['start_percent']:.0f} %); guard readings during the climb "
                       f"{f['readings']} ({f['kernel_wakeups']} woken by the kernel, "
                       f"{f['readings_total']} since start) {machine_line()}", flush=True)
+                if args.verbose:
+                    print("\n".join(f"      {line}" for line in f["timeline"]))
                 print(f"  round {r}: floor, SIGTERM to a Chromium of our own until its renderers "
                       f"exited: {floor_ms(round_dir, url):.0f} ms {machine_line()}", flush=True)
     finally:
