@@ -34,13 +34,13 @@ SO_ATTACH_FILTER = 26
 # Offsets in a message: nlmsghdr (16 bytes), cn_msg (20), then proc_event: what (u32),
 # cpu (u32), timestamp_ns (u64), fork data: parent_pid, parent_tgid, child_pid, child_tgid.
 WHAT_OFFSET = 36
-PARENT_TGID_OFFSET = 56
-BPF_LD_W_ABS, BPF_JEQ_K, BPF_RET_K = 0x20, 0x15, 0x06
+PARENT_TGID_OFFSET, CHILD_PID_OFFSET, CHILD_TGID_OFFSET = 56, 60, 64
+BPF_LD_W_ABS, BPF_TAX, BPF_JEQ_K, BPF_JEQ_X, BPF_RET_K = 0x20, 0x07, 0x15, 0x1D, 0x06
 ACCEPT, DROP = 0xFFFFFFFF, 0
 # The inode numbers the kernel gives its initial pid and user namespaces (PROC_*_INIT_INO).
 INIT_PID_NS_INO, INIT_USER_NS_INO = 0xEFFFFFFC, 0xEFFFFFFD
-# cBPF programs hold at most 4096 instructions, two per pid: past this many pids every fork
-# on the machine passes (still rate-limited by the caller).
+# cBPF programs hold at most 4096 instructions, two per pid: past this many pids every
+# process fork on the machine passes (still rate-limited by the caller).
 MAX_FILTERED_PIDS = 2000
 
 
@@ -51,10 +51,17 @@ def _as_loaded(value: int) -> int:
 
 
 def fork_filter(parents: set[int] | None) -> list[tuple[int, int, int, int]]:
-    """A cBPF program accepting fork events whose parent (tgid) is in `parents`; with
-    None, every fork event."""
+    """A cBPF program accepting fork events of new processes (not threads: the kernel
+    reports those as forks too, naming the process's parent as theirs) whose parent (tgid)
+    is in `parents`; with None, of any parent."""
     prog = [(BPF_LD_W_ABS, 0, 0, WHAT_OFFSET),
             (BPF_JEQ_K, 1, 0, _as_loaded(PROC_EVENT_FORK)),
+            (BPF_RET_K, 0, 0, DROP),
+            # A new process is its own thread group leader: child_pid == child_tgid.
+            (BPF_LD_W_ABS, 0, 0, CHILD_TGID_OFFSET),
+            (BPF_TAX, 0, 0, 0),
+            (BPF_LD_W_ABS, 0, 0, CHILD_PID_OFFSET),
+            (BPF_JEQ_X, 1, 0, 0),
             (BPF_RET_K, 0, 0, DROP)]
     if parents is None:
         return [*prog, (BPF_RET_K, 0, 0, ACCEPT)]

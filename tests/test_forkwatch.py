@@ -70,3 +70,33 @@ def test_a_spawn_by_the_watching_process_is_reported():
         assert watch.drain() == 1
     finally:
         watch.close()
+
+
+THREADS_THEN_FORK = ("import os, threading, time\n"
+                     "for i in range(5):\n"
+                     "    t = threading.Thread(target=time.sleep, args=(0.001,))\n"
+                     "    t.start()\n"
+                     "    t.join()\n"
+                     "if os.fork() == 0:\n"
+                     "    os._exit(0)\n"
+                     "os.wait()\n")
+
+
+def test_threads_do_not_wake_the_watch():
+    """Threads started by a child of a watched process (which the kernel reports as forks
+    by that watched parent) queue nothing; the child's one fork after them is one event."""
+    watch = ForkWatch.open({os.getpid()})
+    require(watch is not None, "the proc connector needs CAP_NET_ADMIN in the initial namespaces")
+    try:
+        child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()\n"
+                                  + THREADS_THEN_FORK], stdin=subprocess.PIPE, text=True)
+        wait_until(lambda: _readable(watch), 10, message="the spawn was not reported")
+        assert watch.drain() == 1  # the spawn, by this process
+        watch.watch({os.getpid(), child.pid})
+        child.stdin.write("go\n")
+        child.stdin.close()
+        child.wait()
+        wait_until(lambda: _readable(watch), 10, message="the child's fork was not reported")
+        assert watch.drain() == 1
+    finally:
+        watch.close()
