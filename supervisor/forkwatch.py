@@ -10,7 +10,8 @@ grows and an idle daemon sleeps however busy the rest of the machine is.
 
 Only in the initial pid namespace: the events name processes by the initial namespace's
 pids (a container's daemon would watch numbers that never match). Kernels before 6.6 also
-ask for CAP_NET_ADMIN. Elsewhere `open()` returns None and the caller polls as before.
+ask for CAP_NET_ADMIN, and the shipped systemd unit's RestrictAddressFamilies= refuses
+AF_NETLINK. Elsewhere `open()` returns None and the caller polls as before.
 """
 
 from __future__ import annotations

@@ -299,11 +299,13 @@ class Health:
 
     def _cap_check_due(self) -> None:
         self._cap_timer = None
-        self._enforce_process_caps()
-        if self._forks is not None:
-            self._rewatch_forks()
-        elif self.daemon.pipeline.runs or self.daemon.pipeline.ended_runs:
-            self._arm_cap_checks()
+        try:
+            self._enforce_process_caps()
+        finally:  # a failed check must not leave the caps without a watch or a poll
+            if self._forks is not None:
+                self._rewatch_forks()
+            elif self.daemon.pipeline.runs or self.daemon.pipeline.ended_runs:
+                self._arm_cap_checks()
 
     def _on_forks(self, _mask: int) -> None:
         """A watched process forked: check the caps once CAP_CHECK_INTERVAL_S has gathered
