@@ -7,8 +7,8 @@ daemon's guard measures against it (`memory_guard.scope_cgroup`), as shipped oth
 In the same run, alternating: watchkeeper with its PSI trigger (the default
 `pressure_stall_ms`), watchkeeper with the trigger off (adaptive sampling only, the guard
 before the trigger), and supervisord, each with 5 idle programs (bench/harness). For
-each: the daemon's wakeups per second (its main thread's context switches) and its CPU
-seconds over the idle window. Every figure is printed with the machine's total memory and
+each: the daemon's wakeups per second (the context switches of all its threads) and its
+CPU seconds over the idle window. Every figure is printed with the machine's total memory and
 load average. Needs a writable memory cgroup (v1, or v2 with memory delegated) and 2 GiB
 of free memory. Figures are printed, never asserted.
 """
@@ -81,10 +81,19 @@ class SimulatedVps:
         self.path.rmdir()
 
 
-def main_thread_switches(pid: int) -> int:
-    text = Path(f"/proc/{pid}/task/{pid}/status").read_text()
-    return sum(int(line.split()[1]) for line in text.splitlines()
-               if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+def thread_switches(pid: int) -> dict[int, int]:
+    """Context switches of each of the daemon's threads: a thread of its own (an alert
+    sender, the steward, a control server) that polls wakes the machine as well."""
+    switches = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:
+            continue  # the thread ended
+        switches[int(task.name)] = sum(
+            int(line.split()[1]) for line in text.splitlines()
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")))
+    return switches
 
 
 def idle_figures(kind, python: Path, window_s: float, guard: dict | None) -> dict[str, float]:
@@ -99,10 +108,11 @@ def idle_figures(kind, python: Path, window_s: float, guard: dict | None) -> dic
         s.start_until_running()
         time.sleep(3)  # a benchmark: let start-up settle before the idle window
         pid = s.daemon.pid
-        before = main_thread_switches(pid)
+        before = thread_switches(pid)
         cpu_s = s.cpu_s(window_s)
-        wakeups = main_thread_switches(pid) - before
-    return {"wakeups_per_s": wakeups / window_s, "cpu_s": cpu_s}
+        after = thread_switches(pid)
+        wakeups = sum(n - before.get(tid, 0) for tid, n in after.items())
+    return {"wakeups_per_s": wakeups / window_s, "cpu_s": cpu_s, "threads": len(after)}
 
 
 def main() -> int:
@@ -110,10 +120,10 @@ def main() -> int:
     parser.add_argument("--window-s", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--quick", action="store_true",
-                        help="a 5 s idle window (bench/run.py --quick)")
+                        help="a 10 s idle window (bench/run.py --quick)")
     args = parser.parse_args()
     if args.quick:
-        args.window_s, args.rounds = 5.0, 1
+        args.window_s, args.rounds = 10.0, 1
     pythons = venvs.ensure_all(log=lambda msg: print(msg, flush=True))
     if not venvs.in_harness_venv():
         venvs.reexec_in_harness(Path(__file__).resolve(), sys.argv[1:])
@@ -136,7 +146,8 @@ def main() -> int:
             for r in range(1, args.rounds + 1):
                 for label, kind, python, guard in variants:
                     figures = idle_figures(kind, python, args.window_s, guard)
-                    print(f"  round {r}: {label}: {figures['wakeups_per_s']:.2f} wakeups/s, "
+                    print(f"  round {r}: {label}: {figures['wakeups_per_s']:.2f} wakeups/s "
+                          f"({figures['threads']} threads), "
                           f"CPU {figures['cpu_s']:.3f} s {machine()}", flush=True)
     finally:
         kill_everything()

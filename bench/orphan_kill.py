@@ -13,7 +13,9 @@
 2. Idle cost: CPU seconds of N ticks with 5 live agent processes (with and without
    memory_max_mb), extrapolated to one hour; plus the cost of each kind of sample.
 
-Prints figures only; absolute times depend on the machine.
+The memory reading of part 1 is scripted; bench/memguard_pressure.py measures the same kill
+after a real allocation in a memory-limited cgroup, with the real daemon. Prints figures
+only, each with the machine's total memory and load average.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ import psutil
 import structlog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness.machine import machine_line  # noqa: E402
 
 from supervisor.memguard import (  # noqa: E402
     AgentMemorySettings,
@@ -254,10 +259,11 @@ def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))
     reps, ticks = (1, 100) if args.quick else (3, 720)
 
-    print("sample cost (CPU ms per call):")
+    print(f"sample cost (CPU ms per call) {machine_line()}:")
     for key, value in sample_costs(20 if args.quick else 100).items():
         print(f"  {key:28s} {value:8.3f}")
-    print(f"\nidle guard cost, 5 agents, {ticks} ticks extrapolated to one hour (CPU s/hour):")
+    print(f"\nidle guard cost, 5 agents, {ticks} ticks extrapolated to one hour (CPU s/hour)"
+          f" {machine_line()}:")
     for slow_s in (1.0, 5.0):
         for limits in (False, True):
             cost = idle_cost(ticks, limits, slow_s)
@@ -281,7 +287,7 @@ def main() -> None:
             for _ in range(reps):
                 r = orphan_kill_once(tmp, url, before, climb)
                 print(f"  {label:28s} orphans={r['orphans']:2d} detect={r['detect_s']:.3f}"
-                      f" kill={r['kill_s']:.3f} total={r['total_s']:.3f}")
+                      f" kill={r['kill_s']:.3f} total={r['total_s']:.3f} {machine_line()}")
 
 
 if __name__ == "__main__":

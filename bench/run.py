@@ -30,7 +30,7 @@ from harness.machine import machine_line  # noqa: E402  (standard library only)
 OTHER_SCRIPTS = ["orphan_kill.py", "lazy_context.py", "steward_store.py", "steward_socket.py",
                  "breaker_latency.py", "alert_latency.py", "postgres_vs_sqlite.py",
                  "cluster_failover.py", "agent_cost.py", "cron_cost.py", "memguard_idle.py",
-                 "hostile_files.py"]
+                 "memguard_pressure.py", "hostile_files.py"]
 OTHER_TIMEOUT_S = 600
 
 

@@ -5,14 +5,24 @@ the daemon will hit), a climb that does not stall anybody yet is invisible to PS
 v1 can say so itself: "<eventfd> <fd of memory.usage_in_bytes> <bytes>" written to
 cgroup.event_control makes the kernel signal the eventfd each time the usage crosses
 <bytes>, up or down. cgroup v2 has no such notification (only PSI, see psi.py).
+
+The guard measures usage less inactive file cache (reclaimed before any OOM kill), the
+kernel's threshold counts raw usage: a threshold at act_percent of the raw usage fires
+early, and the guard, finding itself below act_percent, sampled every fast_interval_s until
+it was not (~250 ms of a 300 ms kill in bench/memguard_pressure.py). `TrackedThreshold`
+adds a threshold at act_percent of the guard's own measure: raw usage at act_percent plus
+the inactive cache of the moment, armed again as the cache moves.
 """
 
 from __future__ import annotations
 
 import os
+import select
 from pathlib import Path
 
 import structlog
+
+from .procscan import cgroup_inactive_file
 
 log = structlog.get_logger("watchkeeper.cgroup_events")
 
@@ -75,3 +85,80 @@ class UsageThreshold:
     def close(self) -> None:
         os.close(self._event_fd)
         os.close(self._usage_fd)
+
+
+class TrackedThreshold:
+    """A threshold at `percent` of the limit in the guard's measure (usage less inactive
+    file cache); `fileno()` (an epoll holding the current eventfd) stays the same when
+    `retarget()` arms it again. The plain threshold at the same percent stays beside it:
+    should the cache shrink between two retargets, that one still fires first."""
+
+    def __init__(self, cgroup: str, percent: float, limit_bytes: int) -> None:
+        self.path = f"{cgroup}/memory.usage_in_bytes (tracked)"
+        self._cgroup = cgroup
+        self._target_bytes = int(limit_bytes * percent / 100)
+        self._limit_bytes = limit_bytes
+        self._epoll = select.epoll()
+        self._current: UsageThreshold | None = None
+
+    @classmethod
+    def open(cls, cgroup: str, percent: float) -> TrackedThreshold | None:
+        try:
+            limit = int((Path(cgroup) / "memory.limit_in_bytes").read_text())
+        except (OSError, ValueError):
+            return None  # not v1: PSI alone
+        if limit >= 1 << 60:
+            return None
+        tracked = cls(cgroup, percent, limit)
+        tracked.retarget()
+        if tracked._current is None:
+            tracked.close()
+            return None
+        return tracked
+
+    @property
+    def threshold_bytes(self) -> int | None:
+        return None if self._current is None else self._current.threshold_bytes
+
+    def retarget(self) -> None:
+        """Arm again at the target plus today's inactive cache, if that moved by more than
+        1 % of the limit (each arming costs an eventfd and a write to event_control), or if
+        usage passed the threshold while the guard's measure is still short of the target
+        (the cache grew meanwhile): else the next signal would be the way down."""
+        base = Path(self._cgroup)
+        wanted = self._target_bytes + cgroup_inactive_file(base)
+        if wanted >= self._limit_bytes:
+            wanted = self._target_bytes  # the cache alone would put it out of reach
+        current = self._current
+        if current is not None and \
+                abs(current.threshold_bytes - wanted) < self._limit_bytes // 100 and \
+                not current.threshold_bytes <= _usage_bytes(base) < wanted:
+            return
+        fresh = UsageThreshold.open(self._cgroup, wanted)
+        if fresh is None:
+            return
+        self._epoll.register(fresh.fileno(), select.EPOLLIN)
+        if current is not None:
+            self._epoll.unregister(current.fileno())
+            current.close()  # closing the eventfd removes the kernel's threshold
+        self._current = fresh
+
+    def fileno(self) -> int:
+        return self._epoll.fileno()
+
+    def drain(self) -> None:
+        if self._current is not None:
+            self._current.drain()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.close()
+            self._current = None
+        self._epoll.close()
+
+
+def _usage_bytes(cgroup: Path) -> int:
+    try:
+        return int((cgroup / "memory.usage_in_bytes").read_text())
+    except (OSError, ValueError):
+        return 0

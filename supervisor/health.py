@@ -15,11 +15,12 @@ import time
 import structlog
 
 from .alerts import Alert, AlertKind
-from .cgroup_events import UsageThreshold
+from .cgroup_events import TrackedThreshold, UsageThreshold
 from .cgroups import RunCgroups
 from .config import AgentSpec
 from .control.handlers import AGENT, command
 from .control.protocol import error, ok
+from .forkwatch import ForkWatch
 from .heartbeat import (
     DegradationTracker,
     OnStale,
@@ -43,8 +44,9 @@ from .states import Outcome, RunState, StopReason
 log = structlog.get_logger("watchkeeper.health")
 
 DEGRADED_CHECK_INTERVAL_S = 5.0
-# Process caps are checked this often while a run is live, not only on the tick (10 s by
-# default): a fork bomb makes thousands of processes in that time.
+# Process caps are checked this soon after our tree grew (forkwatch.py), or this often
+# while a run is live where the kernel does not tell us of forks; not only on the tick (10 s
+# by default): a fork bomb makes thousands of processes in that time.
 CAP_CHECK_INTERVAL_S = 0.25
 
 
@@ -56,7 +58,7 @@ class Health:
         self.tracker = DegradationTracker()
         self.guard: MemoryGuard | None = None
         self._guard_timer = None
-        self._pressure: list[PressureTrigger | UsageThreshold] = []
+        self._pressure: list[PressureTrigger | UsageThreshold | TrackedThreshold] = []
         self._stale_runs: set[str] = set()  # runs whose stale heartbeat was already handled
         # run id -> wall-clock time its heartbeat can first turn stale: the file is read then,
         # not every tick (a beat only moves that time later).
@@ -65,6 +67,7 @@ class Health:
         self._caps_checked_at_pid: int | None = None
         self._inherited_agents: set[str] = set()  # degraded only through an upstream
         self._cap_timer = None
+        self._forks: ForkWatch | None = None  # None: caps are polled while runs live
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, daemon) -> None:
@@ -73,6 +76,10 @@ class Health:
         daemon.on_tick.append(self._tick)
         daemon.pipeline.on_run_started.append(self._arm_cap_checks)
         daemon.on_orphans_reaped.append(self._enforce_process_caps)
+        self._forks = ForkWatch.open({os.getpid()})
+        if self._forks is not None:
+            daemon.selector.register(self._forks.fileno(), selectors.EVENT_READ,
+                                     self._on_forks)
         self._make_guard()
 
     def reload(self, daemon) -> None:
@@ -82,6 +89,9 @@ class Health:
         if self._guard_timer is not None:
             self._guard_timer.cancel()
         self._close_pressure_trigger()
+        if self._forks is not None:
+            self._unwatch_forks()
+            self._forks.close()
 
     def _make_guard(self) -> None:
         daemon = self.daemon
@@ -113,6 +123,7 @@ class Health:
         if settings.scope_cgroup:
             triggers += UsageThreshold.open_percents(
                 settings.scope_cgroup, [settings.warn_percent, settings.act_percent])
+            triggers.append(TrackedThreshold.open(settings.scope_cgroup, settings.act_percent))
         for trigger in filter(None, triggers):
             self._pressure.append(trigger)
             self.daemon.selector.register(trigger.fileno(), selectors.EVENT_READ,
@@ -124,7 +135,8 @@ class Health:
             trigger.close()
         self._pressure = []
 
-    def _on_pressure(self, trigger: PressureTrigger | UsageThreshold, _mask: int) -> None:
+    def _on_pressure(self, trigger: PressureTrigger | UsageThreshold | TrackedThreshold,
+                     _mask: int) -> None:
         trigger.drain()
         if self._guard_timer is not None:
             self._guard_timer.cancel()
@@ -157,6 +169,9 @@ class Health:
         finally:
             delay = max(0.0, self.guard.next_tick_at - time.monotonic())
             self._guard_timer = self.daemon.timers.call_later(delay, self._guard_tick)
+            for trigger in self._pressure:
+                if isinstance(trigger, TrackedThreshold):
+                    trigger.retarget()  # follows the cache at the guard's own readings
         for action in actions:
             if isinstance(action, StopRun):
                 run = self.daemon.pipeline.runs.get(action.run_id)
@@ -286,8 +301,42 @@ class Health:
 
     def _cap_check_due(self) -> None:
         self._cap_timer = None
-        self._enforce_process_caps()
-        if self.daemon.pipeline.runs or self.daemon.pipeline.ended_runs:
+        try:
+            self._enforce_process_caps()
+        finally:  # a failed check must not leave the caps without a watch or a poll
+            if self._forks is not None:
+                self._rewatch_forks()
+            elif self.daemon.pipeline.runs or self.daemon.pipeline.ended_runs:
+                self._arm_cap_checks()
+
+    def _on_forks(self, _mask: int) -> None:
+        """A watched process forked: check the caps once CAP_CHECK_INTERVAL_S has gathered
+        the burst; until then the watch is off the selector (a bomb is one wakeup)."""
+        self._forks.drain()
+        self._unwatch_forks()
+        self._arm_cap_checks()
+
+    def _unwatch_forks(self) -> None:
+        try:
+            self.daemon.selector.unregister(self._forks.fileno())
+        except (KeyError, ValueError):
+            pass
+
+    def _rewatch_forks(self) -> None:
+        # Not drained: forks queued since the walk are news (a wakeup, another check).
+        if self._forks.fileno() not in self.daemon.selector.get_map():
+            self.daemon.selector.register(self._forks.fileno(), selectors.EVENT_READ,
+                                          self._on_forks)
+
+    def _watch_tree(self, alive: set[int]) -> None:
+        """Watch forks of the tree just walked. A pid not watched before may have forked
+        between the walk and the new filter unseen: walk again soon, until the tree holds
+        still (every fork after that is seen)."""
+        if self._forks is None:
+            return
+        grew = not alive <= self._forks.watched
+        self._forks.watch(alive | {os.getpid()})
+        if grew:
             self._arm_cap_checks()
 
     def _enforce_process_caps(self) -> None:
@@ -327,6 +376,7 @@ class Health:
                 pipeline.stop_run(run, StopReason.PROCESS_CAP)
                 pipeline.kill_run(run)
         self._cap_leftovers(alive)
+        self._watch_tree(alive)
 
     def _cap_leftovers(self, alive: set[int]) -> None:
         """An ended run's leftovers in their grace period hold to the cap as well: a bomb

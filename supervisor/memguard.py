@@ -288,7 +288,7 @@ class MemoryGuard:
         event = log.warning if level is not Level.NORMAL else log.info
         # `memory_level`, not `level`: the logger's own `level` key (warning) overwrote it.
         event("memory_level_changed", previous=self.level.value, memory_level=level.value,
-              percent_used=round(percent, 1))
+              percent_used=round(percent, 1), samples=self.samples)
         self.level = level
         if level is not Level.CRITICAL:
             self._last_alert_at = None

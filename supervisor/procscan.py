@@ -258,7 +258,8 @@ def _cgroup_read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _cgroup_inactive_file(cgroup: Path) -> int:
+def cgroup_inactive_file(cgroup: Path) -> int:
+    """Bytes of inactive file cache charged to a v2 or v1 memory cgroup (0 if unreadable)."""
     try:
         lines = (cgroup / "memory.stat").read_text().splitlines()
     except OSError:
@@ -286,7 +287,7 @@ def cgroup_memory(cgroup: str) -> tuple[float, float | None] | None:
     limit = _cgroup_read_int(limit_file)
     if limit is not None and limit >= 1 << 60:  # v1 spells "unlimited" as a huge number
         limit = None
-    used = max(0, usage - _cgroup_inactive_file(path))
+    used = max(0, usage - cgroup_inactive_file(path))
     return used / MB, None if limit is None else limit / MB
 
 

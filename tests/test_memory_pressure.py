@@ -160,3 +160,40 @@ def test_crossing_warn_percent_of_a_v1_scope_cgroup_wakes_the_guard(tmp_path):
                 hog.wait()
         assert event["path"].endswith("memory.usage_in_bytes")
         assert event["samples"] == 2 and event["memory_level"] == "warning"
+
+
+HOLD_170 = ("import sys\nblock = b'x' * (170 << 20)\nprint('holding', flush=True)\n"
+            "sys.stdin.read()")
+
+
+def test_act_percent_of_the_guards_own_measure_wakes_it_past_a_file_cache(tmp_path):
+    """With file cache in a cgroup v1 scope (counted in raw usage, not in the guard's
+    measure), a real allocation past act_percent of the guard's measure still wakes it
+    through the kernel at that point: critical with no periodic reading at all."""
+    with limited_cgroup(256 << 20) as (path, version):
+        require(version == "v1", "usage thresholds are a cgroup v1 feature")
+        cache = tmp_path / "cache.bin"  # 48 MiB written from inside the cgroup: its cache
+        subprocess.run(["sh", "-c", f'echo $$ > {path}/cgroup.procs && exec dd if=/dev/zero '
+                                    f'of={cache} bs=1M count=48 conv=fsync status=none'],
+                       check=True)
+        memory = {"scope_cgroup": str(path), "warn_percent": 30, "act_percent": 60,
+                  "clear_percent": 20, "slow_interval_s": 3600, "fast_interval_s": 3600}
+        idle = {"jobs": [{"id": "m", "command": py("pass"), "schedule": {"every_s": 3600}}]}
+        with DaemonProc(tmp_path, {"idle": idle}, memory_guard=memory).start() as d:
+            hog = subprocess.Popen(["sh", "-c", f'echo $$ > {path}/cgroup.procs && '
+                                                f'exec "$0" -c "$1"', sys.executable, HOLD_170],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            try:
+                assert hog.stdout.readline().strip() == "holding"
+                critical = d.wait_event("memory_level_changed", memory_level="critical",
+                                        timeout_s=20)
+                # Logged once that reading's work is done: wait for it before counting.
+                d.wait_event("memory_pressure_notified", samples=critical["samples"])
+            finally:
+                hog.kill()
+                hog.wait()
+            notified = d.find("memory_pressure_notified")
+    # One reading at start, then only readings the kernel caused.
+    woken = [e for e in notified if e["samples"] <= critical["samples"]]
+    assert critical["samples"] == 1 + len(woken)
+    assert any(e["path"].endswith("(tracked)") for e in woken)
