@@ -322,9 +322,8 @@ class Daemon:
 
     def _start_due_fires(self) -> None:
         fires, self._due_fires = self._due_fires, []
-        for fire in fires:
-            if self.state in (DaemonState.RUNNING, DaemonState.RELOADING):
-                self._guarded(self.pipeline.fire, fire)
+        if fires and self.state in (DaemonState.RUNNING, DaemonState.RELOADING):
+            self.pipeline.fire_batch(fires, self._guarded)
 
     def post(self, fire: Fire) -> None:
         """Thread-safe: a firing from outside the loop, handled on its next turn."""

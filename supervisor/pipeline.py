@@ -80,6 +80,8 @@ class Pipeline:
         # Shared storage may hold the agent's run elsewhere: a non-empty answer says where.
         self.claim_run: Callable[[AgentRuntime, Job], str] = lambda rt, job: ""
         self.on_paused: list[Callable[[list[str], bool], None]] = []
+        # Runs a batch of firings started, announced after its last spawn (fire_batch).
+        self._unannounced: list[tuple[Run, RunRecord]] | None = None
         self.base_env = dict(os.environ)
         # Who each agent's runs run as (identity.py); None: the daemon's own user.
         self.identity_of: Callable[[AgentSpec], AgentIdentity | None] = lambda spec: None
@@ -153,6 +155,25 @@ class Pipeline:
             return f"refused: {self.last_refusal}" if self.last_refusal else "spawn failed"
         return "started"
 
+    def fire_batch(self, fires: list[Fire],
+                   call: Callable[..., object] = lambda fn, *args: fn(*args)) -> None:
+        """Firings due in the same loop turn, each handled as fire() handles it, except that
+        the runs they start are announced (store row, output watched, log line, hooks) only
+        once the last of them is spawned, the rows in one transaction: a thousand jobs due
+        at once wait only for the spawns before theirs. `call` may guard each step."""
+        self._unannounced = []
+        try:
+            for fire in fires:
+                call(self.fire, fire)
+        finally:
+            started, self._unannounced = self._unannounced, None
+            if started:
+                with self.store.transaction():
+                    for _run, record in started:
+                        self.store.run_started(record)
+                for run, record in started:
+                    call(self._announce, run, record)
+
     def _blocked(self, rt: AgentRuntime, fire: Fire) -> str:
         if not self.accepting:
             return "shutting down"
@@ -223,22 +244,32 @@ class Pipeline:
             self.cgroups.add(run.cgroup, run.pid)
             self.cgroups.adopt_session(run.cgroup, run.pid)
         record.pid = run.pid
-        self.store.run_started(record)
         self.runs[run.run_id] = run
         self.runs_by_pid[run.pid] = run
         rt.run = run
         rt.degraded = degraded
         rt.transition(AgentState.RUNNING, run_id=run.run_id)
-        for fd in run.pipes:
-            self._watch_fd(fd, lambda mask, r=run, f=fd: self._on_output(r, f))
         if job.timeout_s is not None:
             run.timers.append(self.timers.call_later(
                 job.timeout_s, lambda r=run: self.stop_run(r, StopReason.TIMEOUT)))
-        log.info("run_started", agent=rt.name, job=job.id, run_id=run.run_id, pid=run.pid,
-                 trigger=trigger, attempt=attempt, degraded=",".join(degraded) or None)
+        if self._unannounced is not None:
+            self._unannounced.append((run, record))  # fire_batch announces it
+        else:
+            self.store.run_started(record)
+            self._announce(run, record)
+        return run
+
+    def _announce(self, run: Run, record: RunRecord) -> None:
+        """A started run's output watched, its log line and the hooks, once its row is
+        stored. None of it has to come before the next spawn of a batch: the run's child
+        cannot be reaped, nor its output read, before the loop's next turn."""
+        for fd in run.pipes:
+            self._watch_fd(fd, lambda mask, r=run, f=fd: self._on_output(r, f))
+        log.info("run_started", agent=run.agent, job=run.job.id, run_id=run.run_id,
+                 pid=run.pid, trigger=run.trigger, attempt=run.attempt,
+                 degraded=record.degraded or None)
         for hook in self.on_run_started:
             hook(run)
-        return run
 
     def stop_run(self, run: Run, reason: StopReason, *, refresh: bool = True) -> None:
         """SIGTERM the run's processes, then SIGKILL after its grace period. A second stop
