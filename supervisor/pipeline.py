@@ -231,13 +231,23 @@ class Pipeline:
             spawn(run, rt.spec, cwd=self.settings.working_dir or ".", env=env,
                   identity=identity)
         except (OSError, KeyError) as exc:
-            log.error("run_spawn_failed", agent=rt.name, job=job.id, run_id=run.run_id,
-                      error=str(exc), command=_head(job))
-            record.ended, record.outcome = time.time(), Outcome.SPAWN_FAILED.value
-            self.store.run_started(record)
-            rt.transition(AgentState.RUNNING)
-            self._after_failure(rt, run, record)
+            self._spawn_failed(rt, run, record, exc)
             return None
+        self._spawned(rt, run, record)
+        return run
+
+    def _spawn_failed(self, rt: AgentRuntime, run: Run, record: RunRecord,
+                      exc: OSError | KeyError) -> None:
+        log.error("run_spawn_failed", agent=rt.name, job=run.job.id, run_id=run.run_id,
+                  error=str(exc), command=_head(run.job))
+        record.ended, record.outcome = time.time(), Outcome.SPAWN_FAILED.value
+        self.store.run_started(record)
+        rt.transition(AgentState.RUNNING)
+        self._after_failure(rt, run, record)
+
+    def _spawned(self, rt: AgentRuntime, run: Run, record: RunRecord) -> None:
+        """A run whose child exists: its cgroup, its place in the pipeline, its timeout."""
+        job = run.job
         if self.cgroups is not None:
             run.cgroup = self.cgroups.create(
                 run.run_id, max_pids=rt.spec.max_processes * THREADS_PER_PROCESS)
@@ -247,7 +257,7 @@ class Pipeline:
         self.runs[run.run_id] = run
         self.runs_by_pid[run.pid] = run
         rt.run = run
-        rt.degraded = degraded
+        rt.degraded = run.degraded
         rt.transition(AgentState.RUNNING, run_id=run.run_id)
         if job.timeout_s is not None:
             run.timers.append(self.timers.call_later(
@@ -257,7 +267,6 @@ class Pipeline:
         else:
             self.store.run_started(record)
             self._announce(run, record)
-        return run
 
     def _announce(self, run: Run, record: RunRecord) -> None:
         """A started run's output watched, its log line and the hooks, once its row is
