@@ -4,6 +4,7 @@ loops and downstream firings. Driven only by the daemon's loop (the single write
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -25,7 +26,7 @@ from .proctree import (
     signal_name,
     tree_children,
 )
-from .runner import LineRateLimiter, Run, build_env, read_pipe, spawn
+from .runner import LineRateLimiter, Run, build_env, read_pipe, spawn, spawn_all
 from .scheduler import Fire, Scheduler
 from .states import AgentState, Outcome, RunState, StopReason
 from .store import RunRecord, Store
@@ -80,7 +81,10 @@ class Pipeline:
         # Shared storage may hold the agent's run elsewhere: a non-empty answer says where.
         self.claim_run: Callable[[AgentRuntime, Job], str] = lambda rt, job: ""
         self.on_paused: list[Callable[[list[str], bool], None]] = []
-        # Runs a batch of firings started, announced after its last spawn (fire_batch).
+        # A batch's runs ready to spawn, and those spawned, announced after the last one
+        # (fire_batch).
+        self._launches: list[tuple[AgentRuntime, Run, RunRecord, Callable[[], None]]] | None
+        self._launches = None
         self._unannounced: list[tuple[Run, RunRecord]] | None = None
         self.base_env = dict(os.environ)
         # Who each agent's runs run as (identity.py); None: the daemon's own user.
@@ -158,14 +162,26 @@ class Pipeline:
     def fire_batch(self, fires: list[Fire],
                    call: Callable[..., object] = lambda fn, *args: fn(*args)) -> None:
         """Firings due in the same loop turn, each handled as fire() handles it, except that
-        the runs they start are announced (store row, output watched, log line, hooks) only
-        once the last of them is spawned, the rows in one transaction: a thousand jobs due
-        at once wait only for the spawns before theirs. `call` may guard each step."""
-        self._unannounced = []
+        the runs of the batch are spawned together, several at once (runner.spawn_all),
+        and announced (row, output watched, log line, hooks) only after the last spawn,
+        the rows in one transaction: a thousand jobs due at once wait only for the spawns
+        before theirs. A spawn that fails fails its run only. A second firing of an agent
+        in the batch is handled after the others' runs exist (it may overlap one of them).
+        `call` may guard each step."""
+        first, again, agents = [], [], set()
+        for fire in fires:
+            (again if fire.agent in agents else first).append(fire)
+            agents.add(fire.agent)
+        self._launches, self._unannounced = [], []
         try:
-            for fire in fires:
+            for fire in first:
+                call(self.fire, fire)
+            launches, self._launches = self._launches, None
+            self._launch_all(launches, call)
+            for fire in again:
                 call(self.fire, fire)
         finally:
+            self._launches = None
             started, self._unannounced = self._unannounced, None
             if started:
                 with self.store.transaction():
@@ -173,6 +189,23 @@ class Pipeline:
                         self.store.run_started(record)
                 for run, record in started:
                     call(self._announce, run, record)
+
+    def _launch_all(self, launches: list, call: Callable[..., object]) -> None:
+        if self.halted or not self.accepting:
+            # The breaker tripped on a launch of this batch (or shutdown began): none of
+            # the runs prepared before it starts.
+            reason = "pipeline halted by the circuit breaker" if self.halted else "shutting down"
+            for rt, run, _record, _spawn in launches:
+                log.warning("run_refused", agent=rt.name, job=run.job.id, reason=reason)
+            return
+        errors = spawn_all([launch for *_, launch in launches])
+        for (rt, run, record, _spawn), error in zip(launches, errors, strict=True):
+            if error is None:
+                call(self._spawned, rt, run, record)
+            elif isinstance(error, (OSError, KeyError)):
+                call(self._spawn_failed, rt, run, record, error)
+            else:
+                call(_reraise, error)  # what start_run would have raised: the guard logs it
 
     def _blocked(self, rt: AgentRuntime, fire: Fire) -> str:
         if not self.accepting:
@@ -228,8 +261,12 @@ class Pipeline:
                 env["HOME"] = str(work)  # the daemon's HOME is not the agent's to write
                 # tasks/ is the daemon's (0700): the daemon takes the agent's locks for it.
                 env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
-            spawn(run, rt.spec, cwd=self.settings.working_dir or ".", env=env,
-                  identity=identity)
+            launch = functools.partial(spawn, run, rt.spec, env=env, identity=identity,
+                                       cwd=self.settings.working_dir or ".")
+            if self._launches is not None:
+                self._launches.append((rt, run, record, launch))  # fire_batch spawns it
+                return run
+            launch()
         except (OSError, KeyError) as exc:
             self._spawn_failed(rt, run, record, exc)
             return None
@@ -591,6 +628,10 @@ class Pipeline:
                     None, Outcome.SUCCEEDED.value):
                 bad.append(upstream)
         return bad
+
+
+def _reraise(error: BaseException) -> None:
+    raise error
 
 
 def _outcome(run: Run, exit_code: int | None) -> Outcome:

@@ -11,7 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -26,6 +28,8 @@ from .states import RUN_TRANSITIONS, RunState, StopReason, check_transition
 log = structlog.get_logger("watchkeeper.runner")
 
 READ_CHUNK = 65536
+# Threads spawning a batch's runs at once (spawn_all); 8 measured best on 2 cores.
+SPAWN_THREADS = 8
 
 
 def new_run_id(agent: str) -> str:
@@ -237,6 +241,40 @@ def spawn(run: Run, agent: AgentSpec, *, cwd: str, env: dict[str, str],
     for stream, fd in (("stdout", out_r), ("stderr", err_r)):
         os.set_blocking(fd, False)
         run.pipes[fd] = (stream, LineBuffer(0))
+
+
+def spawn_all(spawns: list[Callable[[], None]], threads: int = SPAWN_THREADS,
+              ) -> list[BaseException | None]:
+    """Call every spawn, up to `threads` at once; what each raised, in order (None: done).
+
+    A spawn returns only once its child has exec'd (vfork), and on a busy machine the
+    parent then waits for a CPU behind the child it just started: a thousand spawns in a
+    row cost ~2 ms each. From several threads these waits overlap (~2x the spawns a second
+    on 2 cores). The threads only run the spawns of runs the loop has not published yet;
+    the loop's thread takes part and waits for all of them, so it stays the one writer."""
+    errors: list[BaseException | None] = [None] * len(spawns)
+    todo = iter(range(len(spawns)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                spawns[i]()
+            except BaseException as exc:  # noqa: BLE001 - handed back to the loop
+                errors[i] = exc
+
+    helpers = [threading.Thread(target=work, name="spawn", daemon=True)
+               for _ in range(min(threads, len(spawns)) - 1)]
+    for helper in helpers:
+        helper.start()
+    work()
+    for helper in helpers:
+        helper.join()
+    return errors
 
 
 def read_pipe(run: Run, fd: int, max_line_bytes: int) -> tuple[list[str], bool]:

@@ -77,3 +77,24 @@ def test_an_exec_failure_in_a_batch_fails_that_run_only(tmp_path):
         pipeline.store.close()
     assert outcomes == {"before": ["succeeded"], "broken": ["spawn_failed"],
                         "after": ["succeeded"]}
+
+
+def test_a_second_firing_of_an_agent_in_a_batch_meets_its_first_run(tmp_path):
+    """Two jobs of one agent due in the same batch: the first starts, the second finds it
+    running and is skipped (overlap: skip), as two firings one after the other are."""
+    pipeline, watched = _pipeline(tmp_path, {})
+    (tmp_path / "agents.d/twice.yaml").write_text(
+        "jobs: [{id: a, command: [sleep, '30'], schedule: {every_s: 3600}},\n"
+        "       {id: b, command: [sleep, '30'], schedule: {every_s: 3600}}]\n")
+    pipeline.set_agents(load_config(tmp_path / "watchkeeper.yaml").agents)
+    try:
+        pipeline.fire_batch([Fire("twice", "a", "every", time.time()),
+                             Fire("twice", "b", "every", time.time())])
+        assert [run.job.id for run in pipeline.runs.values()] == ["a"]
+        for run in list(pipeline.runs.values()):
+            os.kill(run.pid, 9)
+        _reap_all(pipeline, watched)
+        jobs = [r.job for r in pipeline.store.recent_runs("twice")]
+    finally:
+        pipeline.store.close()
+    assert jobs == ["a"]
