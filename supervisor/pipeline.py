@@ -26,7 +26,7 @@ from .proctree import (
     signal_name,
     tree_children,
 )
-from .runner import LineRateLimiter, Run, build_env, read_pipe, spawn, spawn_all
+from .runner import LineRateLimiter, Run, Spawner, build_env, read_pipe, spawn
 from .scheduler import Fire, Scheduler
 from .states import AgentState, Outcome, RunState, StopReason
 from .store import RunRecord, Store
@@ -42,6 +42,8 @@ LEFTOVER_RECHECK_S = 0.1
 # a backstop a bomb cannot outrun, the exact process cap stays the daemon's check.
 THREADS_PER_PROCESS = 64
 DEFAULT_MAX_PROCESSES = 256  # an agent removed while its run ended: AgentSpec's default
+# Runs of a batch prepared, then spawned together (fire_batch): two per spawn thread.
+SPAWN_CHUNK = 16
 NO_RESTART_REASONS = {StopReason.SHUTDOWN, StopReason.REMOVED, StopReason.BREAKER,
                       StopReason.REPLACED, StopReason.MANUAL, StopReason.LEASE_LOST}
 
@@ -162,7 +164,7 @@ class Pipeline:
     def fire_batch(self, fires: list[Fire],
                    call: Callable[..., object] = lambda fn, *args: fn(*args)) -> None:
         """Firings due in the same loop turn, each handled as fire() handles it, except that
-        the runs of the batch are spawned together, several at once (runner.spawn_all),
+        the runs of the batch are spawned together, several at once (runner.Spawner),
         and announced (row, output watched, log line, hooks) only after the last spawn,
         the rows in one transaction: a thousand jobs due at once wait only for the spawns
         before theirs. A spawn that fails fails its run only. A second firing of an agent
@@ -172,12 +174,16 @@ class Pipeline:
         for fire in fires:
             (again if fire.agent in agents else first).append(fire)
             agents.add(fire.agent)
-        self._launches, self._unannounced = [], []
+        self._unannounced = []
         try:
-            for fire in first:
-                call(self.fire, fire)
-            launches, self._launches = self._launches, None
-            self._launch_all(launches, call)
+            with Spawner() as spawner:
+                # In chunks: the first children do not wait for the whole batch's preparation.
+                for i in range(0, len(first), SPAWN_CHUNK):
+                    self._launches = []
+                    for fire in first[i:i + SPAWN_CHUNK]:
+                        call(self.fire, fire)
+                    launches, self._launches = self._launches, None
+                    self._launch_all(launches, spawner, call)
             for fire in again:
                 call(self.fire, fire)
         finally:
@@ -190,7 +196,8 @@ class Pipeline:
                 for run, record in started:
                     call(self._announce, run, record)
 
-    def _launch_all(self, launches: list, call: Callable[..., object]) -> None:
+    def _launch_all(self, launches: list, spawner: Spawner,
+                    call: Callable[..., object]) -> None:
         if self.halted or not self.accepting:
             # The breaker tripped on a launch of this batch (or shutdown began): none of
             # the runs prepared before it starts.
@@ -198,7 +205,7 @@ class Pipeline:
             for rt, run, _record, _spawn in launches:
                 log.warning("run_refused", agent=rt.name, job=run.job.id, reason=reason)
             return
-        errors = spawn_all([launch for *_, launch in launches])
+        errors = spawner.spawn_all([launch for *_, launch in launches])
         for (rt, run, record, _spawn), error in zip(launches, errors, strict=True):
             if error is None:
                 call(self._spawned, rt, run, record)
