@@ -268,8 +268,8 @@ class Pipeline:
                 env["HOME"] = str(work)  # the daemon's HOME is not the agent's to write
                 # tasks/ is the daemon's (0700): the daemon takes the agent's locks for it.
                 env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
-            launch = functools.partial(spawn, run, rt.spec, env=env, identity=identity,
-                                       cwd=self.settings.working_dir or ".")
+            launch = functools.partial(self._spawn_placed, run, rt.spec, env=env,
+                                       identity=identity, cwd=self.settings.working_dir or ".")
             if self._launches is not None:
                 self._launches.append((rt, run, record, launch))  # fire_batch spawns it
                 return run
@@ -289,14 +289,28 @@ class Pipeline:
         rt.transition(AgentState.RUNNING)
         self._after_failure(rt, run, record)
 
-    def _spawned(self, rt: AgentRuntime, run: Run, record: RunRecord) -> None:
-        """A run whose child exists: its cgroup, its place in the pipeline, its timeout."""
-        job = run.job
+    def _spawn_placed(self, run: Run, spec: AgentSpec, **how) -> None:
+        """Spawn the run's child and put it in its own cgroup at once, as close to its
+        exec as the spawn allows. Also called from a Spawner helper: it touches only the
+        new run, its child and its cgroup's files."""
+        spawn(run, spec, **how)
         if self.cgroups is not None:
-            run.cgroup = self.cgroups.create(
-                run.run_id, max_pids=rt.spec.max_processes * THREADS_PER_PROCESS)
+            try:
+                run.cgroup = self.cgroups.create(
+                    run.run_id, max_pids=spec.max_processes * THREADS_PER_PROCESS)
+            except OSError as exc:  # the run goes on, tracked by its process group
+                run.cgroup_error = str(exc)
+                return
             self.cgroups.add(run.cgroup, run.pid)
             self.cgroups.adopt_session(run.cgroup, run.pid)
+
+    def _spawned(self, rt: AgentRuntime, run: Run, record: RunRecord) -> None:
+        """A run whose child exists: its place in the pipeline, its timeout."""
+        job = run.job
+        if run.cgroup_error:
+            log.warning("run_cgroup_failed", agent=rt.name, run_id=run.run_id,
+                        error=run.cgroup_error, hint="the run is tracked by its process "
+                        "group and descendants instead")
         record.pid = run.pid
         self.runs[run.run_id] = run
         self.runs_by_pid[run.pid] = run

@@ -121,6 +121,7 @@ class Run:
         self.pid = 0
         self.popen: subprocess.Popen | None = None
         self.cgroup: Path | None = None
+        self.cgroup_error = ""  # why its cgroup could not be made (it runs without)
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
         self.timers: list = []
