@@ -24,6 +24,7 @@ from collections.abc import Callable
 import structlog
 
 from . import __version__
+from .alarm import Alarm
 from .catch_up import absorb_slot_due_after_catch_up, catch_up_due
 from .cgroups import RunCgroups
 from .configload import Config, load_config
@@ -72,6 +73,7 @@ class Daemon:
         self.state = DaemonState.STARTING
         self.state_dir = config.state_dir
         self.timers = Timers()
+        self.alarm = Alarm()  # wakes the selector at a timer's exact deadline
         self.selector = selectors.DefaultSelector()
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self._due_fires: list[Fire] = []  # handed on by due timers, started in the same turn
@@ -181,6 +183,8 @@ class Daemon:
         self.on_tick.append(self.control.close_idle)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
         self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain_signals)
+        if self.alarm.fd >= 0:
+            self.selector.register(self.alarm.fd, selectors.EVENT_READ, self.alarm.silence)
         for ext in self.extensions:
             ext.start(self)
             self._started.append(ext)  # only what started is stopped at exit
@@ -281,10 +285,13 @@ class Daemon:
                           callback=getattr(callback, "__qualname__", repr(callback)))
 
     def _select_timeout(self) -> float:
-        timeout = max(0.0, self._next_tick - time.monotonic())
-        pending = self.timers.time_until_next()
-        if pending is not None:
-            timeout = min(timeout, pending)
+        now = time.monotonic()
+        timeout = max(0.0, self._next_tick - now)
+        deadline = self.timers.next_deadline()
+        if deadline is not None and deadline - now < timeout:
+            timeout = max(0.0, deadline - now)
+            # epoll rounds its timeout up to the next millisecond: the alarm rings on time.
+            self.alarm.ring_at(deadline)
         return timeout
 
     def _tick(self, now: float) -> None:
@@ -314,9 +321,8 @@ class Daemon:
 
     def _start_due_fires(self) -> None:
         fires, self._due_fires = self._due_fires, []
-        for fire in fires:
-            if self.state in (DaemonState.RUNNING, DaemonState.RELOADING):
-                self._guarded(self.pipeline.fire, fire)
+        if fires and self.state in (DaemonState.RUNNING, DaemonState.RELOADING):
+            self.pipeline.fire_batch(fires, self._guarded)
 
     def post(self, fire: Fire) -> None:
         """Thread-safe: a firing from outside the loop, handled on its next turn."""
@@ -483,6 +489,7 @@ class Daemon:
         if self.store is not None:
             self.store.close()
         signal.set_wakeup_fd(-1)
+        self.alarm.close()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
         log.info("daemon_stopped", exit_code=0)  # a failure raises through run() instead

@@ -4,6 +4,7 @@ loops and downstream firings. Driven only by the daemon's loop (the single write
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -25,7 +26,7 @@ from .proctree import (
     signal_name,
     tree_children,
 )
-from .runner import LineRateLimiter, Run, build_env, read_pipe, spawn
+from .runner import LineRateLimiter, Run, Spawner, build_env, read_pipe, spawn
 from .scheduler import Fire, Scheduler
 from .states import AgentState, Outcome, RunState, StopReason
 from .store import RunRecord, Store
@@ -41,6 +42,8 @@ LEFTOVER_RECHECK_S = 0.1
 # a backstop a bomb cannot outrun, the exact process cap stays the daemon's check.
 THREADS_PER_PROCESS = 64
 DEFAULT_MAX_PROCESSES = 256  # an agent removed while its run ended: AgentSpec's default
+# Runs of a batch prepared, then spawned together (fire_batch): two per spawn thread.
+SPAWN_CHUNK = 16
 NO_RESTART_REASONS = {StopReason.SHUTDOWN, StopReason.REMOVED, StopReason.BREAKER,
                       StopReason.REPLACED, StopReason.MANUAL, StopReason.LEASE_LOST}
 
@@ -80,6 +83,11 @@ class Pipeline:
         # Shared storage may hold the agent's run elsewhere: a non-empty answer says where.
         self.claim_run: Callable[[AgentRuntime, Job], str] = lambda rt, job: ""
         self.on_paused: list[Callable[[list[str], bool], None]] = []
+        # A batch's runs ready to spawn, and those spawned, announced after the last one
+        # (fire_batch).
+        self._launches: list[tuple[AgentRuntime, Run, RunRecord, Callable[[], None]]] | None
+        self._launches = None
+        self._unannounced: list[tuple[Run, RunRecord]] | None = None
         self.base_env = dict(os.environ)
         # Who each agent's runs run as (identity.py); None: the daemon's own user.
         self.identity_of: Callable[[AgentSpec], AgentIdentity | None] = lambda spec: None
@@ -153,6 +161,59 @@ class Pipeline:
             return f"refused: {self.last_refusal}" if self.last_refusal else "spawn failed"
         return "started"
 
+    def fire_batch(self, fires: list[Fire],
+                   call: Callable[..., object] = lambda fn, *args: fn(*args)) -> None:
+        """Firings due in the same loop turn, each handled as fire() handles it, except that
+        the runs of the batch are spawned together, several at once (runner.Spawner),
+        and announced (row, output watched, log line, hooks) only after the last spawn,
+        the rows in one transaction: a thousand jobs due at once wait only for the spawns
+        before theirs. A spawn that fails fails its run only. A second firing of an agent
+        in the batch is handled after the others' runs exist (it may overlap one of them).
+        `call` may guard each step."""
+        first, again, agents = [], [], set()
+        for fire in fires:
+            (again if fire.agent in agents else first).append(fire)
+            agents.add(fire.agent)
+        self._unannounced = []
+        try:
+            with Spawner() as spawner:
+                # In chunks: the first children do not wait for the whole batch's preparation.
+                for i in range(0, len(first), SPAWN_CHUNK):
+                    self._launches = []
+                    for fire in first[i:i + SPAWN_CHUNK]:
+                        call(self.fire, fire)
+                    launches, self._launches = self._launches, None
+                    self._launch_all(launches, spawner, call)
+            for fire in again:
+                call(self.fire, fire)
+        finally:
+            self._launches = None
+            started, self._unannounced = self._unannounced, None
+            if started:
+                with self.store.transaction():
+                    for _run, record in started:
+                        self.store.run_started(record)
+                for run, record in started:
+                    call(self._announce, run, record)
+
+    def _launch_all(self, launches: list, spawner: Spawner,
+                    call: Callable[..., object]) -> None:
+        if self.halted or not self.accepting:
+            # The breaker tripped on a launch of this batch (or shutdown began): none of
+            # the runs prepared before it starts.
+            reason = "pipeline halted by the circuit breaker" if self.halted else "shutting down"
+            for rt, run, _record, _spawn in launches:
+                log.warning("run_refused", agent=rt.name, job=run.job.id, reason=reason)
+            return
+        errors = spawner.spawn_all([launch for *_, launch in launches])
+        for (rt, run, record, _spawn), error in zip(launches, errors, strict=True):
+            if error is None:
+                call(self._spawned, rt, run, record)
+            elif isinstance(error, (OSError, KeyError)):
+                call(self._spawn_failed, rt, run, record, error)
+            else:
+                call(_reraise, error)  # what start_run would have raised: the guard logs it
+
     def _blocked(self, rt: AgentRuntime, fire: Fire) -> str:
         if not self.accepting:
             return "shutting down"
@@ -207,38 +268,75 @@ class Pipeline:
                 env["HOME"] = str(work)  # the daemon's HOME is not the agent's to write
                 # tasks/ is the daemon's (0700): the daemon takes the agent's locks for it.
                 env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
-            spawn(run, rt.spec, cwd=self.settings.working_dir or ".", env=env,
-                  identity=identity)
+            launch = functools.partial(self._spawn_placed, run, rt.spec, env=env,
+                                       identity=identity, cwd=self.settings.working_dir or ".")
+            if self._launches is not None:
+                self._launches.append((rt, run, record, launch))  # fire_batch spawns it
+                return run
+            launch()
         except (OSError, KeyError) as exc:
-            log.error("run_spawn_failed", agent=rt.name, job=job.id, run_id=run.run_id,
-                      error=str(exc), command=_head(job))
-            record.ended, record.outcome = time.time(), Outcome.SPAWN_FAILED.value
-            self.store.run_started(record)
-            rt.transition(AgentState.RUNNING)
-            self._after_failure(rt, run, record)
+            self._spawn_failed(rt, run, record, exc)
             return None
+        self._spawned(rt, run, record)
+        return run
+
+    def _spawn_failed(self, rt: AgentRuntime, run: Run, record: RunRecord,
+                      exc: OSError | KeyError) -> None:
+        log.error("run_spawn_failed", agent=rt.name, job=run.job.id, run_id=run.run_id,
+                  error=str(exc), command=_head(run.job))
+        record.ended, record.outcome = time.time(), Outcome.SPAWN_FAILED.value
+        self.store.run_started(record)
+        rt.transition(AgentState.RUNNING)
+        self._after_failure(rt, run, record)
+
+    def _spawn_placed(self, run: Run, spec: AgentSpec, **how) -> None:
+        """Spawn the run's child and put it in its own cgroup at once, as close to its
+        exec as the spawn allows. Also called from a Spawner helper: it touches only the
+        new run, its child and its cgroup's files."""
+        spawn(run, spec, **how)
         if self.cgroups is not None:
-            run.cgroup = self.cgroups.create(
-                run.run_id, max_pids=rt.spec.max_processes * THREADS_PER_PROCESS)
+            try:
+                run.cgroup = self.cgroups.create(
+                    run.run_id, max_pids=spec.max_processes * THREADS_PER_PROCESS)
+            except OSError as exc:  # the run goes on, tracked by its process group
+                run.cgroup_error = str(exc)
+                return
             self.cgroups.add(run.cgroup, run.pid)
             self.cgroups.adopt_session(run.cgroup, run.pid)
+
+    def _spawned(self, rt: AgentRuntime, run: Run, record: RunRecord) -> None:
+        """A run whose child exists: its place in the pipeline, its timeout."""
+        job = run.job
+        if run.cgroup_error:
+            log.warning("run_cgroup_failed", agent=rt.name, run_id=run.run_id,
+                        error=run.cgroup_error, hint="the run is tracked by its process "
+                        "group and descendants instead")
         record.pid = run.pid
-        self.store.run_started(record)
         self.runs[run.run_id] = run
         self.runs_by_pid[run.pid] = run
         rt.run = run
-        rt.degraded = degraded
+        rt.degraded = run.degraded
         rt.transition(AgentState.RUNNING, run_id=run.run_id)
-        for fd in run.pipes:
-            self._watch_fd(fd, lambda mask, r=run, f=fd: self._on_output(r, f))
         if job.timeout_s is not None:
             run.timers.append(self.timers.call_later(
                 job.timeout_s, lambda r=run: self.stop_run(r, StopReason.TIMEOUT)))
-        log.info("run_started", agent=rt.name, job=job.id, run_id=run.run_id, pid=run.pid,
-                 trigger=trigger, attempt=attempt, degraded=",".join(degraded) or None)
+        if self._unannounced is not None:
+            self._unannounced.append((run, record))  # fire_batch announces it
+        else:
+            self.store.run_started(record)
+            self._announce(run, record)
+
+    def _announce(self, run: Run, record: RunRecord) -> None:
+        """A started run's output watched, its log line and the hooks, once its row is
+        stored. None of it has to come before the next spawn of a batch: the run's child
+        cannot be reaped, nor its output read, before the loop's next turn."""
+        for fd in run.pipes:
+            self._watch_fd(fd, lambda mask, r=run, f=fd: self._on_output(r, f))
+        log.info("run_started", agent=run.agent, job=run.job.id, run_id=run.run_id,
+                 pid=run.pid, trigger=run.trigger, attempt=run.attempt,
+                 degraded=record.degraded or None)
         for hook in self.on_run_started:
             hook(run)
-        return run
 
     def stop_run(self, run: Run, reason: StopReason, *, refresh: bool = True) -> None:
         """SIGTERM the run's processes, then SIGKILL after its grace period. A second stop
@@ -550,6 +648,10 @@ class Pipeline:
                     None, Outcome.SUCCEEDED.value):
                 bad.append(upstream)
         return bad
+
+
+def _reraise(error: BaseException) -> None:
+    raise error
 
 
 def _outcome(run: Run, exit_code: int | None) -> Outcome:

@@ -7,10 +7,13 @@ process, carries its bookkeeping and turns its output into bounded log lines.
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -25,6 +28,8 @@ from .states import RUN_TRANSITIONS, RunState, StopReason, check_transition
 log = structlog.get_logger("watchkeeper.runner")
 
 READ_CHUNK = 65536
+# Threads spawning a batch's runs at once (Spawner): 8 beat 2 and 4 on 2 cores.
+SPAWN_THREADS = 8
 
 
 def new_run_id(agent: str) -> str:
@@ -115,6 +120,7 @@ class Run:
         self.pid = 0
         self.popen: subprocess.Popen | None = None
         self.cgroup: Path | None = None
+        self.cgroup_error = ""  # why its cgroup could not be made (it runs without)
         self.started_mono = time.monotonic()
         self.started_wall = time.time()
         self.timers: list = []
@@ -236,6 +242,72 @@ def spawn(run: Run, agent: AgentSpec, *, cwd: str, env: dict[str, str],
     for stream, fd in (("stdout", out_r), ("stderr", err_r)):
         os.set_blocking(fd, False)
         run.pipes[fd] = (stream, LineBuffer(0))
+
+
+class Spawner:
+    """Calls spawns several at once, from helper threads that live as long as one batch
+    (a context manager; the helpers end on exit).
+
+    A spawn returns only once its child has exec'd (vfork), and on a busy machine the
+    parent then waits for a CPU behind the child it just started: a thousand spawns in a
+    row cost ~2 ms each. From several threads these waits overlap (~2x the spawns a second
+    on 2 cores). The helpers only run the spawns of runs the loop has not published yet;
+    the loop's thread takes part and waits for all of them, so it stays the one writer."""
+
+    def __init__(self, threads: int = SPAWN_THREADS) -> None:
+        self._threads = threads
+        self._helpers: list[threading.Thread] = []
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._done = threading.Condition()
+        self._pending = 0
+
+    def __enter__(self) -> Spawner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _ in self._helpers:
+            self._tasks.put(None)
+        for helper in self._helpers:
+            helper.join()
+
+    def spawn_all(self, spawns: list[Callable[[], None]]) -> list[BaseException | None]:
+        """Call every spawn; what each raised, in order (None: it spawned)."""
+        errors: list[BaseException | None] = [None] * len(spawns)
+        while len(self._helpers) < min(self._threads, len(spawns)) - 1:
+            helper = threading.Thread(target=self._help, name="spawn", daemon=True)
+            helper.start()
+            self._helpers.append(helper)
+        with self._done:
+            self._pending = len(spawns)
+        for i, spawn_one in enumerate(spawns):
+            self._tasks.put((spawn_one, errors, i))
+        while self._take_one(block=False):
+            pass
+        with self._done:
+            self._done.wait_for(lambda: self._pending == 0)
+        return errors
+
+    def _help(self) -> None:
+        while self._take_one(block=True):
+            pass
+
+    def _take_one(self, block: bool) -> bool:
+        try:
+            task = self._tasks.get(block=block)
+        except queue.Empty:
+            return False
+        if task is None:
+            return False
+        spawn_one, errors, i = task
+        try:
+            spawn_one()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the loop
+            errors[i] = exc
+        with self._done:
+            self._pending -= 1
+            if self._pending == 0:
+                self._done.notify_all()
+        return True
 
 
 def read_pipe(run: Run, fd: int, max_line_bytes: int) -> tuple[list[str], bool]:

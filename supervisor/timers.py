@@ -31,12 +31,15 @@ class Timers:
         heapq.heappush(self._heap, (timer.deadline, next(self._counter), timer))
         return timer
 
-    def time_until_next(self) -> float | None:
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a timer still pending, on `clock`."""
         while self._heap and self._heap[0][2].cancelled:
             heapq.heappop(self._heap)
-        if not self._heap:
-            return None
-        return max(0.0, self._heap[0][0] - self.clock())
+        return self._heap[0][0] if self._heap else None
+
+    def time_until_next(self) -> float | None:
+        deadline = self.next_deadline()
+        return None if deadline is None else max(0.0, deadline - self.clock())
 
     def run_due(self, call: Callable[..., None] = lambda fn: fn()) -> int:
         """Run every timer whose deadline has passed (through `call`, which may guard

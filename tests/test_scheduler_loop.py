@@ -61,3 +61,29 @@ def test_cron_job_fires_from_the_loop_with_no_other_thread(tmp_path):
         d.wait_event("run_finished", agent="ticker", count=2, timeout_s=20)
         threads = os.listdir(f"/proc/{d.proc.pid}/task")
         assert len(threads) == 1, threads
+
+
+def test_alarm_rings_at_its_deadline_and_is_silenced(tmp_path):
+    """The loop's alarm fd turns readable once its monotonic deadline passes, not before,
+    and reading it makes it quiet again."""
+    import selectors
+    import time
+
+    from support import wait_until
+
+    from supervisor.alarm import Alarm
+
+    alarm = Alarm()
+    selector = selectors.DefaultSelector()
+    try:
+        assert alarm.fd >= 0  # Linux: timerfd exists on every kernel this runs on
+        selector.register(alarm.fd, selectors.EVENT_READ)
+        alarm.ring_at(time.monotonic() + 3600)
+        assert selector.select(0) == []
+        alarm.ring_at(time.monotonic() + 0.05)  # replaces the hour
+        wait_until(lambda: selector.select(0.5), timeout_s=10)
+        alarm.silence()
+        assert selector.select(0) == []
+    finally:
+        selector.close()
+        alarm.close()
