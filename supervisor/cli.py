@@ -62,15 +62,13 @@ def cmd_run(args) -> int:
     defer("psutil")
     from .configload import load_config
     from .daemon import Daemon
-    from .features import install_features
+    from .features import features_for
     from .logs import configure
 
     config = load_config(_config_path(args))
     configure(args.log_format or config.settings.log_format, config.settings.log_level,
               verbose=args.verbose)
-    daemon = Daemon(config)
-    install_features(daemon)
-    daemon.run()
+    Daemon(config, features_for(config)).run()
     return EXIT_OK
 
 

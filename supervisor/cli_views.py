@@ -210,7 +210,7 @@ def _show_halt(status: dict, command_prefix: str) -> None:
 
 
 def undelivered_alerts(status: dict) -> int | None:
-    """The alert outbox's undelivered count (the breaker extension's `alerts`), when the
+    """The alert outbox's undelivered count (the breaker feature's `alerts`), when the
     daemon reports one."""
     alerts = (status.get("extensions", {}).get("breaker") or {}).get("alerts")
     if isinstance(alerts, dict) and isinstance(alerts.get("undelivered"), int):

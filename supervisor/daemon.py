@@ -19,7 +19,7 @@ import queue
 import selectors
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -32,6 +32,7 @@ from .control.admission import run_peer_check
 from .control.handlers import Handlers
 from .control.server import ControlServer
 from .errors import AlreadyRunning, ConfigError, WatchkeeperError
+from .feature import Feature, Features, Services
 from .identity import (
     Identities,
     drop_ambient_capabilities,
@@ -68,7 +69,7 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, features: Sequence[Feature] = ()) -> None:
         self.config = config
         self.state = DaemonState.STARTING
         self.state_dir = config.state_dir
@@ -79,14 +80,10 @@ class Daemon:
         self._due_fires: list[Fire] = []  # handed on by due timers, started in the same turn
         self.started_mono = time.monotonic()
         self.stop_deadline: float | None = None
-        self.extensions: list = []        # features plugged into the loop (health, breaker...)
-        self._started: list = []
-        self.after_batch: list[Callable[[], None]] = []  # run after each loop turn
-        self.on_tick: list[Callable[[float], None]] = []
-        # called once per SIGCHLD batch that reaped a process that is not a run's root: an
-        # orphan reparented to us (subreaper), e.g. the middle of a setsid + double fork.
-        self.on_orphans_reaped: list[Callable[[], None]] = []
-        self.on_state: list[Callable[[], None]] = []
+        self._installed = tuple(features)  # in start order (features.py says why)
+        # The control handlers first, then the installed features; set up in _start.
+        self.features = Features()
+        self._started: list[Feature] = []
         self._lock_fd = -1
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -106,8 +103,7 @@ class Daemon:
         check_transition(DAEMON_TRANSITIONS, self.state, target)
         log.info("daemon_state", old=self.state.value, new=target.value)
         self.state = target
-        for hook in self.on_state:
-            hook()
+        self.features.state_changed(target)
 
     def run(self) -> None:
         """Start, loop until stopped, clean up; a failure raises (cli.py maps it to an exit
@@ -170,24 +166,29 @@ class Daemon:
         self.cgroups = RunCgroups.setup(cfg.settings.cgroups,
                                         f"watchkeeper-{os.getpid()}")
         self.scheduler = Scheduler(self._fire_now, time.time, self.timers)
+        handlers = Handlers(self)
+        self.features = Features([handlers, *self._installed])
         self.pipeline = Pipeline(
             settings=cfg.settings, state_dir=self.state_dir, socket_path=cfg.socket_path,
             store=self.store, timers=self.timers, scheduler=self.scheduler,
-            cgroups=self.cgroups, watch_fd=self._watch_fd, unwatch_fd=self._unwatch_fd)
-        self.control = ControlServer(cfg.socket_path, self.selector, Handlers(self).dispatch,
+            cgroups=self.cgroups, watch_fd=self._watch_fd, unwatch_fd=self._unwatch_fd,
+            features=self.features)
+        self.control = ControlServer(cfg.socket_path, self.selector, handlers.dispatch,
                                      group=cfg.settings.socket_group,
                                      is_run_peer=run_peer_check(self.pipeline),
                                      idle_timeout_s=cfg.settings.control_idle_timeout_s)
         self.control.open()
         self._isolate_agents(cfg)
-        self.on_tick.append(self.control.close_idle)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wake)
         self.selector.register(self._sig_r, selectors.EVENT_READ, self._drain_signals)
         if self.alarm.fd >= 0:
             self.selector.register(self.alarm.fd, selectors.EVENT_READ, self.alarm.silence)
-        for ext in self.extensions:
-            ext.start(self)
-            self._started.append(ext)  # only what started is stopped at exit
+        services = self._services()
+        for feature in self.features:
+            feature.start(services)
+            self._started.append(feature)  # only what started is stopped at exit
+            feature.adjust_run_env(self.pipeline.base_env)
+        handlers.serve(self.features)
         self.scheduler.start()
         self.pipeline.set_agents(cfg.agents)
         self._catch_up()
@@ -196,6 +197,15 @@ class Daemon:
                  cgroups=str(self.cgroups.base) if self.cgroups else None,
                  socket=str(cfg.socket_path))
         self.transition(DaemonState.RUNNING)
+
+    def _services(self) -> Services:
+        """What every feature may use, built once the core is up."""
+        return Services(
+            state_dir=self.state_dir, store=self.store, timers=self.timers,
+            selector=self.selector, pipeline=self.pipeline, scheduler=self.scheduler,
+            cgroups=self.cgroups, features=self.features,
+            current_config=lambda: self.config, current_state=lambda: self.state,
+            uptime_s=self.uptime_s)
 
     def _isolate_agents(self, cfg: Config) -> None:
         """Each agent's uid (identity.py); say once, clearly, when agents are not isolated."""
@@ -271,8 +281,7 @@ class Daemon:
         if now >= self._next_tick - TICK_SLACK * tick_s:
             self._next_tick = now + tick_s
             self._tick(now)
-        for hook in self.after_batch:
-            hook()
+        self.features.after_batch()
         if self.state == DaemonState.STOPPING:
             self._check_stopped()
 
@@ -296,7 +305,7 @@ class Daemon:
 
     def _tick(self, now: float) -> None:
         """Periodic duties: re-arm cron timers if the wall clock jumped, break stale locks,
-        prune history, let extensions do theirs."""
+        prune history, let the features do theirs."""
         self.scheduler.recheck_wall_clock()
         settings = self.config.settings
         if now >= self._next_lock_check:
@@ -305,11 +314,11 @@ class Daemon:
         if now >= self._next_prune:
             self._next_prune = now + 3600
             self.store.prune_runs(settings.run_history_days * 86400)
-        for hook in self.on_tick:
-            try:
-                hook(now)
-            except Exception:  # noqa: BLE001 - a failing duty must not stop supervision
-                log.exception("tick_hook_failed", hook=getattr(hook, "__qualname__", str(hook)))
+        try:
+            self.control.close_idle(now)
+        except Exception:  # noqa: BLE001 - a failing duty must not stop supervision
+            log.exception("tick_hook_failed", hook="ControlServer.close_idle")
+        self.features.tick(now)
 
     def _fire_now(self, fire: Fire) -> None:
         """The scheduler's timers run on the loop, so a due job starts in the same turn:
@@ -375,8 +384,7 @@ class Daemon:
                 log.debug("orphan_reaped", pid=pid)
                 orphans += 1
         if orphans:
-            for hook in self.on_orphans_reaped:
-                hook()
+            self.features.orphans_reaped()
 
     # -- control actions ---------------------------------------------------------------------
     def request_stop(self, why: str = "request") -> None:
@@ -448,13 +456,7 @@ class Daemon:
         self.pipeline.settings = new.settings
         self._isolate_agents(new)
         self.pipeline.set_agents(new.agents)
-        for ext in self.extensions:
-            reload_hook = getattr(ext, "reload", None)
-            if reload_hook:
-                try:
-                    reload_hook(self)
-                except Exception:  # noqa: BLE001 - else the daemon stays `reloading`, no READY
-                    log.exception("extension_reload_failed", extension=type(ext).__name__)
+        self.features.reload(new)
         log.info("reload_applied", agents=len(new.agents))
         self.transition(DaemonState.RUNNING)
         return []
@@ -473,11 +475,11 @@ class Daemon:
             pass
 
     def _cleanup(self) -> None:
-        for ext in reversed(self._started):
+        for feature in reversed(self._started):
             try:
-                ext.stop(self)
+                feature.stop()
             except Exception:  # noqa: BLE001
-                log.exception("extension_stop_failed", extension=type(ext).__name__)
+                log.exception("extension_stop_failed", extension=type(feature).__name__)
         if self.scheduler is not None:
             self.scheduler.shutdown()
         if self.pipeline is not None and self.pipeline.runs:

@@ -1,6 +1,6 @@
 """Control commands that harm the daemon on purpose, for tests of its liveness checks.
 
-Registered only when the daemon starts with WATCHKEEPER_DEBUG_COMMANDS=1 (features.py),
+Served only when the daemon starts with WATCHKEEPER_DEBUG_COMMANDS=1 (features.py),
 and then only for admins. `debug-block` holds the loop, as a wedged callback would, so a
 test can watch the systemd watchdog pings stop and resume; `debug-stop-scheduler` shuts
 the scheduler down (its timers disarmed) while the daemon runs on, as a failure would.
@@ -12,21 +12,28 @@ import time
 
 import structlog
 
-from .control.handlers import ADMIN
 from .control.protocol import error, ok
+from .control.table import CommandTable
+from .feature import Feature
 
 log = structlog.get_logger("watchkeeper.debug")
 
 MAX_BLOCK_S = 60.0
 
 
-def install_debug_commands() -> None:
-    """Add the debug commands to the admin table (a function, not an import side effect,
-    so that importing this module never arms them)."""
-    ADMIN["debug-block"] = _block
-    ADMIN["debug-stop-scheduler"] = _stop_scheduler
-    log.warning("debug_commands_enabled", commands=["debug-block", "debug-stop-scheduler"],
-                hint="unset WATCHKEEPER_DEBUG_COMMANDS outside tests")
+class DebugCommands(Feature):
+    """Serves the debug commands to admins (a feature the daemon has only when armed, so
+    that importing this module never arms them)."""
+
+    name = "debug"
+
+    def commands(self) -> CommandTable:
+        table = CommandTable()
+        table.admin["debug-block"] = _block
+        table.admin["debug-stop-scheduler"] = _stop_scheduler
+        log.warning("debug_commands_enabled", commands=sorted(table.admin),
+                    hint="unset WATCHKEEPER_DEBUG_COMMANDS outside tests")
+        return table
 
 
 def _block(h, conn, req):

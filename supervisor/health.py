@@ -18,8 +18,9 @@ from .alerts import Alert, AlertKind
 from .cgroup_events import TrackedThreshold, UsageThreshold
 from .cgroups import RunCgroups
 from .config import AgentSpec
-from .control.handlers import AGENT, command
 from .control.protocol import error, ok
+from .control.table import CommandTable, command
+from .feature import Feature, Services
 from .forkwatch import ForkWatch
 from .heartbeat import (
     DegradationTracker,
@@ -35,6 +36,7 @@ from .heartbeat import (
 )
 from .lineage import subtree
 from .memguard import AgentMemorySettings, MemoryGuard, StopRun, Unrelieved
+from .output_gate import OutputGate
 from .procscan import LiveRun
 from .proctree import last_pid_created, tree_children
 from .psi import SYSTEM_MEMORY_PRESSURE, PressureTrigger
@@ -48,13 +50,14 @@ DEGRADED_CHECK_INTERVAL_S = 5.0
 # while a run is live where the kernel does not tell us of forks; not only on the tick (10 s
 # by default): a fork bomb makes thousands of processes in that time.
 CAP_CHECK_INTERVAL_S = 0.25
+COMMANDS = CommandTable()
 
 
-class Health:
+class Health(Feature):
     name = "health"
 
     def __init__(self) -> None:
-        self.daemon = None
+        self.services: Services | None = None
         self.tracker = DegradationTracker()
         self.guard: MemoryGuard | None = None
         self._guard_timer = None
@@ -70,22 +73,24 @@ class Health:
         self._forks: ForkWatch | None = None  # None: caps are polled while runs live
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def start(self, daemon) -> None:
-        self.daemon = daemon
-        daemon.pipeline.degraded_upstreams = self.degraded_upstreams
-        daemon.on_tick.append(self._tick)
-        daemon.pipeline.on_run_started.append(self._arm_cap_checks)
-        daemon.on_orphans_reaped.append(self._enforce_process_caps)
+    def start(self, services: Services) -> None:
+        self.services = services
         self._forks = ForkWatch.open({os.getpid()})
         if self._forks is not None:
-            daemon.selector.register(self._forks.fileno(), selectors.EVENT_READ,
-                                     self._on_forks)
+            services.selector.register(self._forks.fileno(), selectors.EVENT_READ,
+                                       self._on_forks)
         self._make_guard()
 
-    def reload(self, daemon) -> None:
+    def reload(self, config) -> None:
         self._make_guard()
 
-    def stop(self, daemon) -> None:
+    def run_started(self, run) -> None:
+        self._arm_cap_checks()
+
+    def orphans_reaped(self) -> None:
+        self._enforce_process_caps()
+
+    def stop(self) -> None:
         if self._guard_timer is not None:
             self._guard_timer.cancel()
         self._close_pressure_trigger()
@@ -94,15 +99,16 @@ class Health:
             self._forks.close()
 
     def _make_guard(self) -> None:
-        daemon = self.daemon
+        services = self.services
         if self._guard_timer is not None:
             self._guard_timer.cancel()
         self.guard = MemoryGuard(
-            daemon.config.settings.memory_guard, daemon_pid=os.getpid(), state_dir=str(daemon.state_dir),
+            services.config.settings.memory_guard, daemon_pid=os.getpid(),
+            state_dir=str(services.state_dir),
             live_runs=self._live_runs, agent_settings=self._agent_memory,
             run_pids=self._run_pids)
         self._arm_pressure_trigger()
-        self._guard_timer = daemon.timers.call_later(0, self._guard_tick)
+        self._guard_timer = services.timers.call_later(0, self._guard_tick)
 
     def _arm_pressure_trigger(self) -> None:
         """Where the kernel can tell, it wakes the guard on memory pressure: PSI triggers
@@ -110,11 +116,11 @@ class Health:
         usage thresholds at warn and act percent of a cgroup v1 `scope_cgroup`
         (cgroup_events.py). With the machine's PSI trigger the guard samples only slowly."""
         self._close_pressure_trigger()
-        settings = self.daemon.config.settings.memory_guard
+        settings = self.services.config.settings.memory_guard
         if not settings.pressure_stall_ms:
             return
         paths = [SYSTEM_MEMORY_PRESSURE]
-        cgroups = getattr(self.daemon, "cgroups", None)
+        cgroups = self.services.cgroups
         if cgroups is not None and (cgroups.base / "memory.pressure").exists():
             paths.append(str(cgroups.base / "memory.pressure"))
         triggers = [PressureTrigger.open(path, stall_ms=settings.pressure_stall_ms)
@@ -126,12 +132,12 @@ class Health:
             triggers.append(TrackedThreshold.open(settings.scope_cgroup, settings.act_percent))
         for trigger in filter(None, triggers):
             self._pressure.append(trigger)
-            self.daemon.selector.register(trigger.fileno(), selectors.EVENT_READ,
+            self.services.selector.register(trigger.fileno(), selectors.EVENT_READ,
                                           functools.partial(self._on_pressure, trigger))
 
     def _close_pressure_trigger(self) -> None:
         for trigger in self._pressure:
-            self.daemon.selector.unregister(trigger.fileno())
+            self.services.selector.unregister(trigger.fileno())
             trigger.close()
         self._pressure = []
 
@@ -146,16 +152,16 @@ class Health:
 
     def _live_runs(self) -> dict[str, LiveRun]:
         return {r.run_id: LiveRun(r.agent, r.pid, str(r.cgroup) if r.cgroup else None)
-                for r in self.daemon.pipeline.runs.values()}
+                for r in self.services.pipeline.runs.values()}
 
     def _run_pids(self, run_id: str, live: LiveRun) -> list[int]:
         """A run's known processes: its own tree, and the descendants the pipeline
         attributed to it (those that left the tree); never the whole process table."""
-        known = [pid for pid, rid in self.daemon.pipeline.owners.items() if rid == run_id]
+        known = [pid for pid, rid in self.services.pipeline.owners.items() if rid == run_id]
         return [live.root_pid, *subtree(tree_children(live.root_pid), live.root_pid), *known]
 
     def _agent_memory(self, agent: str) -> AgentMemorySettings:
-        rt = self.daemon.pipeline.agents.get(agent)
+        rt = self.services.pipeline.agents.get(agent)
         if rt is None:
             return AgentMemorySettings()
         return AgentMemorySettings(memory_priority=rt.spec.memory_priority,
@@ -168,18 +174,18 @@ class Health:
             actions = self.guard.tick(now)
         finally:
             delay = max(0.0, self.guard.next_tick_at - time.monotonic())
-            self._guard_timer = self.daemon.timers.call_later(delay, self._guard_tick)
+            self._guard_timer = self.services.timers.call_later(delay, self._guard_tick)
             for trigger in self._pressure:
                 if isinstance(trigger, TrackedThreshold):
                     trigger.retarget()  # follows the cache at the guard's own readings
         for action in actions:
             if isinstance(action, StopRun):
-                run = self.daemon.pipeline.runs.get(action.run_id)
+                run = self.services.pipeline.runs.get(action.run_id)
                 if run is not None:
                     log.warning("memory_stop_run", agent=action.agent, run_id=action.run_id,
                                 memory_mb=round(action.memory_mb, 1), limit_mb=action.limit_mb,
                                 reason=action.reason.value)
-                    self.daemon.pipeline.stop_run(run, StopReason.MEMORY)
+                    self.services.pipeline.stop_run(run, StopReason.MEMORY)
                     self._alert(AlertKind.MEMORY_KILL, action.agent,
                                 f"run {action.run_id} stopped: {action.memory_mb:.0f} MB "
                                 f"({action.reason.value})")
@@ -187,7 +193,8 @@ class Health:
                 self._alert(AlertKind.MEMORY_KILL, None, action.message)
 
     def _alert(self, kind: AlertKind, agent: str | None, text: str) -> None:
-        alerter = getattr(self.daemon, "alerter", None)
+        gate = self.services.features.find(OutputGate)
+        alerter = gate.alerter if gate is not None else None
         if alerter is not None:
             alerter.send(Alert(kind=kind, title=f"watchkeeper: {kind.value}", text=text,
                                agent=agent))
@@ -201,7 +208,7 @@ class Health:
         direct = sorted(name for name, st in statuses.items() if st.degraded)
         chains = [*direct, *self._inherited(spec, set(direct))]
         self._note_inherited(spec.name, direct, chains)
-        rt = self.daemon.pipeline.agents.get(spec.name)
+        rt = self.services.pipeline.agents.get(spec.name)
         if rt is not None:
             rt.degraded = chains  # what its own downstreams inherit
         return chains
@@ -209,7 +216,7 @@ class Health:
     def _inherited(self, spec: AgentSpec, direct: set[str]) -> list[str]:
         """The chains of upstreams that are degraded themselves: seo, downstream of a
         degraded content, runs on drafts made without fresh notes."""
-        agents = self.daemon.pipeline.agents
+        agents = self.services.pipeline.agents
         chains = []
         for name in spec.depends_on:
             if name in direct or name not in agents:
@@ -233,12 +240,12 @@ class Health:
                 log.info("agent_recovered", agent=agent, upstreams=[])
 
     def _upstreams(self, spec: AgentSpec):
-        agents = self.daemon.pipeline.agents
+        agents = self.services.pipeline.agents
         settings = {n: agents[n].spec.heartbeat for n in spec.depends_on if n in agents}
         last_ok = {n: (None if agents[n].last_outcome is None else
                        agents[n].last_outcome == Outcome.SUCCEEDED.value)
                    for n in spec.depends_on if n in agents}
-        statuses = upstream_status(self.daemon.state_dir, spec.depends_on, settings, last_ok,
+        statuses = upstream_status(self.services.state_dir, spec.depends_on, settings, last_ok,
                                    time.time())
         return {n: st for n, st in statuses.items() if not self._still_starting(n, st)}
 
@@ -246,23 +253,23 @@ class Health:
         """An upstream with no heartbeat file that has not run since the daemon started,
         younger than its stale_after_s, is starting, not down: a clean start must not
         warn that every downstream is degraded before any agent could beat."""
-        rt = self.daemon.pipeline.agents.get(name)
+        rt = self.services.pipeline.agents.get(name)
         return (status.verdict is Verdict.MISSING and rt is not None
                 and rt.last_outcome is None
-                and self.daemon.uptime_s() < rt.spec.heartbeat.stale_after_s)
+                and self.services.uptime_s() < rt.spec.heartbeat.stale_after_s)
 
-    def _tick(self, now_mono: float) -> None:
+    def tick(self, now_mono: float) -> None:
         self._check_heartbeats(time.time())
         self._enforce_process_caps()
         if now_mono >= self._next_degraded_check:
             self._next_degraded_check = now_mono + DEGRADED_CHECK_INTERVAL_S
             # Upstreams first, so a chain reaches the end of the pipeline in one check.
-            for rt in _upstreams_first(self.daemon.pipeline.agents):
+            for rt in _upstreams_first(self.services.pipeline.agents):
                 if rt.spec.depends_on:
                     rt.degraded = self.degraded_upstreams(rt.spec)
 
     def _check_heartbeats(self, now: float) -> None:
-        pipeline = self.daemon.pipeline
+        pipeline = self.services.pipeline
         for run in list(pipeline.runs.values()):
             rt = pipeline.agents.get(run.agent)
             if rt is None or run.run_id in self._stale_runs:
@@ -273,7 +280,7 @@ class Health:
                 due = self._beat_due[run.run_id] = run.started_wall + settings.stale_after_s
             if now < due:
                 continue  # no beat can have gone stale yet
-            reading = load_heartbeat(heartbeat_path(self.daemon.state_dir, run.agent))
+            reading = load_heartbeat(heartbeat_path(self.services.state_dir, run.agent))
             verdict = heartbeat_verdict(reading, settings, now, started_at=run.started_wall)
             response = stale_response(verdict, settings)
             if response is None:
@@ -296,7 +303,7 @@ class Health:
 
     def _arm_cap_checks(self, _run=None) -> None:
         if self._cap_timer is None:
-            self._cap_timer = self.daemon.timers.call_later(CAP_CHECK_INTERVAL_S,
+            self._cap_timer = self.services.timers.call_later(CAP_CHECK_INTERVAL_S,
                                                             self._cap_check_due)
 
     def _cap_check_due(self) -> None:
@@ -306,7 +313,7 @@ class Health:
         finally:  # a failed check must not leave the caps without a watch or a poll
             if self._forks is not None:
                 self._rewatch_forks()
-            elif self.daemon.pipeline.runs or self.daemon.pipeline.ended_runs:
+            elif self.services.pipeline.runs or self.services.pipeline.ended_runs:
                 self._arm_cap_checks()
 
     def _on_forks(self, _mask: int) -> None:
@@ -318,14 +325,14 @@ class Health:
 
     def _unwatch_forks(self) -> None:
         try:
-            self.daemon.selector.unregister(self._forks.fileno())
+            self.services.selector.unregister(self._forks.fileno())
         except (KeyError, ValueError):
             pass
 
     def _rewatch_forks(self) -> None:
         # Not drained: forks queued since the walk are news (a wakeup, another check).
-        if self._forks.fileno() not in self.daemon.selector.get_map():
-            self.daemon.selector.register(self._forks.fileno(), selectors.EVENT_READ,
+        if self._forks.fileno() not in self.services.selector.get_map():
+            self.services.selector.register(self._forks.fileno(), selectors.EVENT_READ,
                                           self._on_forks)
 
     def _watch_tree(self, alive: set[int]) -> None:
@@ -345,7 +352,7 @@ class Health:
         Runs on the cap timer and whenever an orphan is reaped: a reaped middle process of
         a setsid + double fork means its child was just reparented to us, so the escape is
         attributed (by its inherited run id) and counted then, not at the next check."""
-        pipeline = self.daemon.pipeline
+        pipeline = self.services.pipeline
         live = [r for r in pipeline.runs.values() if r.state != RunState.KILLING]
         if not live and not pipeline.ended_runs:
             return
@@ -381,7 +388,7 @@ class Health:
     def _cap_leftovers(self, alive: set[int]) -> None:
         """An ended run's leftovers in their grace period hold to the cap as well: a bomb
         whose first process exited (and ignores SIGTERM) would grow all through it."""
-        pipeline = self.daemon.pipeline
+        pipeline = self.services.pipeline
         for run in list(pipeline.ended_runs.values()):
             rt = pipeline.agents.get(run.agent)
             cap = rt.spec.max_processes if rt is not None else None
@@ -400,13 +407,17 @@ class Health:
             return
         if policy == OnStale.RESTART:
             rt.queued = Fire(rt.name, run.job.id, "restart", time.time())
-        self.daemon.pipeline.stop_run(run, StopReason.STALE_HEARTBEAT)
+        self.services.pipeline.stop_run(run, StopReason.STALE_HEARTBEAT)
 
     def status(self) -> dict:
-        degraded = sorted(a for a, rt in self.daemon.pipeline.agents.items() if rt.degraded)
+        degraded = sorted(a for a, rt in self.services.pipeline.agents.items() if rt.degraded)
         guard = self.guard
         return {"degraded": degraded, "memory_level": guard.level.value if guard else None,
                 "summary": f"memory {guard.level.value}" if guard else None}
+
+
+    def commands(self) -> CommandTable:
+        return COMMANDS
 
 
 def _upstreams_first(agents: dict) -> list:
@@ -426,7 +437,7 @@ def _upstreams_first(agents: dict) -> list:
     return ordered
 
 
-@command(AGENT, "heartbeat")
+@command(COMMANDS.agent, "heartbeat")
 def _heartbeat(h, conn, req, run):
     """Write the calling run's heartbeat (a run can heartbeat only as its own agent)."""
     try:

@@ -12,7 +12,10 @@ import time
 import psutil
 import structlog
 
+from .feature import Feature, Services
 from .heartbeat import heartbeat_path, load_heartbeat
+from .output_gate import OutputGate
+from .steward import Steward
 
 log = structlog.get_logger("watchkeeper.metrics")
 
@@ -21,17 +24,17 @@ BREAKER_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 ALERT_ERROR_CHARS = 200  # a label value is stored per series and scraped every time: bounded
 
 
-class Metrics:
+class Metrics(Feature):
     name = "metrics"
 
     def __init__(self) -> None:
-        self.daemon = None
+        self.services: Services | None = None
         self.server = None
         self.registry = None
         self._next_refresh = 0.0
 
-    def start(self, daemon) -> None:
-        settings = daemon.config.settings.metrics
+    def start(self, services: Services) -> None:
+        settings = services.config.settings.metrics
         if settings.port is None:
             return
         from prometheus_client import (
@@ -42,7 +45,7 @@ class Metrics:
             start_http_server,
         )
 
-        self.daemon = daemon
+        self.services = services
         reg = self.registry = CollectorRegistry()
         self.runs = Counter("watchkeeper_runs", "Finished runs", ["agent", "outcome"], registry=reg)
         self.duration = Histogram("watchkeeper_run_duration_seconds", "Run duration", ["agent"],
@@ -69,33 +72,34 @@ class Metrics:
         self.running = Gauge("watchkeeper_agents_running", "Agents with a live run", registry=reg)
         self.server, _thread = start_http_server(settings.port, addr=settings.address,
                                                  registry=reg)
-        daemon.pipeline.on_run_finished.append(self._run_finished)
-        daemon.pipeline.on_run_started.append(self._run_started)
-        daemon.on_tick.append(self._tick)
         log.info("metrics_listening", address=settings.address, port=settings.port)
 
-    def stop(self, daemon) -> None:
+    def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
 
-    def _run_started(self, run) -> None:
+    def run_started(self, run) -> None:
+        if self.server is None:
+            return  # no port configured
         if run.trigger in ("retry", "always", "restart"):
             self.restarts.labels(run.agent).inc()
 
-    def _run_finished(self, run, record) -> None:
+    def run_finished(self, run, record) -> None:
+        if self.server is None:
+            return
         self.runs.labels(run.agent, record.outcome).inc()
         if record.ended is not None:
             self.duration.labels(run.agent).observe(max(0.0, record.ended - record.started))
 
-    def _tick(self, now_mono: float) -> None:
-        if now_mono < self._next_refresh:
+    def tick(self, now_mono: float) -> None:
+        if self.server is None or now_mono < self._next_refresh:
             return
         self._next_refresh = now_mono + REFRESH_INTERVAL_S
-        pipeline = self.daemon.pipeline
+        pipeline = self.services.pipeline
         now = time.time()
         self.running.set(len(pipeline.runs))
         for name in pipeline.agents:
-            hb = load_heartbeat(heartbeat_path(self.daemon.state_dir, name)).heartbeat
+            hb = load_heartbeat(heartbeat_path(self.services.state_dir, name)).heartbeat
             if hb is not None:
                 self.hb_age.labels(name).set(max(0.0, now - hb.ts))
         rss: dict[str, int] = dict.fromkeys(pipeline.agents, 0)
@@ -107,14 +111,14 @@ class Metrics:
             rss[run.agent] = rss.get(run.agent, 0) + _rss(run.pid)
         for name, value in rss.items():
             self.rss.labels(name).set(value)
-        gate = getattr(self.daemon, "output_gate", None)
+        gate = self.services.features.find(OutputGate)
         if gate is not None:
             self.breaker.set(BREAKER_VALUES.get(gate.breaker.state.value, 0))
             owed = gate.alerter.undelivered()
             self.alerts_owed.set(owed.count)
             self.alerts_age.set(owed.oldest_age_s)
             self._show_alert_error(owed.last_error)
-        steward = getattr(self.daemon, "steward", None)
+        steward = self.services.features.find(Steward)
         if steward is not None:
             self.queue.set(steward.queue_depth())
 

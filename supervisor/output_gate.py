@@ -27,13 +27,15 @@ from .breaker import (
 )
 from .breaker_defaults import RESTART_TRIGGERS, derived_limits
 from .breaker_rules import launch_limit
-from .control.handlers import ADMIN, AGENT, READ_ONLY, command
 from .control.protocol import error, ok
+from .control.table import CommandTable, command
+from .feature import Feature, Services
 
 log = structlog.get_logger("watchkeeper.outputs")
 
 MAX_SUMMARY_CHARS = 500
 SNAPSHOT_KEY = "breaker"
+COMMANDS = CommandTable()
 
 
 def merged_breaker_settings(config) -> BreakerSettings:
@@ -49,22 +51,22 @@ def merged_breaker_settings(config) -> BreakerSettings:
     return msgspec.structs.replace(settings, agents={**agents, **derived})
 
 
-class OutputGate:
+class OutputGate(Feature):
     name = "breaker"
 
     def __init__(self) -> None:
-        self.daemon = None
+        self.services: Services | None = None
         self.breaker: Breaker | None = None
         self.alerter: AlertSender | None = None
         self._next_outbox_prune = 0.0
 
-    def start(self, daemon) -> None:
-        self.daemon = daemon
-        daemon.output_gate = self
-        self.alerter = AlertSender(daemon.config.settings.alerts, daemon.store, daemon.timers)
-        daemon.alerter = self.alerter
-        self.breaker = Breaker(merged_breaker_settings(daemon.config), persist=self._persist)
-        snapshot = daemon.store.get_value(SNAPSHOT_KEY)
+    def start(self, services: Services) -> None:
+        self.services = services
+        self.alerter = AlertSender(services.config.settings.alerts, services.store,
+                                   services.timers)
+        self.breaker = Breaker(merged_breaker_settings(services.config),
+                               persist=self.persist_snapshot)
+        snapshot = services.store.get_value(SNAPSHOT_KEY)
         if snapshot:
             try:
                 self.breaker.restore(snapshot)
@@ -76,18 +78,15 @@ class OutputGate:
             trip = self.breaker.last_trip
             log.critical("pipeline_halted_at_start", agent=trip.agent if trip else None,
                          hint="`watchkeeper breaker reset --reason ...` resumes the pipeline")
-            daemon.pipeline.halted = True
-        daemon.pipeline.launch_gate = self._launch_gate
-        daemon.pipeline.on_crash_loop.append(self._crash_loop_alert)
-        daemon.on_tick.append(self._tick)
+            services.pipeline.halted = True
         # After the halt is restored: an alert its predecessor still owed goes out now.
-        self.alerter.attach(daemon.selector)
+        self.alerter.attach(services.selector)
 
-    def reload(self, daemon) -> None:
-        self.breaker.apply_settings(merged_breaker_settings(daemon.config))
+    def reload(self, config) -> None:
+        self.breaker.apply_settings(merged_breaker_settings(config))
 
-    def stop(self, daemon) -> None:
-        self._persist(self.breaker.snapshot())
+    def stop(self) -> None:
+        self.persist_snapshot(self.breaker.snapshot())
         self.alerter.close(timeout_s=5.0)
 
     def _recount(self) -> None:
@@ -96,18 +95,23 @@ class OutputGate:
         breaker = self.breaker
         since = max(breaker.windows_since_wall, time.time() - longest_window_s(breaker.settings))
         uncounted = () if breaker.settings.launches.count_restarts else RESTART_TRIGGERS
-        counted = breaker.recount(self.daemon.store.breaker_events(since, uncounted))
+        counted = breaker.recount(self.services.store.breaker_events(since, uncounted))
         if counted:
             log.info("breaker_windows_recounted", events=counted)
 
-    def _persist(self, snapshot: dict) -> None:
-        self.daemon.store.put_value(SNAPSHOT_KEY, snapshot)
+    def persist_snapshot(self, snapshot: dict) -> None:
+        """Where the breaker keeps its state: this host's SQLite store."""
+        self.services.store.put_value(SNAPSHOT_KEY, snapshot)
+
+    def use_breaker(self, breaker) -> None:
+        """Decide with another breaker from now on (shared storage's, pg/breaker.py)."""
+        self.breaker = breaker
 
     # -- decisions -------------------------------------------------------------------------
     def decide(self, check, *args) -> Decision:
         """Run one breaker check and act on it in one transaction: the new state and its
         alert commit together."""
-        with self.daemon.store.transaction():
+        with self.services.store.transaction():
             return self.handle(check(*args))
 
     def handle(self, decision: Decision) -> Decision:
@@ -117,11 +121,11 @@ class OutputGate:
             log.critical("breaker_tripped", agent=trip.agent, rule=trip.rule.value,
                          limit=trip.limit, count=trip.count, window_s=trip.window_s,
                          setting=trip.setting)
-            self.daemon.pipeline.halt()
+            self.services.pipeline.halt()
             self.alerter.send(trip_alert(trip))
         return decision
 
-    def _launch_gate(self, agent: str, trigger: str = "") -> str | None:
+    def may_launch(self, agent: str, trigger: str = "") -> str | None:
         if trigger in RESTART_TRIGGERS and not launch_limit(self.breaker.settings,
                                                             agent).count_restarts:
             # The crash-loop policy contains restarts; counting them halted every healthy
@@ -130,21 +134,21 @@ class OutputGate:
         decision = self.decide(self.breaker.check_launch, agent)
         return None if decision.allowed else decision.reason
 
-    def _tick(self, now_mono: float) -> None:
+    def tick(self, now_mono: float) -> None:
         if now_mono >= self._next_outbox_prune:
             self._next_outbox_prune = now_mono + 3600.0
             self.alerter.prune()
         changed = self.breaker.tick()
         if changed == BreakerState.HALF_OPEN:
             log.warning("breaker_half_open", hint="scheduling resumes with a probe budget")
-            self.daemon.pipeline.unhalt()
+            self.services.pipeline.unhalt()
 
-    def _crash_loop_alert(self, rt) -> None:
+    def crash_loop(self, rt) -> None:
         # One alert per crash-loop episode (until the agent succeeds again): its further
         # cool-downs are in `status` (state failed, failures), not a page every cool-down.
         if rt.cooldowns > 1:
             return
-        policy = self.daemon.config.settings.crash_loop
+        policy = self.services.config.settings.crash_loop
         self.alerter.send(Alert(
             kind=AlertKind.CRASH_LOOP, agent=rt.name,
             title=f"watchkeeper: {rt.name} is crash looping",
@@ -154,13 +158,13 @@ class OutputGate:
                   "it succeeds again.")))
 
     def reset(self, by: str, reason: str) -> bool:
-        with self.daemon.store.transaction():
+        with self.services.store.transaction():
             was_open = self.breaker.reset(by, reason)
             log.warning("breaker_reset", by=by, reason=reason, was_open=was_open)
             if was_open:
                 self.alerter.send(Alert(kind=AlertKind.BREAKER_RESET, title="watchkeeper: "
                                         "breaker reset", text=f"reset by {by}: {reason}"))
-        self.daemon.pipeline.unhalt()
+        self.services.pipeline.unhalt()
         return was_open
 
     def status(self) -> dict:
@@ -174,12 +178,15 @@ class OutputGate:
                 "last_trip": msgspec.to_builtins(trip) if trip else None,
                 "alerts": owed.as_dict(), "summary": summary}
 
+    def commands(self) -> CommandTable:
+        return COMMANDS
 
-def _gate(h):
-    return h.daemon.output_gate
+
+def _gate(h) -> OutputGate:
+    return h.daemon.features.find(OutputGate)
 
 
-@command(AGENT, "emit")
+@command(COMMANDS.agent, "emit")
 def _emit(h, conn, req, run):
     args = req.args
     kind = args.get("kind")
@@ -205,7 +212,7 @@ def _emit(h, conn, req, run):
     return ok(req.id, {"allowed": True})
 
 
-@command(AGENT, "usage")
+@command(COMMANDS.agent, "usage")
 def _usage(h, conn, req, run):
     tokens, cost = req.args.get("tokens", 0), req.args.get("cost", 0.0)
     if not isinstance(tokens, int) or not isinstance(cost, int | float):
@@ -220,7 +227,7 @@ def _usage(h, conn, req, run):
     return ok(req.id, {"allowed": True})
 
 
-@command(READ_ONLY, "outputs")
+@command(COMMANDS.read_only, "outputs")
 def _outputs(h, conn, req):
     agent, limit = req.args.get("agent"), req.args.get("limit", 50)
     if (agent is not None and not isinstance(agent, str)) or not isinstance(limit, int) or \
@@ -229,12 +236,12 @@ def _outputs(h, conn, req):
     return ok(req.id, h.daemon.store.recent_outputs(agent, limit))
 
 
-@command(READ_ONLY, "breaker-status")
+@command(COMMANDS.read_only, "breaker-status")
 def _breaker_status(h, conn, req):
     return ok(req.id, _gate(h).status())
 
 
-@command(ADMIN, "breaker-reset")
+@command(COMMANDS.admin, "breaker-reset")
 def _breaker_reset(h, conn, req):
     reason = req.args.get("reason")
     if not isinstance(reason, str) or not reason.strip():

@@ -16,6 +16,7 @@ import structlog
 from .agents import AgentRuntime, backoff_delay_s, cooldown_s
 from .cgroups import RunCgroups
 from .config import AgentSpec, Job, Overlap, Settings
+from .feature import Features
 from .identity import AgentIdentity, prepare_work_dir
 from .proctree import (
     attribute_tree,
@@ -52,7 +53,7 @@ class Pipeline:
     def __init__(self, *, settings: Settings, state_dir: Path, socket_path: Path, store: Store,
                  timers: Timers, scheduler: Scheduler, cgroups: RunCgroups | None,
                  watch_fd: Callable[[int, Callable[[int], None]], None],
-                 unwatch_fd: Callable[[int], None]) -> None:
+                 unwatch_fd: Callable[[int], None], features: Features | None = None) -> None:
         self.settings = settings
         self.state_dir = state_dir
         self.socket_path = socket_path
@@ -62,6 +63,8 @@ class Pipeline:
         self.cgroups = cgroups
         self._watch_fd = watch_fd
         self._unwatch_fd = unwatch_fd
+        # The daemon's features, called at each step of a run (feature.py).
+        self.features = features if features is not None else Features()
         self.agents: dict[str, AgentRuntime] = {}
         self.runs: dict[str, Run] = {}          # live runs by run id
         self.runs_by_pid: dict[int, Run] = {}
@@ -72,17 +75,7 @@ class Pipeline:
         self.downstream: dict[str, list[tuple[str, str]]] = {}  # upstream -> after: jobs
         self.halted = False                     # the breaker stopped the pipeline
         self.accepting = True                   # False once shutdown began
-        self.degraded_upstreams: Callable[[AgentSpec], list[str]] = self._failed_upstreams
-        self.on_run_finished: list[Callable[[Run, RunRecord], None]] = []
-        self.on_run_started: list[Callable[[Run], None]] = []
-        self.on_crash_loop: list[Callable[[AgentRuntime], None]] = []
-        self.launch_gate: Callable[[str, str], str | None] = lambda agent, trigger: None
-        self.last_refusal = ""  # why the launch gate refused the last start_run
-        # Shared storage decides which host runs a firing: a non-empty answer says why not here.
-        self.claim_firing: Callable[[Fire, AgentSpec, Job], str] = lambda fire, spec, job: ""
-        # Shared storage may hold the agent's run elsewhere: a non-empty answer says where.
-        self.claim_run: Callable[[AgentRuntime, Job], str] = lambda rt, job: ""
-        self.on_paused: list[Callable[[list[str], bool], None]] = []
+        self.last_refusal = ""  # why a feature refused the last start_run
         # A batch's runs ready to spawn, and those spawned, announced after the last one
         # (fire_batch).
         self._launches: list[tuple[AgentRuntime, Run, RunRecord, Callable[[], None]]] | None
@@ -148,7 +141,7 @@ class Pipeline:
             return "unknown"
         if fire.trigger in ("cron", "every"):
             self.store.record_fire(rt.name, job.id, fire.at)
-        verdict = self._blocked(rt, fire) or self.claim_firing(fire, rt.spec, job)
+        verdict = self._blocked(rt, fire) or self.features.claim_firing(fire, rt.spec, job)
         if verdict:
             log.info("firing_skipped", agent=rt.name, job=job.id, trigger=fire.trigger,
                      reason=verdict)
@@ -248,12 +241,12 @@ class Pipeline:
     # -- runs -------------------------------------------------------------------------------
     def start_run(self, rt: AgentRuntime, job: Job, *, trigger: str, attempt: int) -> Run | None:
         # The claim first: a host that loses the race must not count a launch in the breaker.
-        refusal = self.claim_run(rt, job) or self.launch_gate(rt.name, trigger)
+        refusal = self.features.claim_run(rt, job) or self.features.may_launch(rt.name, trigger)
         if refusal:
             log.warning("run_refused", agent=rt.name, job=job.id, reason=refusal)
             self.last_refusal = refusal  # for `start-now`'s error reply
             return None
-        degraded = self.degraded_upstreams(rt.spec)
+        degraded = self._degraded_upstreams(rt.spec)
         run = Run(rt.spec, job, attempt=attempt, trigger=trigger, degraded=degraded)
         env = build_env(run, rt.spec, job, state_dir=self.state_dir,
                         socket_path=self.socket_path, base_env=self.base_env)
@@ -335,8 +328,7 @@ class Pipeline:
         log.info("run_started", agent=run.agent, job=run.job.id, run_id=run.run_id,
                  pid=run.pid, trigger=run.trigger, attempt=run.attempt,
                  degraded=record.degraded or None)
-        for hook in self.on_run_started:
-            hook(run)
+        self.features.run_started(run)
 
     def stop_run(self, run: Run, reason: StopReason, *, refresh: bool = True) -> None:
         """SIGTERM the run's processes, then SIGKILL after its grace period. A second stop
@@ -443,8 +435,7 @@ class Pipeline:
                duration_s=round(duration_s, 3), stop_reason=record.stop_reason or None,
                stop_signal=run.stop_signal or None)
         self._stop_leftovers(run)
-        for hook in self.on_run_finished:
-            hook(run, record)
+        self.features.run_finished(run, record)
         rt = self.agents.get(run.agent)
         if rt is None or rt.run is not run:
             return
@@ -488,8 +479,7 @@ class Pipeline:
                       cooldown_s=delay, last_exit=_exit_text(record.exit_code, record.signal))
             rt.queued = None
             rt.retry_timer = self.timers.call_later(delay, lambda: self._cooled_down(rt))
-            for hook in self.on_crash_loop:
-                hook(rt)
+            self.features.crash_loop(rt)
             return
         retries = run.job.retries
         if run.attempt < retries.max_attempts or run.job.schedule.always:
@@ -608,8 +598,7 @@ class Pipeline:
                 log.info("agent_paused" if paused else "agent_resumed", agent=name)
             if not paused:
                 self._ensure_always(rt)
-        for hook in self.on_paused:
-            hook(names, paused)
+        self.features.paused(names, paused)
         return changed
 
     def stop_all(self, reason: StopReason) -> None:
@@ -639,7 +628,12 @@ class Pipeline:
             if not rt.paused:
                 self._ensure_always(rt)
 
-    # -- health hook default ----------------------------------------------------------------
+    # -- degraded upstreams ------------------------------------------------------------------
+    def _degraded_upstreams(self, spec: AgentSpec) -> list[str]:
+        """A feature's answer (health.py's heartbeats), else the upstreams that failed."""
+        found = self.features.degraded_upstreams(spec)
+        return found if found is not None else self._failed_upstreams(spec)
+
     def _failed_upstreams(self, spec: AgentSpec) -> list[str]:
         bad = []
         for upstream in spec.depends_on:

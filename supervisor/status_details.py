@@ -2,7 +2,7 @@
 each agent is to its breaker limit, its heartbeat age, why it is degraded, how full memory
 is, and why and since when the pipeline is halted.
 
-An extension that adds one status extender; it only reads (the loop owns every state it
+A feature that extends the status snapshot; it only reads (the loop owns every state it
 looks at, and status is answered from the loop).
 """
 
@@ -10,24 +10,22 @@ from __future__ import annotations
 
 import time
 
+from .feature import Feature, Services
+from .health import Health
 from .heartbeat import heartbeat_path, load_heartbeat
+from .output_gate import OutputGate
 
 
-class StatusDetails:
+class StatusDetails(Feature):
     name = "status_details"
 
     def __init__(self) -> None:
-        self.daemon = None
+        self.services: Services | None = None
 
-    def start(self, daemon) -> None:
-        self.daemon = daemon
-        # After the shared-storage extension, which sets its own list.
-        daemon.status_extenders = [*getattr(daemon, "status_extenders", ()), self.extend]
+    def start(self, services: Services) -> None:
+        self.services = services
 
-    def stop(self, daemon) -> None:
-        pass
-
-    def extend(self, snapshot: dict) -> None:
+    def extend_status(self, snapshot: dict) -> None:
         now_wall = time.time()
         for agent in snapshot["agents"]:
             agent.update(self.agent_details(agent["agent"], now_wall))
@@ -36,25 +34,24 @@ class StatusDetails:
 
     # -- per agent -------------------------------------------------------------------------
     def agent_details(self, name: str, now_wall: float) -> dict:
-        rt = self.daemon.pipeline.agents[name]
-        beat = load_heartbeat(heartbeat_path(self.daemon.state_dir, name)).heartbeat
+        rt = self.services.pipeline.agents[name]
+        beat = load_heartbeat(heartbeat_path(self.services.state_dir, name)).heartbeat
         return {"breaker_window": self.output_window(name),
                 "heartbeat_age_s": round(now_wall - beat.ts, 1) if beat else None,
                 "degraded_reason": self.degraded_reason(rt.degraded)}
 
     def output_window(self, agent: str) -> dict | None:
         """{"outputs": 9, "max_outputs": 10, "window_s": 60}: the agent's outputs rule."""
-        gate = getattr(self.daemon, "output_gate", None)
-        breaker = getattr(gate, "breaker", None)
-        if breaker is None:
+        gate = self.services.features.find(OutputGate)
+        if gate is None or gate.breaker is None:
             return None
-        return breaker.output_window_fill(agent)
+        return gate.breaker.output_window_fill(agent)
 
     def degraded_reason(self, upstreams: list[str]) -> str | None:
         """'upstream research: its last run failed; upstream content degraded by research'."""
         if not upstreams:
             return None
-        agents = self.daemon.pipeline.agents
+        agents = self.services.pipeline.agents
         parts = []
         for chain in upstreams:
             name, _, cause = chain.partition("<-")
@@ -67,9 +64,9 @@ class StatusDetails:
 
     # -- the daemon ------------------------------------------------------------------------
     def halt_details(self) -> dict:
-        pipeline = self.daemon.pipeline
-        gate = getattr(self.daemon, "output_gate", None)
-        trip = getattr(getattr(gate, "breaker", None), "last_trip", None)
+        pipeline = self.services.pipeline
+        gate = self.services.features.find(OutputGate)
+        trip = gate.breaker.last_trip if gate is not None and gate.breaker is not None else None
         if not pipeline.halted:
             return {"halt_reason": None, "halted_since": None}
         reason = (f"circuit breaker tripped by {trip.agent}: {trip.count:g} seen, limit "
@@ -77,8 +74,8 @@ class StatusDetails:
         return {"halt_reason": reason, "halted_since": trip.time if trip else None}
 
     def memory_details(self) -> dict | None:
-        health = next((e for e in self.daemon.extensions if e.name == "health"), None)
-        guard = getattr(health, "guard", None)
+        health = self.services.features.find(Health)
+        guard = health.guard if health is not None else None
         if guard is None:
             return None
         reading = guard.system_reading()

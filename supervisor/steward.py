@@ -14,9 +14,10 @@ import msgspec
 import structlog
 
 from .context import ContextRetriever, Fts5Backend, render_hits, total_tokens
-from .control.handlers import ADMIN, AGENT, READ_ONLY, command
 from .control.protocol import encode, error, ok
+from .control.table import CommandTable, command
 from .embeddings import load_embedder, model_files
+from .feature import Feature, Services
 from .memory_backup import DEFAULT_PAGE_BYTES, export_page, import_page
 from .memory_store import MalformedUpdate, MemoryStore, parse_update
 
@@ -24,13 +25,14 @@ log = structlog.get_logger("watchkeeper.steward")
 
 PRUNE_INTERVAL_S = 3600.0
 MAX_BATCH = 5000
+COMMANDS = CommandTable()
 
 
-class Steward:
+class Steward(Feature):
     name = "steward"
 
     def __init__(self) -> None:
-        self.daemon = None
+        self.services: Services | None = None
         self.store: MemoryStore | None = None
         self.retriever: ContextRetriever | None = None
         self.indexer = None  # SemanticIndexer, with the [semantic] extra and a local store
@@ -41,27 +43,29 @@ class Steward:
         self._next_prune = 0.0
         self.applied = 0
 
-    def start(self, daemon) -> None:
-        self.daemon = daemon
-        daemon.steward = self
+    def start(self, services: Services) -> None:
+        self.services = services
+        settings = services.config.settings.steward
         # Shared storage (PostgreSQL) supplies its own store and search backend.
-        open_shared = getattr(daemon, "open_memory", None)
-        if open_shared is not None:
-            self.store, backend = open_shared(daemon.config.settings.steward)
+        shared = services.features.open_memory(settings)
+        if shared is not None:
+            self.store, backend = shared
             self.retriever = ContextRetriever(backend, semantic_off="not available with "
                                                                     "shared (PostgreSQL) storage")
         else:
-            self.store = MemoryStore(daemon.state_dir, daemon.config.settings.steward)
-            backend = Fts5Backend.open(self.store.path, daemon.config.settings.steward)
+            self.store = MemoryStore(services.state_dir, settings)
+            backend = Fts5Backend.open(self.store.path, settings)
             self._backend = backend
             package_dir, why = model_files()
             self._semantic_waiting = package_dir is not None
             self.retriever = ContextRetriever(backend, semantic_off=why if package_dir is None
                                               else "waiting: the model loads once memory has "
                                                    "an entry")
-        daemon.after_batch.append(self.flush)
-        daemon.after_batch.append(self.embed_pending)
-        daemon.on_tick.append(self._tick)
+
+    def after_batch(self) -> None:
+        """Group commit of the turn's updates, then embedding of what needs it."""
+        self.flush()
+        self.embed_pending()
 
     def _hybrid_or_lexical(self, backend: Fts5Backend) -> ContextRetriever:
         """Hybrid search when the packaged model loads; lexical, saying why, when not."""
@@ -72,7 +76,7 @@ class Steward:
             log.warning("semantic_search_off", reason=why)
             return ContextRetriever(backend, semantic_off=why)
         index = SemanticIndex(embedder)
-        self.indexer = SemanticIndexer.open(self.store.path, self.daemon.config.settings.steward,
+        self.indexer = SemanticIndexer.open(self.store.path, self.services.config.settings.steward,
                                             index)
         # Entries acknowledged but never embedded (the daemon died in between) are found here
         # and embedded over the next loop turns, off the start path.
@@ -111,7 +115,7 @@ class Steward:
         if self.indexer is not None:
             self.indexer.mark_dirty()
 
-    def stop(self, daemon) -> None:
+    def stop(self) -> None:
         self.flush()
         if self.indexer is not None:
             self.indexer.close()
@@ -122,7 +126,7 @@ class Steward:
 
     def grants(self) -> dict[str, list[str]]:
         return {name: (rt.spec.memory_write if rt.spec.memory_write is not None else [name])
-                for name, rt in self.daemon.pipeline.agents.items()}
+                for name, rt in self.services.pipeline.agents.items()}
 
     def submit(self, conn, request_id, update) -> None:
         self.pending.append((conn, request_id, update))
@@ -151,7 +155,7 @@ class Steward:
                 conn.send(encode({"id": request_id, "ok": False, "error": f"rejected: "
                                   f"{result.reason} {result.detail}".strip(), "result": body}))
 
-    def _tick(self, now_mono: float) -> None:
+    def tick(self, now_mono: float) -> None:
         if now_mono >= self._next_prune:
             self._next_prune = now_mono + PRUNE_INTERVAL_S
             self.store.prune()
@@ -162,12 +166,15 @@ class Steward:
             status["embedded"] = self.indexer.embedded
         return status
 
+    def commands(self) -> CommandTable:
+        return COMMANDS
+
 
 def _steward(h) -> Steward:
-    return h.daemon.steward
+    return h.daemon.features.find(Steward)
 
 
-@command(AGENT, "memory")
+@command(COMMANDS.agent, "memory")
 def _memory_write(h, conn, req, run):
     try:
         update = parse_update(req.args, agent=run.agent, run_id=run.run_id)
@@ -177,7 +184,7 @@ def _memory_write(h, conn, req, run):
     return None  # answered by flush(), once durable
 
 
-@command(READ_ONLY, "memory-get")
+@command(COMMANDS.read_only, "memory-get")
 def _memory_get(h, conn, req):
     ns, key = req.args.get("namespace"), req.args.get("key")
     if not isinstance(ns, str) or not isinstance(key, str):
@@ -186,7 +193,7 @@ def _memory_get(h, conn, req):
     return ok(req.id, msgspec.to_builtins(entry) if entry else None)
 
 
-@command(READ_ONLY, "memory-list")
+@command(COMMANDS.read_only, "memory-list")
 def _memory_list(h, conn, req):
     ns, prefix = req.args.get("namespace"), req.args.get("prefix", "")
     if not isinstance(ns, str) or not isinstance(prefix, str):
@@ -194,7 +201,7 @@ def _memory_list(h, conn, req):
     return ok(req.id, msgspec.to_builtins(_steward(h).store.list(ns, prefix)))
 
 
-@command(READ_ONLY, "memory-history")
+@command(COMMANDS.read_only, "memory-history")
 def _memory_history(h, conn, req):
     a = req.args
     limit = a.get("limit", 100)
@@ -206,7 +213,7 @@ def _memory_history(h, conn, req):
     return ok(req.id, msgspec.to_builtins(records))
 
 
-@command(READ_ONLY, "search")
+@command(COMMANDS.read_only, "search")
 def _search(h, conn, req):
     a = req.args
     query, k, budget, namespaces = a.get("query"), a.get("k"), a.get("token_budget"), \
@@ -256,7 +263,7 @@ def search_args_problem(query, k, budget, namespaces) -> str | None:
     return None
 
 
-@command(ADMIN, "memory-revert")
+@command(COMMANDS.admin, "memory-revert")
 def _memory_revert(h, conn, req):
     a = req.args
     if sum(x is not None for x in (a.get("seq"), a.get("agent"), a.get("run_id"))) != 1:
@@ -270,7 +277,7 @@ def _memory_revert(h, conn, req):
     return ok(req.id, msgspec.to_builtins(results))
 
 
-@command(ADMIN, "memory-export")
+@command(COMMANDS.admin, "memory-export")
 def _memory_export(h, conn, req):
     """One page (memory_backup.py): the CLI follows `next` until it is null."""
     a = req.args
@@ -279,7 +286,7 @@ def _memory_export(h, conn, req):
                                   a.get("after", 0), a.get("max_bytes", DEFAULT_PAGE_BYTES)))
 
 
-@command(ADMIN, "memory-import")
+@command(COMMANDS.admin, "memory-import")
 def _memory_import(h, conn, req):
     data = req.args.get("data")
     if not isinstance(data, dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import structlog
 
+from .feature import Feature, Services
 from .notify import NOTIFY_ENV_VARS, SystemdNotifier
 from .states import AgentState, DaemonState
 
@@ -20,41 +21,51 @@ log = structlog.get_logger("watchkeeper.systemd")
 SCHEDULING_STATES = frozenset({DaemonState.RUNNING, DaemonState.RELOADING})
 
 
-class SystemdService:
+class SystemdService(Feature):
     name = "systemd"
 
     def __init__(self, notifier: SystemdNotifier | None = None) -> None:
         self.notifier = notifier or SystemdNotifier()
-        self.daemon = None
+        self.services: Services | None = None
         self._timer = None
         self.pings = 0
         self._withheld = False
 
-    def start(self, daemon) -> None:
-        self.daemon = daemon
-        for var in (*NOTIFY_ENV_VARS, "JOURNAL_STREAM", "INVOCATION_ID"):
-            daemon.pipeline.base_env.pop(var, None)  # agents must not speak for the unit
+    def start(self, services: Services) -> None:
+        self.services = services
         if not self.notifier.enabled:
             return
-        daemon.on_state.append(self._on_state)
-        daemon.on_tick.append(lambda now: self.update_status())
-        daemon.pipeline.on_run_started.append(lambda run: self.update_status())
-        daemon.pipeline.on_run_finished.append(lambda run, record: self.update_status())
         interval = self.notifier.watchdog_interval_s()
         if interval:
             self._schedule_ping(interval)
             log.info("systemd_watchdog", interval_s=interval)
 
-    def stop(self, daemon) -> None:
+    def adjust_run_env(self, env: dict[str, str]) -> None:
+        for var in (*NOTIFY_ENV_VARS, "JOURNAL_STREAM", "INVOCATION_ID"):
+            env.pop(var, None)  # agents must not speak for the unit
+
+    def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
 
+    def tick(self, now_mono: float) -> None:
+        self.update_status()
+
+    def run_started(self, run) -> None:
+        self.update_status()
+
+    def run_finished(self, run, record) -> None:
+        self.update_status()
+
     def update_status(self) -> None:
         """Send the status line if it changed (the notifier drops repeats)."""
+        if not self.notifier.enabled:
+            return
         self.notifier.status(self.status_line())
 
-    def _on_state(self) -> None:
-        state = self.daemon.state
+    def state_changed(self, state: DaemonState) -> None:
+        if not self.notifier.enabled:
+            return
         if state == DaemonState.RUNNING:
             # Also the end of a reload, rejected or applied: systemd waits for READY=1.
             self.update_status()
@@ -68,7 +79,7 @@ class SystemdService:
 
     def _schedule_ping(self, interval_s: float) -> None:
         # A loop timer, not a thread: a loop that stops turning stops the pings with it.
-        self._timer = self.daemon.timers.call_later(interval_s, lambda: self._ping(interval_s))
+        self._timer = self.services.timers.call_later(interval_s, lambda: self._ping(interval_s))
 
     def _ping(self, interval_s: float) -> None:
         try:
@@ -90,25 +101,27 @@ class SystemdService:
         """Why the daemon is not healthy, or None. The loop is alive by construction (this
         runs in it); the scheduler's timers live on that loop, but a scheduler shut down
         while the daemon still runs would never fire a timed job again."""
-        if self.daemon.state in SCHEDULING_STATES and not self.daemon.scheduler.alive():
+        if self.services.daemon_state in SCHEDULING_STATES and \
+                not self.services.scheduler.alive():
             return "the scheduler is shut down: no timed job will fire"
         return None
 
     def status_line(self) -> str:
         """One line for `systemctl status`: the daemon's state when not plain running, the
-        agents, then each extension's summary."""
-        agents = self.daemon.pipeline.agents.values()
+        agents, then each feature's summary."""
+        agents = self.services.pipeline.agents.values()
         running = sum(1 for a in agents if a.state == AgentState.RUNNING)
         failed = sum(1 for a in agents if a.state == AgentState.FAILED)
         degraded = sum(1 for a in agents if a.degraded)
         parts = [f"{len(agents)} agents: {running} running, {failed} failed, "
                  f"{degraded} degraded"]
-        for ext in self.daemon.extensions:
-            summary = ext.status().get("summary") if hasattr(ext, "status") else None
+        for feature in self.services.features:
+            summary = (feature.status() or {}).get("summary")
             if summary:
                 parts.append(summary)
-        if self.daemon.pipeline.halted:
+        if self.services.pipeline.halted:
             parts.insert(0, "HALTED")
-        if self.daemon.state != DaemonState.RUNNING:
-            parts.insert(0, self.daemon.state.value)
+        state = self.services.daemon_state
+        if state != DaemonState.RUNNING:
+            parts.insert(0, state.value)
         return "; ".join(parts)

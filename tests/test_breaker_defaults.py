@@ -189,6 +189,7 @@ def test_crash_looping_always_agent_for_a_simulated_hour_beside_a_healthy_one(tm
     import selectors
 
     from supervisor.breaker import Breaker
+    from supervisor.feature import Features, Services
     from supervisor.output_gate import OutputGate
     from supervisor.pipeline import Pipeline
     from supervisor.scheduler import Fire
@@ -206,22 +207,22 @@ def test_crash_looping_always_agent_for_a_simulated_hour_beside_a_healthy_one(tm
     clock = [0.0]
     watched: dict = {}
 
-    class Daemon:  # what the output gate plugs into
-        pass
-
-    daemon = Daemon()
-    daemon.config, daemon.on_tick = config, []
-    daemon.store, daemon.timers = Store(tmp_path / "state.db"), Timers(clock=lambda: clock[0])
-    daemon.selector = selectors.DefaultSelector()
-    daemon.pipeline = Pipeline(
-        settings=config.settings, state_dir=tmp_path / "state", socket_path=tmp_path / "s",
-        store=daemon.store, timers=daemon.timers, scheduler=_NoScheduler(), cgroups=None,
-        watch_fd=watched.__setitem__, unwatch_fd=lambda fd: watched.pop(fd, None))
     gate = OutputGate()
+    features = Features([gate])  # what the pipeline calls: the gate's hooks
+    store, timers = Store(tmp_path / "state.db"), Timers(clock=lambda: clock[0])
+    pipeline = Pipeline(
+        settings=config.settings, state_dir=tmp_path / "state", socket_path=tmp_path / "s",
+        store=store, timers=timers, scheduler=_NoScheduler(), cgroups=None,
+        watch_fd=watched.__setitem__, unwatch_fd=lambda fd: watched.pop(fd, None),
+        features=features)
+    daemon = Services(state_dir=tmp_path / "state", store=store, timers=timers,
+                      selector=selectors.DefaultSelector(), pipeline=pipeline,
+                      scheduler=pipeline.scheduler, cgroups=None, features=features,
+                      current_config=lambda: config, current_state=lambda: None,
+                      uptime_s=lambda: clock[0])
     gate.start(daemon)
-    gate.breaker = Breaker(merged_breaker_settings(config), clock=lambda: clock[0],
-                           wall_clock=lambda: 1e9 + clock[0], persist=gate._persist)
-    pipeline = daemon.pipeline
+    gate.use_breaker(Breaker(merged_breaker_settings(config), clock=lambda: clock[0],
+                             wall_clock=lambda: 1e9 + clock[0], persist=gate.persist_snapshot))
     try:
         pipeline.set_agents(config.agents)
         healthy_fired, next_healthy = 0, 0.0

@@ -6,13 +6,27 @@ import os
 import time
 
 from supervisor.configload import load_config
+from supervisor.feature import Feature, Features
 from supervisor.pipeline import Pipeline
 from supervisor.scheduler import Fire, Scheduler
 from supervisor.store import Store
 from supervisor.timers import Timers
 
 
-def _pipeline(tmp_path, agents: dict[str, list[str]]) -> tuple[Pipeline, dict]:
+class _FirstAnnouncement(Feature):
+    """Counts the runs already spawned when the first run is announced."""
+
+    def __init__(self) -> None:
+        self.pipeline: Pipeline | None = None
+        self.spawned: list[int] = []
+
+    def run_started(self, run) -> None:
+        if not self.spawned:
+            self.spawned.append(len(self.pipeline.runs))
+
+
+def _pipeline(tmp_path, agents: dict[str, list[str]],
+              features: tuple[Feature, ...] = ()) -> tuple[Pipeline, dict]:
     """A pipeline of real interval agents (one command each), as the daemon builds it."""
     (tmp_path / "agents.d").mkdir()
     (tmp_path / "state").mkdir()
@@ -27,7 +41,8 @@ def _pipeline(tmp_path, agents: dict[str, list[str]]) -> tuple[Pipeline, dict]:
         settings=config.settings, state_dir=tmp_path / "state", socket_path=tmp_path / "s",
         store=Store(tmp_path / "state.db"), timers=timers,
         scheduler=Scheduler(lambda fire: None, time.time, timers), cgroups=None,
-        watch_fd=watched.__setitem__, unwatch_fd=lambda fd: watched.pop(fd, None))
+        watch_fd=watched.__setitem__, unwatch_fd=lambda fd: watched.pop(fd, None),
+        features=Features(features))
     pipeline.set_agents(config.agents)
     return pipeline, watched
 
@@ -45,14 +60,12 @@ def test_a_batch_spawns_every_run_before_announcing_any(tmp_path):
     """Twenty firings handed over in one batch all start; when the first run is announced
     every one of them is already spawned, and each run ends up recorded with its pid."""
     names = [f"a{i:02d}" for i in range(20)]
-    pipeline, watched = _pipeline(tmp_path, {n: ["true"] for n in names})
-    spawned_at_first_announcement: list[int] = []
-    pipeline.on_run_started.append(
-        lambda run: spawned_at_first_announcement or spawned_at_first_announcement.append(
-            len(pipeline.runs)))
+    first = _FirstAnnouncement()
+    pipeline, watched = _pipeline(tmp_path, {n: ["true"] for n in names}, (first,))
+    first.pipeline = pipeline
     try:
         pipeline.fire_batch([Fire(n, "tick", "every", time.time()) for n in names])
-        assert spawned_at_first_announcement == [20]
+        assert first.spawned == [20]
         assert len(watched) == 40  # stdout and stderr of each run
         _reap_all(pipeline, watched)
         runs = {n: pipeline.store.recent_runs(n) for n in names}

@@ -194,34 +194,28 @@ def test_rejected_reload_still_ends_with_ready(tmp_path, systemd):
 
 FAILING_RELOAD_HOOK = """\
 import supervisor.features as features
+from supervisor.feature import Feature
 
-_install = features.install_features
+_features_for = features.features_for
 
 
-class FailingReload:
+class FailingReload(Feature):
     name = "failing_reload"
 
-    def start(self, daemon):
-        pass
-
-    def stop(self, daemon):
-        pass
-
-    def reload(self, daemon):
+    def reload(self, config):
         raise RuntimeError("reload hook failed on purpose")
 
 
-def install_features(daemon):
-    _install(daemon)
-    daemon.extensions.append(FailingReload())
+def features_for(config):
+    return [*_features_for(config), FailingReload()]
 
 
-features.install_features = install_features
+features.features_for = features_for
 """
 
 
 def test_failing_reload_hook_still_ends_with_ready(tmp_path, systemd):
-    """An extension whose reload hook raises is logged; the reload ends with READY=1."""
+    """A feature whose reload hook raises is logged; the reload ends with READY=1."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(FAILING_RELOAD_HOOK)

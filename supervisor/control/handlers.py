@@ -18,13 +18,13 @@ from __future__ import annotations
 import grp
 import os
 import time
-from collections.abc import Callable
 
 import structlog
 
 from .. import __version__
 from ..authz import place
 from ..errors import LockBusy
+from ..feature import Feature
 from ..hashing import compare_digest
 from ..locks import acquire, list_locks, validate_task_id
 from ..peers import peer_groups
@@ -33,27 +33,43 @@ from ..scheduler import Fire
 from .commands import check_args
 from .protocol import Request, error, ok
 from .server import Connection
+from .table import CommandTable, Handler, command
 
 log = structlog.get_logger("watchkeeper.control")
 
-Handler = Callable[["Handlers", Connection, Request], bytes | None]
-READ_ONLY: dict[str, Handler] = {}
-ADMIN: dict[str, Handler] = {}
-AGENT: dict[str, Handler] = {}
+# The core's own commands; each feature serves its own through Feature.commands().
+CORE = CommandTable()
+READ_ONLY, ADMIN, AGENT = CORE.read_only, CORE.admin, CORE.agent
 
 
-def command(table: dict[str, Handler], name: str):
-    def register(fn: Handler) -> Handler:
-        table[name] = fn
-        return fn
-    return register
+class Handlers(Feature):
+    """The control commands' dispatcher, and the first feature: it releases the task locks
+    it took for a run when the run ends."""
 
+    name = "control"
 
-class Handlers:
     def __init__(self, daemon) -> None:
         self.daemon = daemon
         self.held_locks: dict[str, list] = {}  # run id -> locks held on the run's behalf
-        daemon.pipeline.on_run_finished.append(lambda run, record: self.run_ended(run))
+        self.served = CommandTable()
+        self.overrides: dict[str, Handler] = {}
+
+    def serve(self, features) -> None:
+        """Build the command table from the core's and every feature's commands; called
+        once the features have started, before the loop reads the first request."""
+        served = CommandTable()
+        served.merge(CORE)
+        for feature in features:
+            table = feature.commands()
+            if table is not None:
+                served.merge(table)
+        overrides: dict[str, Handler] = {}
+        for feature in features:
+            overrides.update(feature.command_overrides(served))
+        self.served, self.overrides = served, overrides
+
+    def run_finished(self, run: Run, record) -> None:
+        self.run_ended(run)
 
     # -- dispatch -----------------------------------------------------------------------------
     def dispatch(self, conn: Connection, req: Request) -> bytes | None:
@@ -61,28 +77,29 @@ class Handlers:
             return invalid
         # A storage backend may serve a command differently (task locks in PostgreSQL);
         # who may call it is still decided by the table the command is in.
-        impl = getattr(self.daemon, "command_overrides", {}).get(req.cmd)
-        if req.cmd in READ_ONLY:
+        impl = self.overrides.get(req.cmd)
+        served = self.served
+        if req.cmd in served.read_only:
             if req.cmd != "ping" and not self.may_read(conn):
                 log.warning("control_denied", cmd=req.cmd, peer_uid=conn.peer.uid,
                             peer_pid=conn.peer.pid, reason="not a known caller")
                 return error(req.id, f"permission denied: {req.cmd!r} needs root, the "
                                      "daemon's user or group, the socket group or an "
                                      "agent's run")
-            return (impl or READ_ONLY[req.cmd])(self, conn, req)
-        if req.cmd in AGENT:
+            return (impl or served.read_only[req.cmd])(self, conn, req)
+        if req.cmd in served.agent:
             run = self.authenticate_run(conn, req)
             if isinstance(run, bytes):
                 return run
-            return (impl or AGENT[req.cmd])(self, conn, req, run)
-        if req.cmd in ADMIN:
+            return (impl or served.agent[req.cmd])(self, conn, req, run)
+        if req.cmd in served.admin:
             refusal = self.admin_refusal(conn, req.cmd)
             if refusal:
                 log.warning("control_denied", cmd=req.cmd, peer_uid=conn.peer.uid,
                             peer_pid=conn.peer.pid, reason=refusal)
                 return error(req.id, f"permission denied: {req.cmd!r} {refusal}")
-            return (impl or ADMIN[req.cmd])(self, conn, req)
-        known = ", ".join(sorted({*READ_ONLY, *ADMIN, *AGENT}))
+            return (impl or served.admin[req.cmd])(self, conn, req)
+        known = ", ".join(sorted(served.names()))
         return error(req.id, f"unknown command {req.cmd!r} (known: {known})")
 
     def admin_refusal(self, conn: Connection, cmd: str) -> str:
@@ -92,7 +109,7 @@ class Handlers:
         where = place(conn.peer.pid, self.daemon.pipeline, self.daemon.cgroups)
         inside = where.inside
         if inside is None:  # /proc hides the peer from us: its uid decides
-            inside = conn.peer.uid in getattr(self.daemon, "agent_uids", set())
+            inside = conn.peer.uid in self.daemon.agent_uids
         if inside:
             spec = self._spec_of(where.run)
             if spec is not None and cmd in spec.permissions:
@@ -108,7 +125,7 @@ class Handlers:
         """Read-only commands are for the operator and the agents, not for every local
         user who can open the socket (0666 when agents have uids of their own): status,
         outputs and memory say what the agents are doing."""
-        if self.is_admin(conn) or conn.peer.uid in getattr(self.daemon, "agent_uids", ()):
+        if self.is_admin(conn) or conn.peer.uid in self.daemon.agent_uids:
             return True
         if self.in_daemons_group(conn):
             return True
@@ -131,7 +148,7 @@ class Handlers:
         peer = conn.peer
         if peer.uid in (0, os.getuid()):
             return True
-        if peer.uid in getattr(self.daemon, "agent_uids", ()):
+        if peer.uid in self.daemon.agent_uids:
             return False  # an agent's uid, even from a process that left the daemon's tree
         group = self.daemon.config.settings.socket_group
         if not group:
@@ -239,11 +256,9 @@ def status_snapshot(daemon) -> dict:
                    "halted": daemon.pipeline.halted,
                    "cgroups": str(daemon.cgroups.base) if daemon.cgroups else None},
         "agents": agents,
-        "extensions": {ext.name: ext.status() for ext in daemon.extensions
-                       if hasattr(ext, "status")},
+        "extensions": daemon.features.status(),
     }
-    for extend in getattr(daemon, "status_extenders", ()):  # e.g. every host, on PostgreSQL
-        extend(snapshot)
+    daemon.features.extend_status(snapshot)  # e.g. every host, on PostgreSQL
     return snapshot
 
 

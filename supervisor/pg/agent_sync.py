@@ -48,8 +48,8 @@ class AgentSync:
         return self.cluster.settings
 
     @property
-    def daemon(self):
-        return self.cluster.daemon
+    def services(self):
+        return self.cluster.services
 
     def _storage_failed(self, exc: Exception) -> None:
         self.cluster._storage_failed(exc)
@@ -135,7 +135,7 @@ class AgentSync:
     def sync(self) -> None:
         """Adopt peers' pause changes, take hand-offs, and start what waited for a free lease:
         queued firings, and `always` jobs whose instance is gone (its host died or froze)."""
-        pipeline = self.daemon.pipeline
+        pipeline = self.services.pipeline
         self._push_unshared_pauses()
         with self.db.tx() as conn:
             changes, self._flags_seq = shared_agents.paused_changes(conn, self._flags_seq)
@@ -188,5 +188,5 @@ class AgentSync:
         """A crash loop's cool-down holds on every host (on the server's clock)."""
         if rt.spec.per_host:
             return
-        delay = cooldown_s(self.daemon.config.settings.crash_loop, rt.cooldowns)
+        delay = cooldown_s(self.services.config.settings.crash_loop, rt.cooldowns)
         self._guarded(lambda: shared_agents.start_cooldown(self.db, self.host, rt.name, delay))

@@ -1,6 +1,6 @@
 """The PostgreSQL backend in the daemon's loop: one pipeline over several hosts.
 
-Started after the output gate and before the steward (features.py). It
+A Feature (feature.py), started after the output gate and before the steward (features.py). It
 - migrates the schema and registers this host;
 - gives the steward its PostgreSQL store (pg/memory.py) and wraps the gate's breaker in a
   SharedBreaker (pg/breaker.py);
@@ -30,9 +30,11 @@ import structlog
 from .. import __version__
 from ..breaker import Breaker, BreakerState
 from ..control.protocol import error, ok
+from ..control.table import CommandTable, Handler
+from ..feature import Feature, Services
 from ..heartbeat import heartbeat_path, read_heartbeat, write_heartbeat
 from ..locks import validate_task_id
-from ..output_gate import merged_breaker_settings
+from ..output_gate import OutputGate, merged_breaker_settings
 from ..states import StopReason
 from . import agents as shared_agents
 from .agent_sync import AgentSync
@@ -71,11 +73,11 @@ RUN_COLUMNS = ("run_id, agent, job, attempt, trigger, pid, started, ended, exit_
                "outcome, stop_reason, stop_signal, degraded, host")
 
 
-class Cluster:
+class Cluster(Feature):
     name = "cluster"
 
     def __init__(self) -> None:
-        self.daemon = None
+        self.services: Services | None = None
         self.settings = None
         self.host = ""
         self.db: Database | None = None
@@ -94,31 +96,17 @@ class Cluster:
         self._timer = None
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self, daemon) -> None:
-        self.daemon = daemon
-        self.settings = s = daemon.config.settings.storage
+    def start(self, services: Services) -> None:
+        self.services = services
+        self.settings = s = services.config.settings.storage
         self.host = s.host
         self.db = Database(s)
         applied = migrate(self.db)
         register_host(self.db, self.host, os.getpid(), __version__)
         self._close_own_dangling_runs()
         self.leadership = Leadership(self.db, self.host, s.leader_lease_s)
-        self._share_breaker(daemon)
-        daemon.open_memory = lambda settings: (PgMemoryStore(self.db, settings),
-                                               PgSearchBackend(self.db))
-        daemon.command_overrides = {"lock": self._lock, "unlock": self._unlock,
-                                    "locks": self._locks, "runs": self._runs}
-        daemon.status_extenders = [self._extend_status]
-        # Agents using the SDK take task locks through the daemon, not as local files.
-        daemon.pipeline.base_env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
-        daemon.pipeline.claim_firing = self.agents.claim_firing
-        daemon.pipeline.claim_run = self.agents.claim_run
-        daemon.pipeline.on_paused.append(self.agents.paused)
-        daemon.pipeline.on_crash_loop.append(self.agents.crash_loop)
-        self._guard_gated_commands(daemon)
-        daemon.pipeline.on_run_started.append(self._run_started)
-        daemon.pipeline.on_run_finished.append(self._run_finished)
-        self._timer = daemon.timers.call_later(0, self._on_timer)
+        self._share_breaker(services)
+        self._timer = services.timers.call_later(0, self._on_timer)
         self._listen()
         self._elect()
         log.info("cluster_joined", host=self.host, schema=s.schema, migrations=applied,
@@ -127,7 +115,37 @@ class Cluster:
             log.info("transaction_pooling", hint="behind a transaction-mode pooler: no LISTEN "
                      "and no prepared statements; peers see changes within poll_s")
 
-    def stop(self, daemon) -> None:
+    # -- the hooks (feature.py) ----------------------------------------------------------------
+    def open_memory(self, settings):
+        """The steward's store and search backend: the shared tables."""
+        return PgMemoryStore(self.db, settings), PgSearchBackend(self.db)
+
+    def adjust_run_env(self, env: dict[str, str]) -> None:
+        # Agents using the SDK take task locks through the daemon, not as local files.
+        env["WATCHKEEPER_TASK_LOCKS"] = "daemon"
+
+    def claim_firing(self, fire, spec, job) -> str:
+        return self.agents.claim_firing(fire, spec, job)
+
+    def claim_run(self, rt, job) -> str:
+        return self.agents.claim_run(rt, job)
+
+    def paused(self, names: list[str], paused: bool) -> None:
+        self.agents.paused(names, paused)
+
+    def crash_loop(self, rt) -> None:
+        self.agents.crash_loop(rt)
+
+    def run_started(self, run) -> None:
+        self._run_started(run)
+
+    def run_finished(self, run, record) -> None:
+        self._run_finished(run, record)
+
+    def extend_status(self, snapshot: dict) -> None:
+        self._extend_status(snapshot)
+
+    def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
         if self.leadership is None:  # start failed before joining: nothing to leave
@@ -150,21 +168,21 @@ class Cluster:
             self._drop_listener()
         self.db.close()
 
-    def _share_breaker(self, daemon) -> None:
+    def _share_breaker(self, services: Services) -> None:
         """Replace the gate's breaker (restored from this host's SQLite) by the shared one."""
-        gate = daemon.output_gate
-        inner = Breaker(merged_breaker_settings(daemon.config), persist=gate._persist)
+        gate = services.features.find(OutputGate)
+        inner = Breaker(merged_breaker_settings(services.config), persist=gate.persist_snapshot)
         self.breaker = SharedBreaker(inner, self.db, self.host, on_peer_change=self._peer_breaker)
-        gate.breaker = self.breaker
+        gate.use_breaker(self.breaker)
         self.breaker.replay_all()
-        daemon.pipeline.halted = inner.state is BreakerState.OPEN
-        if daemon.pipeline.halted:
+        services.pipeline.halted = inner.state is BreakerState.OPEN
+        if services.pipeline.halted:
             log.critical("pipeline_halted_at_start", shared=True,
                          hint="`watchkeeper breaker reset --reason ...` on any host resumes all")
             owe_lost_trip_alert(self.db, self.host, gate.alerter)
 
     def _peer_breaker(self, state: BreakerState) -> None:
-        pipeline = self.daemon.pipeline
+        pipeline = self.services.pipeline
         if state is BreakerState.OPEN:
             trip = self.breaker.inner.last_trip
             log.critical("pipeline_halted_by_peer", agent=trip.agent if trip else None,
@@ -175,25 +193,24 @@ class Cluster:
             log.warning("pipeline_resumed_by_peer")
             pipeline.unhalt()
 
-    def _guard_gated_commands(self, daemon) -> None:
-        """Every command that reads or writes the shared tables answers a database outage
-        with a retryable refusal: `emit` and `usage` (decided in the shared breaker) are
-        never acknowledged, reads never end in an internal error and a traceback."""
-        from .. import steward  # noqa: F401 - registers the memory commands
-        from ..control.handlers import ADMIN, AGENT, READ_ONLY
-
-        overrides = daemon.command_overrides
-        overrides["outputs"] = self._outputs
+    def command_overrides(self, served: CommandTable) -> dict[str, Handler]:
+        """`lock`, `unlock`, `locks`, `runs` and `outputs` are served from the shared tables;
+        every command that reads or writes them answers a database outage with a retryable
+        refusal: `emit` and `usage` (decided in the shared breaker) are never acknowledged,
+        reads never end in an internal error and a traceback."""
+        overrides: dict[str, Handler] = {"lock": self._lock, "unlock": self._unlock,
+                                         "locks": self._locks, "runs": self._runs,
+                                         "outputs": self._outputs}
         for cmd in GUARDED_COMMANDS:
-            impl = (overrides.get(cmd) or AGENT.get(cmd) or READ_ONLY.get(cmd)
-                    or ADMIN.get(cmd))
+            impl = overrides.get(cmd) or served.get(cmd)
             if impl is not None:
                 overrides[cmd] = self._storage_guarded(cmd, impl)
+        return overrides
 
-    def _share_output(self, daemon, run) -> None:
+    def _share_output(self, run) -> None:
         """Copy the output the gate just recorded here (same loop turn) for `outputs` on
         any host."""
-        rows = daemon.store.recent_outputs(run.agent, 1)
+        rows = self.services.store.recent_outputs(run.agent, 1)
         if rows and rows[0]["run_id"] == run.run_id:
             o = rows[0]
             self._write("insert into outputs (host, agent, run_id, kind, time, hash, summary, "
@@ -220,7 +237,7 @@ class Cluster:
             try:
                 reply = impl(h, conn, req, *run)
                 if cmd == "emit":
-                    self._share_output(h.daemon, run[0])
+                    self._share_output(run[0])
                 return reply
             except STORAGE_ERRORS as exc:
                 self._storage_failed(exc)
@@ -268,7 +285,7 @@ class Cluster:
             if self.leadership.leading:
                 kinds.append("duties")
             delay = min(self._next[k] for k in kinds) - time.monotonic()
-            self._timer = self.daemon.timers.call_later(max(0.01, delay), self._on_timer)
+            self._timer = self.services.timers.call_later(max(0.01, delay), self._on_timer)
 
     def _tick(self, now: float) -> None:
         s, due = self.settings, self._next
@@ -344,10 +361,10 @@ class Cluster:
                 log.warning("run_replaced_by_peer", agent=agent, by_host=agents[agent],
                             run_id=run.run_id if run else None)
                 if run is not None:
-                    self.daemon.pipeline.stop_run(run, StopReason.REPLACED)
+                    self.services.pipeline.stop_run(run, StopReason.REPLACED)
 
     def _local_run(self, agent: str):
-        rt = self.daemon.pipeline.agents.get(agent)
+        rt = self.services.pipeline.agents.get(agent)
         return rt.run if rt is not None else None
 
     def _fence(self, now: float) -> None:
@@ -363,9 +380,9 @@ class Cluster:
             if held:
                 self._leases_lost(held)
         if silent_s >= lease_s * FENCE_KILL_SHARE:
-            for run in list(self.daemon.pipeline.runs.values()):
+            for run in list(self.services.pipeline.runs.values()):
                 if run.stop_reason is StopReason.LEASE_LOST:
-                    self.daemon.pipeline.kill_run(run)
+                    self.services.pipeline.kill_run(run)
 
     def _run_lease_lost(self, agent: str, why: str) -> None:
         """Another host may run this agent now (or soon): the local run must not go on."""
@@ -375,19 +392,19 @@ class Cluster:
                   run_id=run.run_id if run else None,
                   action="stopping the run (fencing)" if run else None)
         if run is not None:
-            self.daemon.pipeline.stop_run(run, StopReason.LEASE_LOST)
+            self.services.pipeline.stop_run(run, StopReason.LEASE_LOST)
 
     def _leases_lost(self, lost: dict[str, set[str]]) -> None:
         """Another host may hold these locks now: the runs that held them must not go on."""
         for run_id, tasks in lost.items():
             self.held[run_id] -= tasks
-            run = self.daemon.pipeline.runs.get(run_id)
+            run = self.services.pipeline.runs.get(run_id)
             if run is not None and run.stop_reason is StopReason.LEASE_LOST:
                 continue  # already being stopped
             log.error("lock_lease_lost", run_id=run_id, tasks=sorted(tasks),
                       agent=run.agent if run else None, action="stopping the run" if run else None)
             if run is not None:
-                self.daemon.pipeline.stop_run(run, StopReason.LEASE_LOST)
+                self.services.pipeline.stop_run(run, StopReason.LEASE_LOST)
 
     def _leader_duties(self) -> None:
         s = self.settings
@@ -467,9 +484,9 @@ class Cluster:
     def _sync_heartbeats(self) -> None:
         """Beats of this host's runs go up; newer beats of other hosts come down as files,
         so health.py judges upstreams on any host the same way as local ones."""
-        state_dir = self.daemon.state_dir
+        state_dir = self.services.state_dir
         up = []
-        for run in self.daemon.pipeline.runs.values():
+        for run in self.services.pipeline.runs.values():
             beat = read_heartbeat(heartbeat_path(state_dir, run.agent))
             if beat is not None and beat.ts > self._pushed_beats.get(run.agent, 0.0):
                 up.append((run.agent, self.host, beat.ts, beat.pid, beat.run_id))
@@ -491,7 +508,7 @@ class Cluster:
         for agent, ts, pid, run_id in down:
             self._pulled_beat_ts = max(self._pulled_beat_ts, ts)
             local = read_heartbeat(heartbeat_path(state_dir, agent))
-            if agent in self.daemon.pipeline.agents and (local is None or local.ts < ts):
+            if agent in self.services.pipeline.agents and (local is None or local.ts < ts):
                 write_heartbeat(state_dir, agent, ts=ts, pid=pid, run_id=run_id)
 
     # -- LISTEN/NOTIFY ------------------------------------------------------------------------------------
@@ -503,12 +520,12 @@ class Cluster:
         except (psycopg.Error, ConnectionError) as exc:
             log.warning("listen_failed", error=str(exc), hint="polling every poll_s instead")
             return
-        self.daemon.selector.register(self.listener.fileno(), selectors.EVENT_READ,
+        self.services.selector.register(self.listener.fileno(), selectors.EVENT_READ,
                                       self._on_notify)
 
     def _drop_listener(self) -> None:
         try:
-            self.daemon.selector.unregister(self.listener.fileno())
+            self.services.selector.unregister(self.listener.fileno())
         except (KeyError, ValueError, OSError):
             pass
         self.listener.close()

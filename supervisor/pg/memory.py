@@ -48,7 +48,7 @@ class _PgConnection:
         return self.in_tx
 
     def close(self) -> None:
-        """The Database belongs to the cluster extension, which closes it."""
+        """The Database belongs to the cluster feature, which closes it."""
 
 
 class PgMemoryStore(MemoryStore):
