@@ -7,8 +7,8 @@ import random
 import structlog
 
 from .config import AgentSpec, CrashLoopSettings, Job, Retries
+from .firing import Fire
 from .runner import Run
-from .scheduler import Fire
 from .states import AGENT_TRANSITIONS, AgentState, check_transition
 
 log = structlog.get_logger("watchkeeper.agents")

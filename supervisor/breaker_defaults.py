@@ -44,7 +44,7 @@ def _cron_times(job, horizon_s: float) -> list[float]:
 
 @functools.lru_cache(maxsize=256)
 def _cron_firings(cron: str, timezone: str) -> tuple[float, ...]:
-    from .scheduler import cron_fields, once_per_wall_clock_cron
+    from .cron import cron_fields, once_per_wall_clock_cron
 
     trigger = once_per_wall_clock_cron()(**cron_fields(cron), timezone=timezone)
     start = dt.datetime.now(dt.UTC)

@@ -389,7 +389,7 @@ def _check_schedule(doc: _Document, job: Job, at: str, issues: list[ConfigIssue]
                                 "(an IANA name such as UTC or Europe/Berlin)"))
         return
     if sched.cron is not None:
-        from .scheduler import cron_fields
+        from .cron import cron_fields
         from .trigger_imports import trigger_classes  # not apscheduler's package: ~9 MiB
 
         CronTrigger = trigger_classes()[0]  # noqa: N806 - a class

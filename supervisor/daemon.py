@@ -33,6 +33,7 @@ from .control.handlers import Handlers
 from .control.server import ControlServer
 from .errors import AlreadyRunning, ConfigError, WatchkeeperError
 from .feature import Feature, Features, Services
+from .firing import Fire
 from .identity import (
     Identities,
     drop_ambient_capabilities,
@@ -56,7 +57,7 @@ from .safefile import (
     is_real_dir,
     open_regular,
 )
-from .scheduler import Fire, Scheduler
+from .scheduler import Scheduler
 from .state_modes import DAEMON_UMASK, open_to_agents, secure_state_dir, socket_group_problem
 from .states import DAEMON_TRANSITIONS, DaemonState, Outcome, StopReason, check_transition
 from .store import Store

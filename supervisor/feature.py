@@ -29,10 +29,11 @@ if TYPE_CHECKING:
     from .config import AgentSpec, Job
     from .configload import Config
     from .control.table import CommandTable, Handler
+    from .firing import Fire
     from .memory_settings import StewardSettings
     from .pipeline import Pipeline
     from .runner import Run
-    from .scheduler import Fire, Scheduler
+    from .scheduler import Scheduler
     from .states import DaemonState
     from .store import RunRecord, Store
     from .timers import Timers

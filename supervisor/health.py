@@ -21,6 +21,7 @@ from .config import AgentSpec
 from .control.protocol import error, ok
 from .control.table import CommandTable, command
 from .feature import Feature, Services
+from .firing import Fire
 from .forkwatch import ForkWatch
 from .heartbeat import (
     DegradationTracker,
@@ -40,7 +41,6 @@ from .output_gate import OutputGate
 from .procscan import LiveRun
 from .proctree import last_pid_created, tree_children
 from .psi import SYSTEM_MEMORY_PRESSURE, PressureTrigger
-from .scheduler import Fire
 from .states import Outcome, RunState, StopReason
 
 log = structlog.get_logger("watchkeeper.health")

@@ -17,6 +17,7 @@ from .agents import AgentRuntime, backoff_delay_s, cooldown_s
 from .cgroups import RunCgroups
 from .config import AgentSpec, Job, Overlap, Settings
 from .feature import Features
+from .firing import Fire
 from .identity import AgentIdentity, prepare_work_dir
 from .proctree import (
     attribute_tree,
@@ -28,7 +29,7 @@ from .proctree import (
     tree_children,
 )
 from .runner import LineRateLimiter, Run, Spawner, build_env, read_pipe, spawn
-from .scheduler import Fire, Scheduler
+from .scheduler import Scheduler
 from .states import AgentState, Outcome, RunState, StopReason
 from .store import RunRecord, Store
 from .timers import Timers

@@ -190,9 +190,9 @@ def test_crash_looping_always_agent_for_a_simulated_hour_beside_a_healthy_one(tm
 
     from supervisor.breaker import Breaker
     from supervisor.feature import Features, Services
+    from supervisor.firing import Fire
     from supervisor.output_gate import OutputGate
     from supervisor.pipeline import Pipeline
-    from supervisor.scheduler import Fire
     from supervisor.store import Store
     from supervisor.timers import Timers
 

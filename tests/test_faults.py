@@ -17,7 +17,8 @@ from hostile import AGENT_ENV, ROOMY_BREAKER, integrity, processes_for, query
 from support import require, wait_until
 
 from supervisor.config import Job, Schedule
-from supervisor.scheduler import Fire, Scheduler, missed_firing
+from supervisor.firing import Fire
+from supervisor.scheduler import Scheduler, missed_firing
 from supervisor.timers import Timers
 
 # -- a full disk --------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ import time
 
 from supervisor.configload import load_config
 from supervisor.feature import Feature, Features
+from supervisor.firing import Fire
 from supervisor.pipeline import Pipeline
-from supervisor.scheduler import Fire, Scheduler
+from supervisor.scheduler import Scheduler
 from supervisor.store import Store
 from supervisor.timers import Timers
 

@@ -9,7 +9,9 @@ import zoneinfo
 from supervisor.agents import backoff_delay_s, cooldown_s
 from supervisor.catch_up import absorb_slot_due_after_catch_up, catch_up_due
 from supervisor.config import AgentSpec, CrashLoopSettings, Job, Retries, Schedule
-from supervisor.scheduler import Fire, Scheduler, cron_fields, make_trigger, missed_firing
+from supervisor.cron import cron_fields
+from supervisor.firing import Fire
+from supervisor.scheduler import Scheduler, make_trigger, missed_firing
 from supervisor.timers import Timers
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")

@@ -25,11 +25,11 @@ from .. import __version__
 from ..authz import place
 from ..errors import LockBusy
 from ..feature import Feature
+from ..firing import Fire
 from ..hashing import compare_digest
 from ..locks import acquire, list_locks, validate_task_id
 from ..peers import peer_groups
 from ..runner import Run
-from ..scheduler import Fire
 from .commands import check_args
 from .protocol import Request, error, ok
 from .server import Connection

@@ -12,7 +12,7 @@ import structlog
 
 from ..agents import cooldown_s
 from ..config import Overlap
-from ..scheduler import Fire
+from ..firing import Fire
 from ..states import AgentState
 from . import agents as shared_agents
 from .claims import CLAIMED_TRIGGERS, claim_firing, pinned_host

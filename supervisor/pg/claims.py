@@ -16,7 +16,7 @@ import time
 from apscheduler.triggers.cron import CronTrigger
 
 from ..config import AgentSpec, Job
-from ..scheduler import cron_fields
+from ..cron import cron_fields
 from .db import Database
 
 CLAIMED_TRIGGERS = frozenset({"cron", "every", "catch_up"})
