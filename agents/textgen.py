@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 KINDS = ("article", "title", "description", "summary")
-CHARS_PER_TOKEN = 4  # the daemon's estimate (supervisor/context.py)
+CHARS_PER_TOKEN = 4  # the daemon's estimate (supervisor/memory/context.py)
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])")
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9'-]+")

@@ -22,10 +22,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from supervisor.embeddings import entry_text, load_embedder  # noqa: E402
-from supervisor.memory_settings import StewardSettings  # noqa: E402
-from supervisor.memory_store import MemoryStore, Op, Update  # noqa: E402
-from supervisor.semantic_index import SemanticIndex, SemanticIndexer  # noqa: E402
+from supervisor.memory.embeddings import entry_text, load_embedder  # noqa: E402
+from supervisor.memory.semantic_index import SemanticIndex, SemanticIndexer  # noqa: E402
+from supervisor.memory.settings import StewardSettings  # noqa: E402
+from supervisor.memory.store import MemoryStore, Op, Update  # noqa: E402
 
 
 def main() -> int:

@@ -41,16 +41,16 @@ import structlog  # noqa: E402
 from pipeline_memory import generate  # noqa: E402
 from pipeline_questions import QUESTIONS  # noqa: E402
 
-from supervisor.context import (  # noqa: E402
+from supervisor.memory.context import (  # noqa: E402
     ContextRetriever,
     Fts5Backend,
     estimate_tokens,
     render,
 )
-from supervisor.embeddings import load_embedder  # noqa: E402
-from supervisor.memory_settings import StewardSettings  # noqa: E402
-from supervisor.memory_store import MemoryStore, Op, Update  # noqa: E402
-from supervisor.semantic_index import SemanticIndex, SemanticIndexer  # noqa: E402
+from supervisor.memory.embeddings import load_embedder  # noqa: E402
+from supervisor.memory.semantic_index import SemanticIndex, SemanticIndexer  # noqa: E402
+from supervisor.memory.settings import StewardSettings  # noqa: E402
+from supervisor.memory.store import MemoryStore, Op, Update  # noqa: E402
 
 DEFAULT_LOCOMO = ROOT.parent / "shared" / "datasets" / "locomo-dev"
 CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop",

@@ -64,7 +64,7 @@ while True:
 # Climbs in STEP_BYTES steps until the guard's measure passes act, then to hold, and waits.
 ALLOCATOR = """
 import sys, time
-from supervisor.procscan import cgroup_memory
+from supervisor.kernel.procscan import cgroup_memory
 cgroup, act, hold, step = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 def percent():
     used, limit = cgroup_memory(cgroup)

@@ -42,12 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.machine import machine_line  # noqa: E402
 
-from supervisor.memguard import (  # noqa: E402
+from supervisor.health.memguard import (  # noqa: E402
     AgentMemorySettings,
     MemoryGuard,
     MemoryGuardSettings,
 )
-from supervisor.procscan import HostMemorySource, LiveRun, SystemMemory  # noqa: E402
+from supervisor.kernel.procscan import HostMemorySource, LiveRun, SystemMemory  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

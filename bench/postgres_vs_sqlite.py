@@ -29,14 +29,14 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 import structlog  # noqa: E402
 
-from supervisor import locks  # noqa: E402
-from supervisor.memory_store import MemoryStore, Op, Update  # noqa: E402
+from supervisor.memory.store import MemoryStore, Op, Update  # noqa: E402
 from supervisor.pg.claims import claim  # noqa: E402
 from supervisor.pg.db import Database  # noqa: E402
 from supervisor.pg.leases import acquire_lock, release_locks  # noqa: E402
 from supervisor.pg.memory import PgMemoryStore  # noqa: E402
 from supervisor.pg.migrations import migrate  # noqa: E402
-from supervisor.storage import StorageSettings  # noqa: E402
+from supervisor.runs import locks  # noqa: E402
+from supervisor.storage.settings import StorageSettings  # noqa: E402
 
 GRANTS = {"bench": ["*"]}
 DEFAULT_DSN = "host=127.0.0.1 port=5432 dbname=test user=postgres"

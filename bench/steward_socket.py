@@ -33,7 +33,7 @@ from live_daemon import LiveDaemon, wait_for  # noqa: E402
 from steward_store import build_large, percentile  # noqa: E402
 
 from supervisor.control.client import ControlClient  # noqa: E402
-from supervisor.memory_store import MemoryStore  # noqa: E402
+from supervisor.memory.store import MemoryStore  # noqa: E402
 
 WRITERS = 5
 WINDOWS = (1, 16, 64)

@@ -25,8 +25,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "data")]
 import structlog  # noqa: E402
 from pipeline_memory import generate  # noqa: E402
 
-from supervisor.context import ContextRetriever, Fts5Backend  # noqa: E402
-from supervisor.memory_store import MemoryStore, Op, Update  # noqa: E402
+from supervisor.memory.context import ContextRetriever, Fts5Backend  # noqa: E402
+from supervisor.memory.store import MemoryStore, Op, Update  # noqa: E402
 
 GRANTS = {"bench": ["*"]}
 

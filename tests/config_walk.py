@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import msgspec
 
-from supervisor.config import AgentSpec, Job, Settings
-from supervisor.config_ranges import meta_of
+from supervisor.config.schema import AgentSpec, Job, Settings
+from supervisor.core.ranges import meta_of
 
 MAIN, AGENT = "watchkeeper.yaml", "agents.d/a.yaml"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from supervisor.lineage import read_markers
+from supervisor.kernel.lineage import read_markers
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,28 +28,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import msgspec  # noqa: E402
 import structlog  # noqa: E402
 
-from supervisor import breaker as breaker_mod  # noqa: E402
-from supervisor.agents import backoff_delay_s, cooldown_s  # noqa: E402
-from supervisor.alerts import Alert, AlertKind, AlertRateLimiter, RateLimitSettings  # noqa: E402
-from supervisor.breaker import Breaker, BreakerSettings, StoredEvent  # noqa: E402
-from supervisor.breaker_settings import (  # noqa: E402
+from supervisor.alerts.alerts import Alert, AlertKind, AlertRateLimiter, RateLimitSettings  # noqa: E402
+from supervisor.breaker import breaker as breaker_mod  # noqa: E402
+from supervisor.breaker.breaker import Breaker, BreakerSettings, StoredEvent  # noqa: E402
+from supervisor.breaker.settings import (  # noqa: E402
     AgentLimits,
     DuplicateLimit,
     LaunchLimit,
     OutputLimit,
     SpendBudget,
 )
-from supervisor.catch_up import catch_up_due  # noqa: E402
-from supervisor.config import CrashLoopSettings, Job, Retries, Schedule  # noqa: E402
-from supervisor.heartbeat import (  # noqa: E402
+from supervisor.config.schema import CrashLoopSettings, Job, Retries, Schedule  # noqa: E402
+from supervisor.core.states import (  # noqa: E402
+    AGENT_TRANSITIONS,
+    DAEMON_TRANSITIONS,
+    RUN_TRANSITIONS,
+    check_transition,
+)
+from supervisor.health.heartbeat import (  # noqa: E402
     Heartbeat,
     HeartbeatSettings,
     OnStale,
     heartbeat_verdict,
     stale_response,
 )
-from supervisor.lineage import tree_of  # noqa: E402
-from supervisor.memguard import (  # noqa: E402
+from supervisor.health.memguard import (  # noqa: E402
     AgentMemorySettings,
     MemoryGuard,
     MemoryGuardSettings,
@@ -58,21 +61,18 @@ from supervisor.memguard import (  # noqa: E402
     interval_for,
     next_level,
 )
-from supervisor.procscan import (  # noqa: E402
+from supervisor.kernel.lineage import tree_of  # noqa: E402
+from supervisor.kernel.procscan import (  # noqa: E402
     LiveRun,
     ProcInfo,
     SystemMemory,
     chrome_role,
     classify,
 )
-from supervisor.runner import LineRateLimiter  # noqa: E402
-from supervisor.scheduler import make_trigger, missed_firing  # noqa: E402
-from supervisor.states import (  # noqa: E402
-    AGENT_TRANSITIONS,
-    DAEMON_TRANSITIONS,
-    RUN_TRANSITIONS,
-    check_transition,
-)
+from supervisor.runs.agents import backoff_delay_s, cooldown_s  # noqa: E402
+from supervisor.runs.runner import LineRateLimiter  # noqa: E402
+from supervisor.scheduling.catch_up import catch_up_due  # noqa: E402
+from supervisor.scheduling.scheduler import make_trigger, missed_firing  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "replay_golden.jsonl.gz"
 SEED = 20261201

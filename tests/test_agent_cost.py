@@ -22,7 +22,7 @@ BIN = os.path.dirname(sys.executable)
 FORBIDDEN = ("structlog", "psutil", "msgspec", "yaml", "apscheduler", "asyncio", "ssl",
              "sqlite3", "socket", "argparse", "pathlib", "dataclasses", "typing", "threading",
              "re", "json", "enum",  # ~8 ms of every call: JSON goes through wire.py
-             "supervisor.cli", "supervisor.locks", "supervisor.heartbeat",
+             "supervisor.cli.main", "supervisor.runs.locks", "supervisor.health.heartbeat",
              "supervisor.control.protocol")
 
 # Runs one `watchkeeper` verb in a fresh, bare interpreter and reports its exit code and
@@ -156,5 +156,5 @@ def test_the_watchkeeper_script_itself_imports_none_of_the_forbidden_modules(tmp
     assert result.returncode == 3, result.stderr  # no daemon at that socket
     imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:") and "|" in line}
-    assert "supervisor.cli_agent" in imported
+    assert "supervisor.cli.agent" in imported
     assert sorted(m for m in imported if m.split(".")[0] in FORBIDDEN or m in FORBIDDEN) == []

@@ -194,7 +194,7 @@ def test_a_work_dir_granted_by_acl_is_writable_by_its_agent_only(traversable):
     """Without CAP_CHOWN the daemon grants an agent its work dir by an ACL: that uid may
     write in it, another unprivileged uid may not."""
     require(os.geteuid() == 0, "needs root to act as two other uids")
-    from supervisor.identity import grant_dir_to
+    from supervisor.kernel.identity import grant_dir_to
 
     work = traversable / "work-alpha"
     work.mkdir(mode=0o700)

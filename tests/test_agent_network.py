@@ -11,7 +11,7 @@ from harness import DaemonProc
 from support import require
 from untrusted import probe_job, report_of
 
-from supervisor import no_network
+from supervisor.kernel import no_network
 
 NET_PROBE = """
 host_port = int(os.environ["HOST_PORT"])

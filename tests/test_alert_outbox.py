@@ -20,7 +20,7 @@ import pytest
 from harness import DaemonProc, py
 from support import wait_until
 
-from supervisor.alerts import CommandSettings, DeliveryFailed
+from supervisor.alerts.alerts import CommandSettings, DeliveryFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ENV = {"PYTHONPATH": str(ROOT)}
@@ -310,9 +310,9 @@ def test_escalation_sink_gets_an_alert_the_first_sink_failed_on(tmp_path):
 
 def test_prune_forgets_settled_old_alerts_and_keeps_owed_ones(tmp_path):
     """Pruning drops alerts past the age that every sink settled, never one still owed."""
-    from supervisor.alert_outbox import Outbox
-    from supervisor.alerts import Alert, AlertKind
-    from supervisor.store import Store
+    from supervisor.alerts.alerts import Alert, AlertKind
+    from supervisor.alerts.outbox import Outbox
+    from supervisor.storage.store import Store
 
     store = Store(tmp_path / "state.db")
     try:
@@ -397,10 +397,10 @@ class RefusingSink:
 def test_escalation_counts_from_the_first_failed_attempt_even_across_a_restart(tmp_path):
     """Escalation comes after.after_s past the first sink's first failed attempt (kept in the
     outbox across a restart), not after.after_s past the alert's creation."""
-    from supervisor.alert_sender import AlertSender
-    from supervisor.alerts import Alert, AlertKind, AlertSettings, EscalationSettings
-    from supervisor.store import Store
-    from supervisor.timers import Timers
+    from supervisor.alerts.alerts import Alert, AlertKind, AlertSettings, EscalationSettings
+    from supervisor.alerts.sender import AlertSender
+    from supervisor.core.timers import Timers
+    from supervisor.storage.store import Store
 
     settings = AlertSettings(escalation=EscalationSettings(
         after_s=60.0, commands=[CommandSettings(argv=["true"])]))

@@ -20,8 +20,7 @@ import pytest
 from structlog.testing import capture_logs
 from support import wait_until
 
-from supervisor.alert_sender import AlertSender
-from supervisor.alerts import (
+from supervisor.alerts.alerts import (
     Alert,
     AlertKind,
     AlertSettings,
@@ -33,9 +32,10 @@ from supervisor.alerts import (
     trip_alert,
     webhook_body,
 )
-from supervisor.breaker import Breaker, BreakerSettings, OutputLimit
-from supervisor.store import Store
-from supervisor.timers import Timers
+from supervisor.alerts.sender import AlertSender
+from supervisor.breaker.breaker import Breaker, BreakerSettings, OutputLimit
+from supervisor.core.timers import Timers
+from supervisor.storage.store import Store
 
 SECRET_PATH = "/api/webhooks/1234567890/s3cr3t-t0ken"
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisor.breaker import (
+from supervisor.breaker.breaker import (
     AgentLimits,
     Breaker,
     BreakerSettings,
@@ -22,7 +22,7 @@ from supervisor.breaker import (
     SpendBudget,
     content_hash,
 )
-from supervisor.states import InvalidTransition
+from supervisor.core.states import InvalidTransition
 
 
 class FakeClock:

@@ -11,10 +11,10 @@ import yaml
 from harness import DaemonProc, py, wk
 from support import wait_until
 
-from supervisor.breaker import Breaker, content_hash
-from supervisor.breaker_defaults import _cron_times
-from supervisor.configload import load_config
-from supervisor.output_gate import merged_breaker_settings
+from supervisor.breaker.breaker import Breaker, content_hash
+from supervisor.breaker.defaults import _cron_times
+from supervisor.config.load import load_config
+from supervisor.features.output_gate import merged_breaker_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY_S = 86400.0
@@ -147,7 +147,7 @@ def test_crash_looping_always_agent_is_contained_and_the_healthy_one_keeps_runni
 
 def test_derived_defaults_are_what_docs_say():
     """The headroom constants docs/agents.md states are the ones the code uses."""
-    from supervisor.breaker_defaults import DUPLICATE_HEADROOM, LAUNCH_HEADROOM, OUTPUT_HEADROOM
+    from supervisor.breaker.defaults import DUPLICATE_HEADROOM, LAUNCH_HEADROOM, OUTPUT_HEADROOM
 
     docs = (ROOT / "docs/agents.md").read_text()
     for headroom in (LAUNCH_HEADROOM, DUPLICATE_HEADROOM, OUTPUT_HEADROOM):
@@ -188,13 +188,13 @@ def test_crash_looping_always_agent_for_a_simulated_hour_beside_a_healthy_one(tm
     import os
     import selectors
 
-    from supervisor.breaker import Breaker
-    from supervisor.feature import Features, Services
-    from supervisor.firing import Fire
-    from supervisor.output_gate import OutputGate
-    from supervisor.pipeline import Pipeline
-    from supervisor.store import Store
-    from supervisor.timers import Timers
+    from supervisor.breaker.breaker import Breaker
+    from supervisor.core.feature import Features, Services
+    from supervisor.core.firing import Fire
+    from supervisor.core.timers import Timers
+    from supervisor.features.output_gate import OutputGate
+    from supervisor.runs.pipeline import Pipeline
+    from supervisor.storage.store import Store
 
     (tmp_path / "agents.d").mkdir()
     (tmp_path / "watchkeeper.yaml").write_text(f"state_dir: {tmp_path / 'state'}\n")

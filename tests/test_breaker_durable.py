@@ -73,7 +73,7 @@ def test_sigkill_between_outputs_never_gives_a_fresh_window(tmp_path):
 def test_recount_from_the_store_restores_every_window_since_the_last_reset(tmp_path):
     """Launches, identical outputs and spend stored before a crash count again after it;
     restarts (retry, always) and everything before the last reset do not."""
-    from supervisor.breaker import (
+    from supervisor.breaker.breaker import (
         AgentLimits,
         Breaker,
         BreakerSettings,
@@ -81,8 +81,8 @@ def test_recount_from_the_store_restores_every_window_since_the_last_reset(tmp_p
         LaunchLimit,
         SpendBudget,
     )
-    from supervisor.breaker_defaults import RESTART_TRIGGERS
-    from supervisor.store import RunRecord, Store
+    from supervisor.breaker.defaults import RESTART_TRIGGERS
+    from supervisor.storage.store import RunRecord, Store
 
     wall = [1_000_000.0]
     limits = AgentLimits(launches=LaunchLimit(max_runs=3, window_s=600),

@@ -7,7 +7,7 @@ sandbox's) can delegate it. docs/reliability.md says so."""
 
 from __future__ import annotations
 
-from supervisor.cgroups import RESERVED_TASKS, RunCgroups
+from supervisor.kernel.cgroups import RESERVED_TASKS, RunCgroups
 
 
 def test_a_runs_pids_max_is_clamped_below_the_base_limit(tmp_path):

@@ -19,7 +19,7 @@ from harness import DaemonProc, py
 from hostile import AGENT_ENV, ROOMY_BREAKER, alive, integrity, kill_all, processes_for, query
 from support import wait_until
 
-from supervisor.locks import list_locks
+from supervisor.runs.locks import list_locks
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 from harness import PY, DaemonProc, py
 
-from supervisor import discovery
-from supervisor.discovery import DaemonNotFound, find_socket
+from supervisor.cli import discovery
+from supervisor.cli.discovery import DaemonNotFound, find_socket
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_error_lists_every_place_tried(clean_env):
 
 def test_discovery_imports_no_yaml_when_socket_is_set():
     """Agents' verbs stay cheap: importing discovery and naming a socket loads no PyYAML."""
-    code = ("import sys; from supervisor.discovery import find_socket; find_socket('/s'); "
+    code = ("import sys; from supervisor.cli.discovery import find_socket; find_socket('/s'); "
             "print('yaml' in sys.modules)")
     assert subprocess.run([PY, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"

@@ -10,9 +10,9 @@ import msgspec
 import pytest
 from harness import wk
 
-from supervisor import config_docs
-from supervisor.config import AgentSpec, Job, Settings
-from supervisor.configload import load_config
+from supervisor.config import docs as config_docs
+from supervisor.config.load import load_config
+from supervisor.config.schema import AgentSpec, Job, Settings
 from supervisor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from harness import wk
 
-from supervisor.config_env import EnvReferenceError, expand_string
-from supervisor.configload import load_config
-from supervisor.discovery import socket_of_config
+from supervisor.cli.discovery import socket_of_config
+from supervisor.config.env import EnvReferenceError, expand_string
+from supervisor.config.load import load_config
 from supervisor.errors import ConfigError
 
 ALERTS = """\

@@ -22,8 +22,8 @@ from config_walk import (
 )
 from harness import wk
 
-from supervisor.config_ranges import MAX_DURATION_S, describe, number
-from supervisor.configload import ConfigIssue, load_config
+from supervisor.config.load import ConfigIssue, load_config
+from supervisor.core.ranges import MAX_DURATION_S, describe, number
 from supervisor.errors import ConfigError
 
 
@@ -48,7 +48,7 @@ def _issues(root: Path) -> list[ConfigIssue]:
 def test_every_numeric_setting_declares_its_range(setting):
     """Each numeric setting carries its valid range in the schema, a duration (`_s`) at most
     ten years."""
-    assert setting.meta is not None, f"{setting.name} has no range (see config_ranges.py)"
+    assert setting.meta is not None, f"{setting.name} has no range (see core/ranges.py)"
     if setting.keys[-1].endswith("_s"):
         assert setting.meta.le is not None and setting.meta.le <= MAX_DURATION_S, setting.name
 

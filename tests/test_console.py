@@ -12,7 +12,7 @@ from harness import PY, DaemonProc, py, wk
 from support import wait_until
 from terminal import Terminal
 
-from supervisor.console import PersonConsole
+from supervisor.log.console import PersonConsole
 
 LINE = re.compile(r"^\d\d:\d\d:\d\d \S+\s* │ ")
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.context import (
+from supervisor.memory.context import (
     Candidate,
     ContextRetriever,
     Fts5Backend,
@@ -25,7 +25,7 @@ from supervisor.context import (
     speaker_boost,
     total_tokens,
 )
-from supervisor.memory_store import MemoryStore, Op, Update
+from supervisor.memory.store import MemoryStore, Op, Update
 
 GRANTS = {"t": ["*"]}
 

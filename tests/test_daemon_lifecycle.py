@@ -14,7 +14,7 @@ import psutil
 from harness import DaemonProc, py, wk
 from support import wait_until
 
-from supervisor import locks
+from supervisor.runs import locks
 
 
 def every(seconds: float, code: str, **job) -> dict:
@@ -210,7 +210,7 @@ def test_agent_locks_a_task_through_the_cli(tmp_path):
 def test_stale_lock_of_dead_owner_is_cleared_by_watchdog(tmp_path):
     """The daemon's watchdog removes a lock whose holder died, without waiting 30 minutes."""
     state = tmp_path / "state"
-    code = ("import time; from supervisor import locks; "
+    code = ("import time; from supervisor.runs import locks; "
             f"held = locks.acquire({str(state)!r}, 'job-7', agent='x'); "
             "print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

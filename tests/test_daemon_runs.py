@@ -233,7 +233,7 @@ def test_catch_up_runs_once_for_missed_firings(tmp_path):
                       "schedule": {"cron": "0 3 * * *"}}]}
     d = DaemonProc(tmp_path, {"nightly": spec})
     d.state_dir.mkdir(parents=True)
-    from supervisor.store import Store
+    from supervisor.storage.store import Store
     store = Store(d.state_dir / "state.db")
     store.record_fire("nightly", "daily", time.time() - 3 * 86400)  # three slots missed
     store.close()
@@ -268,7 +268,7 @@ def test_output_flood_is_rate_limited_with_a_summary(tmp_path):
 
 
 def _cgroup_v2_writable() -> bool:
-    from supervisor.cgroups import V2_MOUNTS
+    from supervisor.kernel.cgroups import V2_MOUNTS
 
     return os.geteuid() == 0 and any(os.access(m / "cgroup.procs", os.W_OK) for m in V2_MOUNTS
                                      if (m / "cgroup.controllers").exists())

@@ -17,7 +17,7 @@ def run_python(code: str) -> str:
 def test_structlog_imports_without_loading_asyncio_or_ssl():
     out = run_python("""
         import sys
-        from supervisor.deferred import DeferredModule, defer
+        from supervisor.cli.deferred import DeferredModule, defer
         assert defer("asyncio")
         import structlog
         structlog.get_logger("x").info("hello")
@@ -29,7 +29,7 @@ def test_structlog_imports_without_loading_asyncio_or_ssl():
 def test_first_use_loads_the_real_module_for_every_import_form():
     out = run_python("""
         import sys
-        from supervisor.deferred import defer
+        from supervisor.cli.deferred import defer
         defer("asyncio")
         import asyncio
         from asyncio import sleep            # attribute read: loads the real module
@@ -46,7 +46,7 @@ def test_first_use_loads_the_real_module_for_every_import_form():
 def test_defer_leaves_an_imported_module_alone():
     out = run_python("""
         import asyncio, sys
-        from supervisor.deferred import defer
+        from supervisor.cli.deferred import defer
         print(defer("asyncio"), sys.modules["asyncio"] is asyncio, defer("no_such_module_x"))
     """)
     assert out == "False True False"

@@ -6,7 +6,7 @@ import time
 
 from harness import DaemonProc, py
 
-from supervisor.heartbeat import write_heartbeat
+from supervisor.health.heartbeat import write_heartbeat
 
 SAY = ("import os\nprint('degraded=' + os.environ.get('WATCHKEEPER_DEGRADED', '0') + "
        "' upstreams=' + os.environ.get('WATCHKEEPER_DEGRADED_UPSTREAMS', ''), flush=True)\n")

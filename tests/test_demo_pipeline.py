@@ -20,7 +20,7 @@ import yaml
 from harness import DaemonProc, wk
 from support import require, wait_until
 
-from supervisor.runner import with_own_bin
+from supervisor.runs.runner import with_own_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config"

@@ -16,10 +16,10 @@ from harness import DaemonProc, py
 from hostile import AGENT_ENV, ROOMY_BREAKER, integrity, processes_for, query
 from support import require, wait_until
 
-from supervisor.config import Job, Schedule
-from supervisor.firing import Fire
-from supervisor.scheduler import Scheduler, missed_firing
-from supervisor.timers import Timers
+from supervisor.config.schema import Job, Schedule
+from supervisor.core.firing import Fire
+from supervisor.core.timers import Timers
+from supervisor.scheduling.scheduler import Scheduler, missed_firing
 
 # -- a full disk --------------------------------------------------------------------------------
 
@@ -137,7 +137,7 @@ def _every_minute() -> Job:
 
 
 def _agent_with(job: Job):
-    from supervisor.config import AgentSpec
+    from supervisor.config.schema import AgentSpec
     return AgentSpec(agent="a", jobs=[job])
 
 

@@ -1,4 +1,4 @@
-"""The feature seam (feature.py) in a real daemon: a Feature subclass added to the daemon's
+"""The feature seam (core/feature.py) in a real daemon: a Feature subclass added to the daemon's
 features (through a sitecustomize that wraps features.features_for) is called by the loop
 and the pipeline, and a hook that raises is logged while supervision goes on."""
 
@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXTRA_FEATURE = """\
 import os
 
-import supervisor.features as features
-from supervisor.feature import Feature
+import supervisor.daemon.features as features
+from supervisor.core.feature import Feature
 
 _features_for = features.features_for
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import time
 
-from supervisor.configload import load_config
-from supervisor.feature import Feature, Features
-from supervisor.firing import Fire
-from supervisor.pipeline import Pipeline
-from supervisor.scheduler import Scheduler
-from supervisor.store import Store
-from supervisor.timers import Timers
+from supervisor.config.load import load_config
+from supervisor.core.feature import Feature, Features
+from supervisor.core.firing import Fire
+from supervisor.core.timers import Timers
+from supervisor.runs.pipeline import Pipeline
+from supervisor.scheduling.scheduler import Scheduler
+from supervisor.storage.store import Store
 
 
 class _FirstAnnouncement(Feature):

@@ -1,4 +1,4 @@
-"""The fork watch (forkwatch.py): the kernel wakes the daemon for forks of its own tree only."""
+"""The fork watch (kernel/forkwatch.py): the kernel wakes the daemon for forks of its own tree only."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 from support import require, wait_until
 
-from supervisor.forkwatch import ForkWatch
+from supervisor.kernel.forkwatch import ForkWatch
 
 # Forks one child when told to (a line on stdin), waits for it, reports, then waits again.
 FORKER = ("import os, sys\n"

@@ -29,18 +29,18 @@ from hypothesis import strategies as st
 from support import wait_until
 
 from supervisor import __version__
-from supervisor.configload import load_config
+from supervisor.config.load import load_config
 from supervisor.control.protocol import MAX_FRAME_BYTES
 from supervisor.errors import ConfigError
-from supervisor.heartbeat import (
+from supervisor.health.heartbeat import (
     HeartbeatSettings,
     Verdict,
     heartbeat_verdict,
     load_heartbeat,
     stale_response,
 )
-from supervisor.locks import break_stale, read_owner
-from supervisor.scheduler import make_trigger
+from supervisor.runs.locks import break_stale, read_owner
+from supervisor.scheduling.scheduler import make_trigger
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from harness import DaemonProc, py
 
-from supervisor.heartbeat import write_heartbeat
+from supervisor.health.heartbeat import write_heartbeat
 
 AGENT_ENV = {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
 

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from supervisor.heartbeat import (
+from supervisor.health.heartbeat import (
     DegradationTracker,
     Heartbeat,
     HeartbeatSettings,

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from harness import wk
 
-from supervisor.configload import MAX_CONFIG_FILE_BYTES, MAX_CONFIG_TOTAL_BYTES, load_config
+from supervisor.config.load import MAX_CONFIG_FILE_BYTES, MAX_CONFIG_TOTAL_BYTES, load_config
+from supervisor.config.yamlguard import MAX_DEPTH
 from supervisor.errors import ConfigError
-from supervisor.yamlguard import MAX_DEPTH
 
 GOOD_JOB = """\
 jobs:

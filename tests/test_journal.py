@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 import structlog
 
-from supervisor.journal import MAX_VALUE_BYTES, JournalRenderer, field_name, journal_stream_matches
+from supervisor.systemd.journal import (
+    MAX_VALUE_BYTES,
+    JournalRenderer,
+    field_name,
+    journal_stream_matches,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -190,7 +195,7 @@ def test_stream_mismatch(monkeypatch, stream):
 def test_stream_matches_in_child_with_redirected_stderr(tmp_path):
     """A child whose stderr is the announced file sees a match; its parent's stream does not."""
     log_path = tmp_path / "stream.log"
-    probe = "from supervisor.journal import journal_stream_matches as m; print(m())"
+    probe = "from supervisor.systemd.journal import journal_stream_matches as m; print(m())"
     with open(log_path, "w") as stream:
         stat = os.fstat(stream.fileno())
         env = {**os.environ, "JOURNAL_STREAM": f"{stat.st_dev}:{stat.st_ino}",

@@ -1,5 +1,5 @@
 """Which run a process belongs to: a run's root pid up the chain first, its environment never
-on its own (lineage.py)."""
+on its own (kernel/lineage.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 
 from support import wait_until
 
-from supervisor.lineage import ancestry, read_markers
-from supervisor.procscan import LiveRun, Owner, ProcInfo, classify
-from supervisor.proctree import attribute_tree, tree_children
+from supervisor.kernel.lineage import ancestry, read_markers
+from supervisor.kernel.procscan import LiveRun, Owner, ProcInfo, classify
+from supervisor.kernel.proctree import attribute_tree, tree_children
 
 DAEMON, STATE = 100, "/var/lib/wk"
 

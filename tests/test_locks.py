@@ -12,12 +12,12 @@ import time
 import pytest
 from harness import DaemonProc, py
 
-from supervisor import locks
 from supervisor.errors import LockBusy
+from supervisor.runs import locks
 
 HOLDER = """
 import sys, time
-from supervisor import locks
+from supervisor.runs import locks
 held = locks.acquire(sys.argv[1], sys.argv[2], agent="holder")
 print("held", flush=True)
 time.sleep(120)
@@ -91,7 +91,7 @@ def test_live_owner_past_staleness_is_broken_by_age(tmp_path):
 
 PAUSED_ACQUIRER = """
 import fcntl, os, sys
-from supervisor import locks
+from supervisor.runs import locks
 state, task, step = sys.argv[1:4]
 module = fcntl if step == "flock" else os
 real = getattr(module, step)
@@ -216,7 +216,7 @@ def test_leftover_of_a_live_pid_ages_out(tmp_path):
 
 CONTENDER = """
 import os, sys, time
-from supervisor import locks
+from supervisor.runs import locks
 from supervisor.errors import LockBusy
 state, inside, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 wins = violations = breaks = 0
@@ -241,7 +241,7 @@ print(wins, violations, breaks, flush=True)
 
 DYING_HOLDER = """
 import os, sys
-from supervisor import locks
+from supervisor.runs import locks
 state, n = sys.argv[1], int(sys.argv[2])
 for _ in range(n):
     try:

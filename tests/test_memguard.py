@@ -21,8 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 from support import require, wait_until
 
-from supervisor.lineage import tree_of
-from supervisor.memguard import (
+from supervisor.health.memguard import (
     AgentMemorySettings,
     Level,
     MemoryCause,
@@ -33,7 +32,8 @@ from supervisor.memguard import (
     Unrelieved,
     next_level,
 )
-from supervisor.procscan import (
+from supervisor.kernel.lineage import tree_of
+from supervisor.kernel.procscan import (
     HostMemorySource,
     LiveRun,
     Owner,

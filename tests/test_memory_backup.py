@@ -10,8 +10,8 @@ import sys
 from harness import DaemonProc, wk
 from hostile import query
 
-from supervisor.memory_store import MemoryStore, Op, Update
-from supervisor.memory_writes import MAX_NAME_CHARS
+from supervisor.memory.store import MemoryStore, Op, Update
+from supervisor.memory.writes import MAX_NAME_CHARS
 
 BIG_VALUE_CHARS = 250_000  # under the default max_value_bytes (256 KiB)
 GRANTS = {"filler": ["*"], "writer": ["*"]}

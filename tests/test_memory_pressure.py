@@ -15,10 +15,10 @@ from harness import DaemonProc, py
 from support import require, wait_until
 from test_memguard import own_memory_cgroup
 
-from supervisor import procscan
-from supervisor.memguard import Level, MemoryGuardSettings, interval_for
-from supervisor.procscan import LiveRun, SystemMemory
-from supervisor.psi import SYSTEM_MEMORY_PRESSURE, PressureTrigger
+from supervisor.health.memguard import Level, MemoryGuardSettings, interval_for
+from supervisor.kernel import procscan
+from supervisor.kernel.procscan import LiveRun, SystemMemory
+from supervisor.kernel.psi import SYSTEM_MEMORY_PRESSURE, PressureTrigger
 
 # Allocates far past its cgroup's limit: reclaim stalls, then the OOM killer; again and
 # again until the test stops it (the shell loop itself stays small).
@@ -107,7 +107,7 @@ HOG = ("import sys\nblock = bytearray(80 << 20)\nfor i in range(0, len(block), 4
 
 
 def _guard_over_real_run(tmp_path, hog, run_pids):
-    from supervisor.memguard import AgentMemorySettings, MemoryGuard
+    from supervisor.health.memguard import AgentMemorySettings, MemoryGuard
 
     return MemoryGuard(MemoryGuardSettings(run_check_interval_s=0), daemon_pid=os.getpid(),
                        state_dir=str(tmp_path),

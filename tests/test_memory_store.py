@@ -14,8 +14,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from supervisor.memory_settings import check_schema
-from supervisor.memory_store import (
+from supervisor.memory.settings import check_schema
+from supervisor.memory.store import (
     ADMIN_AGENT,
     HistoryOp,
     MalformedUpdate,
@@ -377,7 +377,7 @@ def _child_env() -> dict[str, str]:
 CRASH_CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from supervisor.memory_store import MemoryStore, Op, Update
+    from supervisor.memory.store import MemoryStore, Op, Update
     store = MemoryStore(Path(sys.argv[1]))
     i = 0
     while True:
@@ -423,7 +423,7 @@ def test_every_acknowledged_update_survives_sigkill(tmp_path: Path) -> None:
 MERGE_CHILD = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from supervisor.memory_store import MemoryStore, Op, Update
+    from supervisor.memory.store import MemoryStore, Op, Update
     store, me, rounds = MemoryStore(Path(sys.argv[1])), sys.argv[2], int(sys.argv[3])
     for n in range(1, rounds + 1):
         batch = [Update(op=Op.MERGE, namespace="shared", key=f"k{key}", agent=me, run_id="r",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.notify import SystemdNotifier
+from supervisor.systemd.notify import SystemdNotifier
 
 
 def bind_datagram(path: Path) -> socket.socket:

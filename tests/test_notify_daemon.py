@@ -193,8 +193,8 @@ def test_rejected_reload_still_ends_with_ready(tmp_path, systemd):
 
 
 FAILING_RELOAD_HOOK = """\
-import supervisor.features as features
-from supervisor.feature import Feature
+import supervisor.daemon.features as features
+from supervisor.core.feature import Feature
 
 _features_for = features.features_for
 

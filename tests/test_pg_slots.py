@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from supervisor.config import Job, Schedule
+from supervisor.config.schema import Job, Schedule
 from supervisor.pg.claims import db_slot
 
 NOON = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.UTC).timestamp()

@@ -6,7 +6,7 @@ from harness import py
 from pg_harness import hosts, start
 from support import wait_until
 
-from supervisor.heartbeat import heartbeat_path, read_heartbeat
+from supervisor.health.heartbeat import heartbeat_path, read_heartbeat
 
 BEATER = ("import time; from supervisor.sdk import Agent; a = Agent(); a.heartbeat(); "
           "print('beat', flush=True); time.sleep(60)")

@@ -7,12 +7,12 @@ import pytest
 from pg_harness import PG_DSN, PG_MISSING, drop_schema, new_schema, pg_available
 from support import require
 
-from supervisor.context import ContextRetriever
-from supervisor.memory_store import MemoryStore, Op, Update
+from supervisor.memory.context import ContextRetriever
+from supervisor.memory.store import MemoryStore, Op, Update
 from supervisor.pg.db import Database
 from supervisor.pg.memory import PgMemoryStore, PgSearchBackend
 from supervisor.pg.migrations import migrate
-from supervisor.storage import StorageSettings
+from supervisor.storage.settings import StorageSettings
 
 GRANTS = {"a": ["notes*", "shared"], "b": ["shared"]}
 
@@ -88,7 +88,7 @@ def _history(records) -> list[dict]:
 def test_paged_export_restores_history_into_a_fresh_postgresql_store(tmp_path, pg_store):
     """A SQLite store's pages import into an empty PostgreSQL store with the same history
     (seqs included), and the next write there gets the next seq, not a taken one."""
-    from supervisor.memory_backup import export_page, import_page
+    from supervisor.memory.backup import export_page, import_page
 
     pg, _db = pg_store
     with MemoryStore(tmp_path) as lite:

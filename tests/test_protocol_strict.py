@@ -9,9 +9,9 @@ import socket
 import pytest
 from harness import DaemonProc
 
-from supervisor.configload import NAME_RE
+from supervisor.config.load import NAME_RE
 from supervisor.control.commands import ARGS
-from supervisor.locks import validate_task_id
+from supervisor.runs.locks import validate_task_id
 
 BAD_ARGS = [
     ("runs", {"limit": 10**30}, "args.limit"),
@@ -86,9 +86,9 @@ def test_ids_are_matched_to_the_end_of_the_string():
 def test_every_command_has_an_argument_struct():
     """Every built-in command of the control table has its struct (the debug ones excepted)."""
     from supervisor.control.handlers import CORE
-    from supervisor.health import Health
-    from supervisor.output_gate import OutputGate
-    from supervisor.steward import Steward
+    from supervisor.features.health import Health
+    from supervisor.features.output_gate import OutputGate
+    from supervisor.features.steward import Steward
 
     tables = [CORE, *(feature().commands() for feature in (Health, OutputGate, Steward))]
     commands = set().union(*(t.names() for t in tables)) - {"memory"}

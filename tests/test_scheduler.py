@@ -6,13 +6,13 @@ import datetime as dt
 import random
 import zoneinfo
 
-from supervisor.agents import backoff_delay_s, cooldown_s
-from supervisor.catch_up import absorb_slot_due_after_catch_up, catch_up_due
-from supervisor.config import AgentSpec, CrashLoopSettings, Job, Retries, Schedule
-from supervisor.cron import cron_fields
-from supervisor.firing import Fire
-from supervisor.scheduler import Scheduler, make_trigger, missed_firing
-from supervisor.timers import Timers
+from supervisor.config.schema import AgentSpec, CrashLoopSettings, Job, Retries, Schedule
+from supervisor.core.cron import cron_fields
+from supervisor.core.firing import Fire
+from supervisor.core.timers import Timers
+from supervisor.runs.agents import backoff_delay_s, cooldown_s
+from supervisor.scheduling.catch_up import absorb_slot_due_after_catch_up, catch_up_due
+from supervisor.scheduling.scheduler import Scheduler, make_trigger, missed_firing
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 

@@ -11,18 +11,18 @@ import sys
 from harness import DaemonProc, py
 
 # What APScheduler's package would pull in and trigger arithmetic never uses.
-# ("asyncio" itself is in sys.modules as deferred.py's stand-in: its type is checked.)
+# ("asyncio" itself is in sys.modules as cli/deferred.py's stand-in: its type is checked.)
 UNUSED_BY_TRIGGERS = ("asyncio.", "_asyncio", "ssl", "email", "multiprocessing", "concurrent",
                       "importlib.metadata", "zipfile", "apscheduler.schedulers",
                       "apscheduler.executors")
 
 PROBE = """
 import json, sys
-from supervisor.deferred import defer
+from supervisor.cli.deferred import defer
 defer("asyncio")  # as `watchkeeper run` does
-from supervisor.config import Job, Schedule
-from supervisor.configload import load_config
-from supervisor.scheduler import make_trigger
+from supervisor.config.schema import Job, Schedule
+from supervisor.config.load import load_config
+from supervisor.scheduling.scheduler import make_trigger
 load_config(sys.argv[1])  # validates the cron expression too
 cron = make_trigger(Job(id="c", command=["x"], schedule=Schedule(cron="30 2 * * *",
                                                                    timezone="Europe/Berlin")))
@@ -71,7 +71,7 @@ def test_alarm_rings_at_its_deadline_and_is_silenced(tmp_path):
 
     from support import wait_until
 
-    from supervisor.alarm import Alarm
+    from supervisor.core.alarm import Alarm
 
     alarm = Alarm()
     selector = selectors.DefaultSelector()

@@ -10,11 +10,11 @@ import pytest
 from harness import DaemonProc, py, wk
 from support import require, wait_until
 
-from supervisor.context import ContextRetriever, Fts5Backend, query_terms
-from supervisor.embeddings import MAX_TEXT_CHARS, load_embedder
-from supervisor.memory_settings import StewardSettings
-from supervisor.memory_store import MemoryStore, Op, Update
-from supervisor.semantic_index import SemanticIndex, SemanticIndexer
+from supervisor.memory.context import ContextRetriever, Fts5Backend, query_terms
+from supervisor.memory.embeddings import MAX_TEXT_CHARS, load_embedder
+from supervisor.memory.semantic_index import SemanticIndex, SemanticIndexer
+from supervisor.memory.settings import StewardSettings
+from supervisor.memory.store import MemoryStore, Op, Update
 
 ROOT = Path(__file__).resolve().parent.parent
 GRANTS = {"t": ["*"]}

@@ -37,7 +37,7 @@ MAIN_CONFIG = "/etc/watchkeeper/watchkeeper.yaml"
 ENTRY_POINT = f"""\
 #!{VENV}/bin/python
 import sys
-from supervisor.cli import main
+from supervisor.cli.main import main
 sys.exit(main())
 """
 # Faster than the shipped 30 s: a frozen daemon is restarted within seconds.

@@ -22,7 +22,7 @@ DEPLOY_UNIT = ROOT / "deploy" / "systemd" / "watchkeeper.service"
 
 NOTIFY_SERVICE = """\
 import pathlib, sys, time
-from supervisor.notify import SystemdNotifier
+from supervisor.systemd.notify import SystemdNotifier
 
 trigger = pathlib.Path(sys.argv[1])
 notifier = SystemdNotifier()
@@ -38,8 +38,8 @@ while True:
 
 JOURNAL_SERVICE = """\
 import signal, structlog
-from supervisor.journal import JournalRenderer, journal_stream_matches
-from supervisor.notify import SystemdNotifier
+from supervisor.systemd.journal import JournalRenderer, journal_stream_matches
+from supervisor.systemd.notify import SystemdNotifier
 
 structlog.configure(processors=[structlog.processors.add_log_level, JournalRenderer()])
 log = structlog.get_logger("watchkeeper.demo")

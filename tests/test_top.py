@@ -9,7 +9,7 @@ from harness import PY, DaemonProc, py, wk
 from support import wait_until
 from terminal import Terminal
 
-from supervisor.top import View, frame
+from supervisor.cli.top import View, frame
 
 
 def agent(name: str, **extra) -> dict:

@@ -12,7 +12,7 @@ from hostile import AGENT_ENV, ROOMY_BREAKER
 from support import require
 from untrusted import ADMIN_VERBS, probe_job, report_of
 
-from supervisor.configload import load_config
+from supervisor.config.load import load_config
 from supervisor.errors import ConfigError
 
 SLEEPER = {"jobs": [{"id": "main", "command": ["sleep", "60"], "schedule": {"every_s": 3600}}]}
@@ -152,7 +152,7 @@ def test_peer_groups_come_from_the_socket_not_from_proc():
     require(os.geteuid() == 0, "needs root to set supplementary groups")
     import socket
 
-    from supervisor.peers import peer_groups
+    from supervisor.kernel.peers import peer_groups
 
     def groups_seen_by_the_socket():
         os.setgroups([4242, 4343])
@@ -202,7 +202,7 @@ def test_a_socket_group_the_daemons_user_is_not_in_is_a_clear_error():
     """socket_group naming a group the daemon's (non-root) user is not in says so and how to
     fix it, instead of a PermissionError when the socket is created."""
     require(os.geteuid() == 0, "needs root to switch to an unprivileged uid")
-    from supervisor.state_modes import socket_group_problem
+    from supervisor.storage.state_modes import socket_group_problem
 
     def as_nobody():  # a real process of another uid, asking the real group database
         os.setgroups([])

@@ -52,7 +52,7 @@ class Admission:
 def run_peer_check(pipeline) -> Callable[[int], bool]:
     """Whether a pid is one of a live run's processes: it descends from a run's root, or,
     orphaned into the daemon (its subreaper), carries the id of a live run."""
-    from ..lineage import MARKER_RUN_ID, ancestry, read_markers
+    from ..kernel.lineage import MARKER_RUN_ID, ancestry, read_markers
 
     def is_run_peer(pid: int) -> bool:
         me = os.getpid()

@@ -6,7 +6,7 @@ naming the field (`args.limit: Expected int <= 1000`), never an exception in a h
 fuzz suite found 1,827 "internal error" replies before this). Handlers still read
 `req.args` as a dict; this module only decides whether that dict is acceptable.
 
-`memory` (an agent's write) is checked by memory_updates.parse_update, whose struct is the
+`memory` (an agent's write) is checked by memory.updates.parse_update, whose struct is the
 same discipline; commands not listed here (debug commands) check their own arguments.
 """
 

@@ -1,7 +1,7 @@
 """Control commands: who may call them, and what they do to the daemon.
 
 Three kinds of caller, told apart by what the kernel says (SO_PEERCRED, SO_PEERGROUPS, the
-peer's run cgroup and parent chain; authz.py), never by what the caller says:
+peer's run cgroup and parent chain; kernel/authz.py), never by what the caller says:
 - admin: root, the daemon's own user or a member of `socket_group` (pause, reload, ...),
   and only from outside every run: a process the daemon started (an agent, or anything it
   spawned, re-parented or not) is refused admin verbs unless its agent's `permissions:`
@@ -22,14 +22,14 @@ import time
 import structlog
 
 from .. import __version__
-from ..authz import place
+from ..core.feature import Feature
+from ..core.firing import Fire
+from ..core.hashing import compare_digest
 from ..errors import LockBusy
-from ..feature import Feature
-from ..firing import Fire
-from ..hashing import compare_digest
-from ..locks import acquire, list_locks, validate_task_id
-from ..peers import peer_groups
-from ..runner import Run
+from ..kernel.authz import place
+from ..kernel.peers import peer_groups
+from ..runs.locks import acquire, list_locks, validate_task_id
+from ..runs.runner import Run
 from .commands import check_args
 from .protocol import Request, error, ok
 from .server import Connection

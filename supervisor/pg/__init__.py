@@ -11,5 +11,5 @@ agent_sync  the same, seen from this daemon: claims before a start, overlap acro
             pulling peers' changes
 memory      the steward's store in PostgreSQL, writes serialised by the database
 breaker     the circuit breaker fed with every host's events, one decision at a time
-cluster     the feature (feature.py) that plugs all of it into the daemon's loop
+cluster     the feature (core/feature.py) that plugs all of it into the daemon's loop
 """

@@ -10,10 +10,10 @@ import time
 
 import structlog
 
-from ..agents import cooldown_s
-from ..config import Overlap
-from ..firing import Fire
-from ..states import AgentState
+from ..config.schema import Overlap
+from ..core.firing import Fire
+from ..core.states import AgentState
+from ..runs.agents import cooldown_s
 from . import agents as shared_agents
 from .claims import CLAIMED_TRIGGERS, claim_firing, pinned_host
 from .db import STORAGE_ERRORS, one_line

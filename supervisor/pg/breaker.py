@@ -20,7 +20,7 @@ import msgspec
 import psycopg
 import structlog
 
-from ..breaker import Breaker, BreakerState, Decision, Trip
+from ..breaker.breaker import Breaker, BreakerState, Decision, Trip
 from .db import BREAKER_LOCK, Database
 
 log = structlog.get_logger("watchkeeper.pg.breaker")

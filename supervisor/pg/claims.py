@@ -15,8 +15,8 @@ import time
 
 from apscheduler.triggers.cron import CronTrigger
 
-from ..config import AgentSpec, Job
-from ..cron import cron_fields
+from ..config.schema import AgentSpec, Job
+from ..core.cron import cron_fields
 from .db import Database
 
 CLAIMED_TRIGGERS = frozenset({"cron", "every", "catch_up"})

@@ -1,6 +1,6 @@
 """The PostgreSQL backend in the daemon's loop: one pipeline over several hosts.
 
-A Feature (feature.py), started after the output gate and before the steward (features.py). It
+A Feature (core/feature.py), started after the output gate and before the steward (daemon/features.py). It
 - migrates the schema and registers this host;
 - gives the steward its PostgreSQL store (pg/memory.py) and wraps the gate's breaker in a
   SharedBreaker (pg/breaker.py);
@@ -28,14 +28,14 @@ import psycopg
 import structlog
 
 from .. import __version__
-from ..breaker import Breaker, BreakerState
+from ..breaker.breaker import Breaker, BreakerState
 from ..control.protocol import error, ok
 from ..control.table import CommandTable, Handler
-from ..feature import Feature, Services
-from ..heartbeat import heartbeat_path, read_heartbeat, write_heartbeat
-from ..locks import validate_task_id
-from ..output_gate import OutputGate, merged_breaker_settings
-from ..states import StopReason
+from ..core.feature import Feature, Services
+from ..core.states import StopReason
+from ..features.output_gate import OutputGate, merged_breaker_settings
+from ..health.heartbeat import heartbeat_path, read_heartbeat, write_heartbeat
+from ..runs.locks import validate_task_id
 from . import agents as shared_agents
 from .agent_sync import AgentSync
 from .breaker import SharedBreaker
@@ -115,7 +115,7 @@ class Cluster(Feature):
             log.info("transaction_pooling", hint="behind a transaction-mode pooler: no LISTEN "
                      "and no prepared statements; peers see changes within poll_s")
 
-    # -- the hooks (feature.py) ----------------------------------------------------------------
+    # -- the hooks (core/feature.py) ----------------------------------------------------------------
     def open_memory(self, settings):
         """The steward's store and search backend: the shared tables."""
         return PgMemoryStore(self.db, settings), PgSearchBackend(self.db)
@@ -483,7 +483,7 @@ class Cluster(Feature):
     # -- heartbeats ------------------------------------------------------------------------------------
     def _sync_heartbeats(self) -> None:
         """Beats of this host's runs go up; newer beats of other hosts come down as files,
-        so health.py judges upstreams on any host the same way as local ones."""
+        so features/health.py judges upstreams on any host the same way as local ones."""
         state_dir = self.services.state_dir
         up = []
         for run in self.services.pipeline.runs.values():

@@ -15,7 +15,7 @@ import psycopg
 import structlog
 
 from ..errors import WatchkeeperError
-from ..storage import StorageSettings
+from ..storage.settings import StorageSettings
 
 log = structlog.get_logger("watchkeeper.pg")
 

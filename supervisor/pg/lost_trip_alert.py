@@ -16,8 +16,8 @@ import msgspec
 import psycopg
 import structlog
 
-from ..alerts import trip_alert
-from ..breaker import Trip
+from ..alerts.alerts import trip_alert
+from ..breaker.breaker import Trip
 
 log = structlog.get_logger("watchkeeper.pg.breaker")
 

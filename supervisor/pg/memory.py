@@ -1,4 +1,4 @@
-"""The steward's store in PostgreSQL: the same semantics as memory_store.MemoryStore.
+"""The steward's store in PostgreSQL: the same semantics as memory.store.MemoryStore.
 
 Every daemon applies its own loop turn's batch directly, in one transaction that first takes
 the `steward` advisory lock: the database serialises the batches of all hosts, so there is
@@ -21,10 +21,10 @@ from typing import Any
 
 import psycopg
 
-from ..context import Candidate
-from ..memory_reads import Entry, entry_from_row
-from ..memory_settings import StewardSettings
-from ..memory_store import MemoryStore
+from ..memory.context import Candidate
+from ..memory.reads import Entry, entry_from_row
+from ..memory.settings import StewardSettings
+from ..memory.store import MemoryStore
 from .db import STEWARD_LOCK, Database, StorageUnavailable, one_line
 
 
@@ -71,7 +71,7 @@ class PgMemoryStore(MemoryStore):
         return [entry_from_row(row) for row in rows]
 
     def after_history_restore(self) -> None:
-        """History rows inserted with their own seq (memory_backup): move the sequence past
+        """History rows inserted with their own seq (memory/backup.py): move the sequence past
         them, or the next write would reuse a seq."""
         self._conn.execute("select setval(pg_get_serial_sequence('history', 'seq'), "
                            "(select max(seq) from history))")

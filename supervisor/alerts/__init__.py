@@ -1,0 +1,1 @@
+"""Alerts: what one is, its sinks, the durable outbox and the sender."""

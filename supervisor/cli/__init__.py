@@ -1,0 +1,1 @@
+"""The `watchkeeper` command: operator verbs, the agents' cheap verbs, views, top."""

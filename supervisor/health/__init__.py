@@ -1,0 +1,1 @@
+"""Heartbeat files and the memory guard. Their place in the loop is features/health.py."""

@@ -1,0 +1,1 @@
+"""Logging setup: console lines for a person, JSON lines, journald fields."""

@@ -1,0 +1,1 @@
+"""Talking to systemd: sd_notify, journald, the daemon as a service."""
