@@ -1,8 +1,10 @@
 """The package's folders are layers: no import cycle between them, no import upward.
 
-Read from the code's own imports (ast over supervisor/), including imports inside functions
-and under TYPE_CHECKING: a lazy import is still a dependency, only paid later. A room is a
-subpackage (`supervisor/breaker/`) or a module left at the top (`supervisor/sdk.py`).
+Read from the code's own imports (ast over supervisor/), including imports inside functions:
+a lazy import is still a dependency, only paid later. Imports under `if TYPE_CHECKING:` are
+left out: they never run, and a seam's contract may name the types of the layers above that
+implement it. A room is a subpackage (`supervisor/breaker/`) or a module left at the top
+(`supervisor/sdk.py`).
 """
 
 from __future__ import annotations
@@ -52,11 +54,29 @@ def modules() -> dict[str, Path]:
     return found
 
 
+def is_type_checking(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def run_time_nodes(tree: ast.AST):
+    """Every node, except the bodies of `if TYPE_CHECKING:` (their else branch is kept)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if is_type_checking(node):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
-    """Every supervisor module `name` imports, wherever the import statement is."""
+    """Every supervisor module `name` imports at run time, wherever the import statement is."""
     is_pkg = path.name == "__init__.py"
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in run_time_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name.split(".")[0] == "supervisor"}
         elif isinstance(node, ast.ImportFrom):
