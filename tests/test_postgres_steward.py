@@ -92,10 +92,23 @@ def test_version_checks_hold_across_hosts(tmp_path, schema):
         start([h1, h2])
         h1.call("start-now", agent="one")
         h1.wait_event("agent_output", agent="one", line="version 1")
-        # Overlap is judged cluster-wide: h2 may start the agent once h1's run has ended.
+        # Overlap is judged cluster-wide: h2 may start the agent once h1's run has ended and
+        # h1 has released its run lease, which it does just after logging run_finished; until
+        # then h2 skips the firing ("already running on host h1") and is asked again.
         h1.wait_event("run_finished", agent="one")
-        h2.call("start-now", agent="one")
-        line = h2.wait_event("agent_output", agent="one")["line"]
+        asked = 0
+
+        def started_on_h2() -> bool:
+            nonlocal asked
+            if h2.find("agent_output", agent="one"):
+                return True
+            if len(h2.find("firing_skipped", agent="one")) >= asked:
+                h2.call("start-now", agent="one")
+                asked += 1
+            return False
+
+        wait_until(started_on_h2, 30, message=f"h2 never ran `one`; last: {h2.tail()}")
+        line = h2.find("agent_output", agent="one")[0]["line"]
     finally:
         h1.stop()
         h2.stop()
