@@ -439,3 +439,39 @@ def test_escalation_counts_from_the_first_failed_attempt_even_across_a_restart(t
     finally:
         again.close(timeout_s=1)
         store.close()
+
+
+SLOW_SINK = """
+import pathlib, sys, time
+pathlib.Path(sys.argv[1]).write_text(sys.stdin.read() + "\\n")
+time.sleep(1.5)  # the alert is handed on; the command has not exited yet
+"""
+
+
+def test_graceful_stop_lets_an_alert_command_in_flight_finish(tmp_path):
+    """A daemon stopped gracefully while its alert command has handed the alert on but not
+    yet exited waits for the command: the delivery is recorded, and the next start owes and
+    sends nothing (before, the stop signalled the command with the runs' leftovers and the
+    alert went out twice)."""
+    record = tmp_path / "sink.jsonl"
+    agents = {"content": {"jobs": [{"id": "main", "command": py(EMITTER),
+                                    "schedule": {"every_s": 3600}}],
+                          "limits": {"outputs": {"max_outputs": 2, "window_s": 600}}}}
+    alerts = {"commands": [{"argv": [sys.executable, "-c", SLOW_SINK, str(record)],
+                            "backoff_s": 0.2}]}
+    first = DaemonProc(tmp_path, agents, alerts=alerts).start(extra_env=AGENT_ENV)
+    try:
+        trip(first)
+        wait_until(lambda: record.exists() and record.read_text().strip(), 15,
+                   message="the alert command never got the alert")
+        assert first.stop() == 0
+    finally:
+        first.kill()
+    first.wait_event("daemon_stopped")  # the log is read to its end
+    assert first.find("alert_delivered", kind="breaker_trip")
+    assert not first.find("alert_delivery_failed")
+    record.unlink()
+    with DaemonProc(tmp_path, agents, alerts=alerts).start(extra_env=AGENT_ENV) as again:
+        assert again.call("breaker-status")["alerts"]["undelivered"] == 0
+        assert not again.find("alert_resent_after_restart")
+    assert not record.exists()

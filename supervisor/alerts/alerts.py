@@ -18,6 +18,7 @@ import hashlib
 import os
 import signal
 import subprocess
+import threading
 import time
 import urllib.parse
 from collections import deque
@@ -288,6 +289,20 @@ _STATUS_WRAPPER = (
 )
 
 
+# Sessions of alert commands in flight (each runs in a session of its own). A daemon stopping
+# gracefully leaves them to the sender's flush: signalled with the runs' leftovers, a command
+# that had already handed the alert on died before saying so, and the alert was sent again
+# at the next start.
+_LIVE_SESSIONS: set[int] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def alert_command_sessions() -> frozenset[int]:
+    """The session ids of the alert commands running now (sender threads start them)."""
+    with _LIVE_LOCK:
+        return frozenset(_LIVE_SESSIONS)
+
+
 class CommandSink:
     """Runs argv with the alert JSON on stdin; the whole process group dies at the timeout."""
 
@@ -309,11 +324,16 @@ class CommandSink:
                                     stderr=subprocess.PIPE, start_new_session=True)
         except OSError as err:
             raise DeliveryFailed(f"cannot run {argv[0]!r}: {err.strerror or err}") from None
+        with _LIVE_LOCK:
+            _LIVE_SESSIONS.add(proc.pid)
         try:
             out, stderr = proc.communicate(msgspec.json.encode(alert), timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise DeliveryFailed(f"timed out after {timeout_s:g}s; process group killed") from None
+        finally:
+            with _LIVE_LOCK:
+                _LIVE_SESSIONS.discard(proc.pid)
         status = out.decode(errors="replace").strip()
         if status != "0":
             tail = stderr.decode(errors="replace").strip()[-_ERROR_CHARS:]

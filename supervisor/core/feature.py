@@ -73,6 +73,11 @@ class Feature:
     def adjust_run_env(self, env: dict[str, str]) -> None:
         """Edit the environment every run starts from (called once, right after `start`)."""
 
+    def own_sessions(self) -> frozenset[int]:
+        """Sessions of processes the feature runs itself (an alert command in flight): a
+        stopping daemon leaves them to the feature's `stop` instead of signalling them."""
+        return frozenset()
+
     # -- the pipeline ----------------------------------------------------------------------
     def claim_firing(self, fire: Fire, spec: AgentSpec, job: Job) -> str:
         """Empty when this daemon may handle the firing, else why not (shared storage)."""
@@ -206,6 +211,9 @@ class Features:
     def degraded_upstreams(self, spec: AgentSpec) -> list[str] | None:
         return next((found for f in self._all
                      if (found := f.degraded_upstreams(spec)) is not None), None)
+
+    def own_sessions(self) -> frozenset[int]:
+        return frozenset().union(*(f.own_sessions() for f in self._all))
 
     def run_started(self, run: Run) -> None:
         for feature in self._all:

@@ -416,15 +416,22 @@ class Daemon:
 
     def _signal_untracked(self, sig: int) -> None:
         """Leftovers kept (leftovers: keep) or of ended runs: every descendant gets it."""
-        for pid in live_descendants(os.getpid()):
+        for pid in self._leftovers():
             send_signal(pid, sig)
 
-    def _kill_descendants(self) -> None:
-        for pid in live_descendants(os.getpid()):
+    def _kill_descendants(self, *, features_too: bool = False) -> None:
+        for pid in live_descendants(os.getpid()) if features_too else self._leftovers():
             send_signal(pid, signal.SIGKILL)
 
+    def _leftovers(self) -> list[int]:
+        """Our descendants, less the processes features run themselves (an alert command
+        in flight), which their `stop` waits for, bounded, before the exit kills the rest."""
+        own = self.features.own_sessions()
+        return [pid for pid in live_descendants(os.getpid())
+                if not own or _session_of(pid) not in own]
+
     def _check_stopped(self) -> None:
-        if self.pipeline.runs or live_descendants(os.getpid()):
+        if self.pipeline.runs or self._leftovers():
             if self.stop_deadline is not None and time.monotonic() > self.stop_deadline + 5:
                 self._kill_descendants()  # something keeps spawning: keep killing
             return
@@ -488,8 +495,8 @@ class Daemon:
                 log.exception("extension_stop_failed", extension=type(feature).__name__)
         if self.scheduler is not None:
             self.scheduler.shutdown()
-        if self.pipeline is not None and self.pipeline.runs:
-            self._kill_descendants()
+        if self.pipeline is not None:
+            self._kill_descendants(features_too=True)  # past the features' bounded stop
         if self.control is not None:
             self.control.close()
         if self.cgroups is not None:
@@ -512,3 +519,9 @@ def _database_files(config: Config) -> list[str]:
 def _ignore_in_handler(signum, frame) -> None:
     """Signal handler - no logging, no state: the wakeup pipe already queued the signal."""
 
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:  # gone already
+        return None

@@ -14,7 +14,7 @@ import time
 import msgspec
 import structlog
 
-from ..alerts.alerts import Alert, AlertKind, trip_alert
+from ..alerts.alerts import Alert, AlertKind, alert_command_sessions, trip_alert
 from ..alerts.sender import AlertSender
 from ..breaker.breaker import (
     Breaker,
@@ -88,6 +88,9 @@ class OutputGate(Feature):
     def stop(self) -> None:
         self.persist_snapshot(self.breaker.snapshot())
         self.alerter.close(timeout_s=5.0)
+
+    def own_sessions(self) -> frozenset[int]:
+        return alert_command_sessions()
 
     def _recount(self) -> None:
         """Windows from the store's rows, not the snapshot's: the snapshot may predate a
