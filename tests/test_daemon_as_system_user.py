@@ -196,6 +196,9 @@ def test_a_socket_group_member_outside_any_run_may_pause_and_resume(deployment):
     for uid, gid, groups in ((61021, admins, []), (61022, 61022, [admins])):
         replies = _as_uid(d, verbs, uid, gid, groups)
         assert [r["ok"] for r in replies] == [True, True], (uid, replies)
+    # The reply can come before the daemon's log line is read back: wait for both events.
+    d.wait_event("agent_paused", count=2)
+    d.wait_event("agent_resumed", count=2)
     assert len(d.find("agent_paused")) == 2 and len(d.find("agent_resumed")) == 2
     outsider = _as_uid(d, verbs, 61023, 61023, [])
     assert all("permission denied" in r["error"] for r in outsider), outsider
