@@ -30,6 +30,7 @@ from supervisor.alerts.alerts import (
     WebhookSink,
     redact_url,
     trip_alert,
+    trip_alert_id,
     webhook_body,
 )
 from supervisor.alerts.sender import AlertSender
@@ -416,6 +417,17 @@ def test_breaker_trips_are_never_rate_limited(make_loop):
         breaker.reset(by="test", reason="again")
     assert loop.run_until(loop.settled)
     assert [a.kind for a in recording.alerts].count(AlertKind.BREAKER_TRIP) == 4
+
+
+def test_trip_alert_id_is_the_sha256_it_always_was():
+    """The id is hashed without OpenSSL now; an alert queued by an older daemon and
+    re-derived from its trip by this one must keep its id, or receivers see it twice."""
+    import hashlib  # here only: the daemon itself must not load OpenSSL
+
+    trip = _tripped("community")
+    key = msgspec.json.encode([trip.agent, trip.rule.value, trip.time, trip.count])
+    assert trip_alert_id(trip) == hashlib.sha256(key).hexdigest()[:32]
+    assert trip_alert(trip).alert_id == trip_alert_id(trip)
 
 
 def _tripped(agent: str):

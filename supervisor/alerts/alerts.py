@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
 import os
 import signal
 import subprocess
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 import msgspec
 
 from supervisor.breaker.breaker import Trip
+from supervisor.core.hashing import sha256
 from supervisor.core.ranges import PositiveDuration
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def trip_alert_id(trip: Trip) -> str:
     """The trip alert's id, derived from the trip: an alert re-derived from the trip later
     (pg/lost_trip_alert.py) carries the id of the one it replaces."""
     key = msgspec.json.encode([trip.agent, trip.rule.value, trip.time, trip.count])
-    return hashlib.sha256(key).hexdigest()[:32]
+    return sha256(key).hexdigest()[:32]
 
 
 def trip_alert(trip: Trip) -> Alert:
