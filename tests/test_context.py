@@ -229,12 +229,26 @@ def ranked(*rows: tuple[str, float, str]) -> list[Ranked]:
 def test_session_boost_lifts_a_turn_whose_session_matches_too() -> None:
     """Of two equally scored turns, the one whose session holds other good matches ranks first;
     flat keys keep their score, and a zero weight changes nothing."""
-    rows = ranked(("s01/t001", 1.0, "{}"), ("s02/t005", 1.0, "{}"),
-                  ("s02/t006", 0.8, "{}"), ("flat", 0.9, "{}"))
+    turn = '{"speaker":"Evan","text":"x"}'
+    rows = ranked(("s01/t001", 1.0, turn), ("s02/t005", 1.0, turn),
+                  ("s02/t006", 0.8, turn), ("flat", 0.9, turn))
     boosted = session_boost(rows, 0.5, 3)
     assert [r.candidate.key for r in boosted][:2] == ["s02/t005", "s02/t006"]
     assert next(r.score for r in boosted if r.candidate.key == "flat") == 0.9
     assert session_boost(rows, 0.0, 3) is rows
+
+
+def test_session_boost_leaves_notes_without_a_speaker_alone() -> None:
+    """Notes sharing a folder are not a conversation: three middling drafts in one folder
+    do not lift each other above the best single note, and keep their scores."""
+    note = '{"title":"t","text":"x"}'
+    rows = ranked(("other/best", 1.0, note), ("drafts/a", 0.95, note),
+                  ("drafts/b", 0.9, note), ("drafts/c", 0.9, note),
+                  ("s01/t001", 0.5, '{"speaker":"Evan","text":"x"}'))
+    boosted = session_boost(rows, 0.4, 3)
+    assert [(r.candidate.key, r.score) for r in boosted[:4]] == [
+        ("other/best", 1.0), ("drafts/a", 0.95), ("drafts/b", 0.9), ("drafts/c", 0.9)]
+    assert boosted[4].score > 0.5  # the one turn still counts its own session
 
 
 def test_speaker_boost_lifts_entries_said_by_someone_the_query_names() -> None:

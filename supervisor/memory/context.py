@@ -271,7 +271,7 @@ class ContextRetriever:
 
     def _reranking(self) -> str:
         return (f"x {1 + self.SPEAKER_BOOST:g} if the query names the entry's speaker; "
-                f"+ {self.SESSION_WEIGHT:g} x its session's strength; "
+                f"+ {self.SESSION_WEIGHT:g} x its session's strength (turns with a speaker); "
                 f"x {1 + self.TEMPORAL_BOOST:g} for a relative time in a 'when' question; "
                 f"neighbours at {self.NEIGHBOUR_FACTOR:g} (after) and "
                 f"{self._previous_factor():g} (before) of their hit")
@@ -382,18 +382,18 @@ def speaker_boost(ranked: list[Ranked], query: str, boost: float) -> list[Ranked
 def session_boost(ranked: list[Ranked], weight: float, depth: int) -> list[Ranked]:
     """Candidates re-ranked with a share of their session's strength, best first.
 
-    A session is the key's parent path ("s03" of "s03/t012"), within one namespace; its
-    strength is the sum of its `depth` best scores, scaled so the strongest session has the
-    best candidate's score. A turn in a session that talks about the question's topic beats
-    an equally scored turn that matched one word alone. Flat keys have no session.
+    A session is what `session_of` says; its strength is the sum of its `depth` best
+    scores, scaled so the strongest session has the best candidate's score. A turn in a
+    session that talks about the question's topic beats an equally scored turn that matched
+    one word alone. Entries outside any session keep their score.
     """
     if weight <= 0 or not ranked:
         return ranked
+    sessions = [session_of(r.candidate) for r in ranked]
     per_session: dict[tuple[str, str], list[float]] = {}
-    for r in ranked:
-        parent, slash, _ = r.candidate.key.rpartition("/")
-        if slash:
-            per_session.setdefault((r.candidate.namespace, parent), []).append(r.score)
+    for r, session in zip(ranked, sessions, strict=True):
+        if session is not None:
+            per_session.setdefault(session, []).append(r.score)
     if not per_session:
         return ranked
     strength = {s: sum(sorted(scores, reverse=True)[:depth])
@@ -403,9 +403,8 @@ def session_boost(ranked: list[Ranked], weight: float, depth: int) -> list[Ranke
         return ranked
     scale = weight * max(r.score for r in ranked) / strongest
     boosted = []
-    for r in ranked:
-        parent, slash, _ = r.candidate.key.rpartition("/")
-        extra = strength[(r.candidate.namespace, parent)] * scale if slash else 0.0
+    for r, session in zip(ranked, sessions, strict=True):
+        extra = strength[session] * scale if session is not None else 0.0
         boosted.append(r._replace(score=r.score + extra))
     boosted.sort(key=lambda r: (-r.score, r.candidate.namespace, r.candidate.key))
     return boosted
@@ -507,6 +506,19 @@ def speaker_of(cand: Candidate) -> str | None:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     return speaker or None
+
+
+def session_of(cand: Candidate) -> tuple[str, str] | None:
+    """The conversation session a turn belongs to: its namespace and its key's parent path
+    ("s03" of "s03/t012"), for an entry that has a speaker; otherwise None.
+
+    Only turns: an agent's own notes share parent paths too ("drafts/2026-11/..."), and
+    lifting every note of a busy folder above a better single match cost the pipeline's own
+    questions a third of their recall at 500 tokens."""
+    parent, slash, _ = cand.key.rpartition("/")
+    if not slash or speaker_of(cand) is None:
+        return None
+    return cand.namespace, parent
 
 
 def candidate_limit(k: int | None, token_budget: int | None) -> int:
